@@ -1,0 +1,85 @@
+// Shared input checks and grid helpers of the jit_kernels C++/CUDA kernels.
+//
+// Every kernel validates its arguments here before touching data. The macros
+// map to Python exception types: TORCH_CHECK_TYPE -> TypeError,
+// TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_INDEX -> IndexError.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace jit_kernels {
+
+// Mirror index i into [0, n) without repeating the edge (torch "reflect"),
+// extended periodically so kernels wider than the grid stay defined.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t reflect_index(int64_t i, int64_t n) {
+  if (n == 1) return 0;
+  const int64_t period = 2 * (n - 1);
+  i %= period;
+  if (i < 0) i += period;
+  return i >= n ? period - i : i;
+}
+
+inline void check_tokens(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be [B, N, C], got ", t.sizes());
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", st);
+}
+
+inline void check_same_device(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b,
+                              const char* bn) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", an, " (", a.device(), ") and ", bn, " (", b.device(),
+                    ") must be on one device");
+}
+
+// Shape and dtype of an index tensor: int64 [M] (shared) or [batch, M] (per sample).
+inline void check_index_meta(const char* op, const char* name, const at::Tensor& idx, int64_t batch) {
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.dim() == 1 || idx.dim() == 2, op, ": ", name,
+                    " must be [M] (shared) or [B, M] (per sample), got ", idx.sizes());
+  TORCH_CHECK_VALUE(idx.dim() == 1 || idx.size(0) == batch, op, ": ", name, " is per sample with batch ",
+                    idx.size(0), ", but the tokens have batch ", batch);
+}
+
+// Values of a CPU index tensor (contiguous): all in [0, upper); optionally unique per row.
+inline void check_index_values(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique) {
+  const int64_t rows = idx.dim() == 1 ? 1 : idx.size(0);
+  const int64_t m = idx.size(-1);
+  const int64_t* p = idx.data_ptr<int64_t>();
+  std::vector<uint8_t> seen;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (unique) seen.assign(static_cast<size_t>(upper), 0);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t v = p[r * m + j];
+      TORCH_CHECK_INDEX(v >= 0 && v < upper, op, ": ", name, " has value ", v, " outside [0, ", upper, ")");
+      if (unique) {
+        TORCH_CHECK_VALUE(!seen[v], op, ": ", name, " contains duplicate indices (", v, ")");
+        seen[v] = 1;
+      }
+    }
+  }
+}
+
+inline void check_grid(const char* op, int64_t height, int64_t width, int64_t n) {
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1, op, ": height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK_VALUE(n < 0 || height * width == n, op, ": grid ", height, " x ", width, " = ", height * width,
+                    " does not match N = ", n, " tokens");
+}
+
+inline void check_weights(const char* op, const at::Tensor& w) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": weights must be float32, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) % 2 == 1, op, ": weights must be an odd-length [K] tensor, got ",
+                    w.sizes());
+}
+
+// Row stride of an index tensor viewed as [B, M]: 0 when shared by the batch.
+inline int64_t index_batch_stride(const at::Tensor& idx) { return idx.dim() == 1 ? 0 : idx.size(-1); }
+
+}  // namespace jit_kernels

@@ -1,0 +1,101 @@
+// CPU kernels: token gather and scatter (shared [M] or per-sample [B, M] indices).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "checks.h"
+
+namespace jit_kernels {
+namespace {
+
+// Rows are copied whole with memcpy when the channel dim is contiguous: these
+// ops are pure data movement, so the only goal is to move each byte once.
+template <typename T>
+void copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t src_rows_bstride, at::Tensor& dst,
+               const int64_t* dst_rows, int64_t dst_rows_bstride, int64_t batch, int64_t m) {
+  const int64_t c = src.size(2);
+  const T* s = src.data_ptr<T>();
+  T* d = dst.data_ptr<T>();
+  const int64_t ss0 = src.stride(0), ss1 = src.stride(1), ss2 = src.stride(2);
+  const int64_t ds0 = dst.stride(0), ds1 = dst.stride(1), ds2 = dst.stride(2);
+  const bool fast = ss2 == 1 && ds2 == 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+  at::parallel_for(0, batch * m, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / m, j = i % m;
+      const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
+      const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
+      const T* sp = s + b * ss0 + sr * ss1;
+      T* dp = d + b * ds0 + dr * ds1;
+      if (fast) {
+        std::memcpy(dp, sp, sizeof(T) * c);
+      } else {
+        for (int64_t k = 0; k < c; ++k) dp[k * ds2] = sp[k * ss2];
+      }
+    }
+  });
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx_in) {
+  constexpr const char* op = "gather_tokens";
+  check_tokens(op, "x", x);
+  check_index_meta(op, "idx", idx_in, x.size(0));
+  check_same_device(op, x, "x", idx_in, "idx");
+  const at::Tensor idx = idx_in.contiguous();
+  check_index_values(op, "idx", idx, x.size(1), /*unique=*/false);
+  const int64_t b = x.size(0), m = idx.size(-1);
+  at::Tensor out = at::empty({b, m, x.size(2)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_tokens_cpu", [&] {
+    copy_rows<scalar_t>(x, idx.data_ptr<int64_t>(), index_batch_stride(idx), out, nullptr, 0, b, m);
+  });
+  return out;
+}
+
+void scatter_checks(const char* op, const at::Tensor& base, const at::Tensor& idx, const at::Tensor& src) {
+  check_tokens(op, "base", base);
+  check_tokens(op, "src", src);
+  check_index_meta(op, "idx", idx, base.size(0));
+  check_same_device(op, base, "base", idx, "idx");
+  check_same_device(op, base, "base", src, "src");
+  TORCH_CHECK_VALUE(src.size(0) == base.size(0) && src.size(1) == idx.size(-1) && src.size(2) == base.size(2), op,
+                    ": src must be [B, M, C] = [", base.size(0), ", ", idx.size(-1), ", ", base.size(2), "], got ",
+                    src.sizes());
+}
+
+void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src_in) {
+  const at::Tensor src = src_in.scalar_type() == base.scalar_type() ? src_in : src_in.to(base.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "scatter_tokens_cpu", [&] {
+    copy_rows<scalar_t>(src, nullptr, 0, base, idx.data_ptr<int64_t>(), index_batch_stride(idx), base.size(0),
+                        idx.size(-1));
+  });
+}
+
+void scatter_tokens_inplace_cpu(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+  constexpr const char* op = "scatter_tokens_";
+  scatter_checks(op, base, idx_in, src);
+  const at::Tensor idx = idx_in.contiguous();
+  // Unique rows: with duplicates the result would depend on thread timing.
+  check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
+  scatter_into(base, idx, src);
+}
+
+at::Tensor scatter_tokens_cpu(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+  constexpr const char* op = "scatter_tokens";
+  scatter_checks(op, base, idx_in, src);
+  const at::Tensor idx = idx_in.contiguous();
+  check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
+  at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
+  scatter_into(out, idx, src);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jit_kernels, CPU, m) {
+  m.impl("gather_tokens", &gather_tokens_cpu);
+  m.impl("scatter_tokens", &scatter_tokens_cpu);
+  m.impl("scatter_tokens_", &scatter_tokens_inplace_cpu);
+}
+
+}  // namespace jit_kernels

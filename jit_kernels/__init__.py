@@ -1,0 +1,50 @@
+"""jit_kernels: fused token ops for Just-in-Time (JiT) spatial acceleration of diffusion transformers.
+
+Every op is registered once as ``torch.ops.jit_kernels.<name>`` (schemas in
+:mod:`jit_kernels._library`) with a plain-PyTorch reference
+(:mod:`jit_kernels.reference`), CPU C++ and CUDA kernels in the compiled
+extension ``jit_kernels._C``, and Triton kernels (:mod:`jit_kernels.triton`).
+The public functions below validate their inputs, then dispatch to the
+backend chosen by ``backend=`` / :func:`use_backend` / ``JIT_KERNELS_BACKEND``.
+"""
+
+from ._backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    extension_error,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .blur import blur_params, gaussian_weights
+from .importance import select_new_tokens, token_importance
+from .lift import lift_euler_, lift_field, lift_weights, nearest_anchor_map
+from .microflow import MICROFLOW_MODES, microflow_target, microflow_update
+from .tokens import gather_tokens, scatter_tokens, scatter_tokens_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "MICROFLOW_MODES",
+    "available_backends",
+    "blur_params",
+    "extension_error",
+    "gather_tokens",
+    "gaussian_weights",
+    "get_backend",
+    "lift_euler_",
+    "lift_field",
+    "lift_weights",
+    "microflow_target",
+    "microflow_update",
+    "nearest_anchor_map",
+    "scatter_tokens",
+    "scatter_tokens_",
+    "select_new_tokens",
+    "set_backend",
+    "token_importance",
+    "use_backend",
+]

@@ -1,0 +1,52 @@
+"""Public ops of importance-guided token activation (ITA)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as C
+from ._backends import backend_op, checks_values, resolve
+from .reference import select_new_tokens_ref, token_importance_ref
+
+__all__ = ["token_importance", "select_new_tokens"]
+
+
+def token_importance(field: torch.Tensor, height: int, width: int, *, backend: str | None = None) -> torch.Tensor:
+    """Per-token importance: 3x3 local variance (zero padding counted), averaged over channels.
+
+    ``field [B, H*W, C]`` -> fp32 ``[B, H*W]``.
+    """
+    op = "token_importance"
+    C.check_tokens(op, "field", field)
+    C.check_grid(op, height, width, field.shape[1])
+    be = resolve(op, field.device, backend)
+    if be == "reference":
+        return token_importance_ref(field, height, width)
+    return backend_op(op, be)(field, height, width)
+
+
+def select_new_tokens(
+    importance: torch.Tensor, active_idx: torch.Tensor, count: int, *, backend: str | None = None
+) -> torch.Tensor:
+    """The ``count`` highest-scoring inactive tokens of each sample.
+
+    ``importance [B, N]`` (float), ``active_idx`` int64 ``[M]`` or ``[B, M]``
+    (unique) -> int64 ``[B, count]``, ordered by score descending, ties to the
+    lower token index (NaN ranks first).
+    """
+    op = "select_new_tokens"
+    if not isinstance(importance, torch.Tensor):
+        raise TypeError(f"{op}: importance must be a torch.Tensor, got {type(importance).__name__}")
+    if importance.dim() != 2 or not importance.is_floating_point():
+        raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
+    b, n = importance.shape
+    be = resolve(op, importance.device, backend)
+    C.check_index(op, "active_idx", active_idx, b, n, unique=True, values=checks_values(be))
+    C.check_same_device(op, importance=importance, active_idx=active_idx)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
+    if count < 0 or count > n - active_idx.shape[-1]:
+        raise ValueError(f"{op}: count must be in [0, {n - active_idx.shape[-1]}] (inactive tokens), got {count}")
+    if be == "reference":
+        return select_new_tokens_ref(importance, active_idx, count)
+    return backend_op(op, be)(importance, active_idx, count)

@@ -1,0 +1,160 @@
+"""Public ops of the lift: the nearest-anchor map and the interpolation of a full field from anchors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks as C
+from ._backends import backend_op, checks_values, resolve
+from .blur import blur_params, gaussian_weights
+from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
+
+__all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights"]
+
+
+def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, backend: str | None = None) -> torch.Tensor:
+    """For each grid cell, the position in ``anchor_idx`` of its Euclidean-nearest anchor.
+
+    ``anchor_idx`` int64 ``[M]`` (or ``[B, M]`` per sample), unique, non-empty,
+    values in ``[0, H*W)`` -> int64 ``[H*W]`` (or ``[B, H*W]``). Distances are
+    measured in (row, col) token coordinates; ties go to the anchor that comes
+    first in ``anchor_idx``. Depends only on the anchor set: compute it once
+    per stage and pass it to :func:`lift_field` as ``nearest=``.
+    """
+    op = "nearest_anchor_map"
+    C.check_grid(op, height, width)
+    if not isinstance(anchor_idx, torch.Tensor):
+        raise TypeError(f"{op}: anchor_idx must be a torch.Tensor, got {type(anchor_idx).__name__}")
+    be = resolve(op, anchor_idx.device, backend)
+    C.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
+                  height * width, unique=True, nonempty=True, values=checks_values(be))
+    if be == "reference":
+        return nearest_anchor_map_ref(anchor_idx, height, width)
+    return backend_op(op, be)(anchor_idx, height, width)
+
+
+_WEIGHTS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+def _weights_cached(sigma: float, kernel_size: int, device: torch.device) -> torch.Tensor:
+    # The sampler asks for the same taps every step; building them costs more than the
+    # lift of a small grid. Under torch.compile the taps are traced (they become constants).
+    if torch.compiler.is_compiling():
+        return gaussian_weights(sigma, kernel_size, device)
+    key = (sigma, kernel_size, device)
+    w = _WEIGHTS.get(key)
+    if w is None:
+        w = _WEIGHTS[key] = gaussian_weights(sigma, kernel_size, device)
+    return w
+
+
+def lift_weights(
+    num_anchors: int,
+    num_tokens: int,
+    *,
+    sigma: float | None = None,
+    kernel_size: int | None = None,
+    blur_scale: float = 0.4,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The fp32 ``[K]`` Gaussian taps the lift uses for ``M`` anchors among ``N`` tokens.
+
+    Defaults follow method.md section 3 (``sigma = clip(blur_scale / sqrt(M/N), 1, 10)``,
+    ``K = 2 ceil(3 sigma) + 1``); an explicit ``sigma`` without ``kernel_size`` gets the
+    matching ``K``. Cached per (sigma, K, device): do not modify the returned tensor.
+    """
+    if sigma is None:
+        s, k = blur_params(num_anchors, num_tokens, blur_scale)
+        sigma = s
+        kernel_size = k if kernel_size is None else kernel_size
+    else:
+        sigma = C.check_float("lift_weights", "sigma", sigma)
+        if sigma <= 0:
+            raise ValueError(f"lift_weights: sigma must be positive, got {sigma}")
+        if kernel_size is None:
+            kernel_size = 2 * math.ceil(3.0 * sigma) + 1
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"lift_weights: kernel_size must be a positive odd int, got {kernel_size!r}")
+    return _weights_cached(float(sigma), int(kernel_size), torch.device(device))
+
+
+def _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be):
+    """Shared checks of the lift family; computes the nearest map if absent and the blur taps."""
+    C.check_tokens(op, "values", values)
+    C.check_grid(op, height, width)
+    n = height * width
+    b, m = values.shape[0], values.shape[1]
+    vals = checks_values(be)
+    # A missing map is computed by nearest_anchor_map, which checks the anchors itself.
+    C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True, values=vals and nearest is not None)
+    if anchor_idx.shape[-1] != m:
+        raise ValueError(f"{op}: values has {m} rows but anchor_idx has {anchor_idx.shape[-1]} anchors")
+    if nearest is None:
+        nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend)
+    else:
+        C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2, values=vals)
+    C.check_same_device(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    w = lift_weights(m, n, sigma=sigma, kernel_size=kernel_size, blur_scale=blur_scale, device=values.device)
+    return nearest, w
+
+
+def lift_field(
+    values: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    nearest: torch.Tensor | None = None,
+    sigma: float | None = None,
+    kernel_size: int | None = None,
+    blur_scale: float = 0.4,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Interpolate a full ``H x W`` field from its anchors (method.md section 3).
+
+    ``values [B, M, C]`` at ``anchor_idx`` (int64 ``[M]`` or ``[B, M]``) -> ``[B, H*W, C]``:
+    every cell takes its nearest anchor's value, the filled field is blurred by a
+    separable Gaussian with reflect padding, and anchors keep their exact values.
+    Pass ``nearest`` (from :func:`nearest_anchor_map`) to skip recomputing the map.
+    """
+    op = "lift_field"
+    C.check_tokens(op, "values", values)
+    be = resolve(op, values.device, backend)
+    nearest, w = _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be)
+    if be == "reference":
+        return lift_field_ref(values, anchor_idx, nearest, w, height, width)
+    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width)
+
+
+def lift_euler_(
+    y: torch.Tensor,
+    values: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    height: int,
+    width: int,
+    dt: float,
+    *,
+    nearest: torch.Tensor | None = None,
+    sigma: float | None = None,
+    kernel_size: int | None = None,
+    blur_scale: float = 0.4,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Fused lift + Euler step, in place: ``y [B, H*W, C] += dt * lift_field(values, ...)``; returns ``y``.
+
+    The lifted field is never materialised; arithmetic is fp32 and ``y`` is rounded once.
+    """
+    op = "lift_euler_"
+    C.check_tokens(op, "y", y)
+    be = resolve(op, y.device, backend)
+    nearest, w = _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be)
+    if y.shape != (values.shape[0], height * width, values.shape[2]):
+        raise ValueError(f"{op}: y must be [B, H*W, C] = {(values.shape[0], height * width, values.shape[2])}, got {tuple(y.shape)}")
+    C.check_same_device(op, y=y, values=values)
+    dt = C.check_float(op, "dt", dt)
+    if be == "reference":
+        return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)
+    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt)
+    return y

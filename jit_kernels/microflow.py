@@ -1,0 +1,111 @@
+"""Public ops of the deterministic micro-flow (DMF) at a stage transition."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as C
+from ._backends import backend_op, checks_values, resolve
+from .lift import _prepare
+from .reference import microflow_target_ref, microflow_update_ref_
+
+__all__ = ["microflow_update", "microflow_target", "MICROFLOW_MODES"]
+
+MICROFLOW_MODES = ("assign", "blend")
+
+
+def microflow_update(
+    y: torch.Tensor,
+    new_idx: torch.Tensor,
+    target: torch.Tensor,
+    mode: str = "assign",
+    weight: float | None = None,
+    *,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Move the newly activated tokens toward their micro-flow target.
+
+    ``y [B, N, C]``, ``new_idx`` int64 ``[R]`` or ``[B, R]`` (unique),
+    ``target [B, R, C]``. ``mode="assign"``: ``y[R] = target`` exactly (the
+    paper's Algorithm 1). ``mode="blend"``: ``y[R] = (1 - w) y[R] + w target``
+    with ``weight=w`` in ``(0, 1]`` (the published pipeline uses ``w = 1/3``;
+    a sequence ``1/n, 1/(n-1), ..., 1`` is the ``substeps`` discretisation).
+    Returns a new tensor, or ``y`` itself when ``inplace=True``.
+    """
+    op = "microflow_update"
+    if mode not in MICROFLOW_MODES:
+        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MICROFLOW_MODES}")
+    if mode == "assign":
+        if weight not in (None, 1, 1.0):
+            raise ValueError(f"{op}: mode 'assign' takes no weight (it is 1), got {weight}")
+        weight = 1.0
+    else:
+        if weight is None:
+            raise ValueError(f"{op}: mode 'blend' needs a weight in (0, 1]")
+        weight = C.check_float(op, "weight", weight)
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"{op}: weight must be in (0, 1], got {weight}")
+    C.check_tokens(op, "y", y)
+    be = resolve("microflow_update_", y.device, backend)
+    C.check_tokens(op, "target", target, channels=y.shape[2])
+    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=checks_values(be))
+    C.check_same_device(op, y=y, new_idx=new_idx, target=target)
+    if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
+        raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
+    out = y if inplace else y.clone()
+    if be == "reference":
+        return microflow_update_ref_(out, new_idx, target, weight)
+    backend_op("microflow_update_", be)(out, new_idx, target, weight)
+    return out
+
+
+def microflow_target(
+    y_prev: torch.Tensor,
+    v_prev: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    new_idx: torch.Tensor,
+    eps: torch.Tensor,
+    sigma_prev: float,
+    sigma: float,
+    height: int,
+    width: int,
+    *,
+    nearest: torch.Tensor | None = None,
+    blur_sigma: float | None = None,
+    kernel_size: int | None = None,
+    blur_scale: float = 0.4,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The DMF target of the new tokens, fused: ``(1 - sigma) * Lift_old(x0_hat)[R] + sigma * eps``.
+
+    ``x0_hat = y_prev - sigma_prev * v_prev`` is the clean estimate of the
+    previous step (``y_prev, v_prev [B, N, C]``, full fields), lifted over the
+    OLD anchors ``anchor_idx`` (``[M]`` or ``[B, M]``, with their ``nearest``
+    map) and read at the new tokens ``new_idx`` (``[R]`` or ``[B, R]``);
+    ``eps [B, R, C]`` is the noise of those tokens. Returns ``[B, R, C]`` in
+    ``y_prev.dtype``. The blur uses the old anchor density unless given.
+    """
+    op = "microflow_target"
+    C.check_tokens(op, "y_prev", y_prev)
+    C.check_tokens(op, "v_prev", v_prev)
+    if v_prev.shape != y_prev.shape:
+        raise ValueError(f"{op}: v_prev {tuple(v_prev.shape)} must match y_prev {tuple(y_prev.shape)}")
+    b, n, c = y_prev.shape
+    be = resolve(op, y_prev.device, backend)
+    C.check_grid(op, height, width, n)
+    sigma_prev = C.check_float(op, "sigma_prev", sigma_prev)
+    sigma = C.check_float(op, "sigma", sigma)
+    if not 0.0 <= sigma <= sigma_prev <= 1.0:
+        raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
+    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=checks_values(be))
+    C.check_tokens(op, "eps", eps, channels=c)
+    if eps.shape[:2] != (b, new_idx.shape[-1]):
+        raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
+    # The anchor values are x0_hat rows; _prepare only needs their shape.
+    fake_vals = y_prev.new_empty((b, anchor_idx.shape[-1] if isinstance(anchor_idx, torch.Tensor) else 0, c))
+    nearest, w = _prepare(op, fake_vals, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale, backend, be)
+    C.check_same_device(op, y_prev=y_prev, v_prev=v_prev, new_idx=new_idx, eps=eps, anchor_idx=anchor_idx)
+    if be == "reference":
+        return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
+    return backend_op(op, be)(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)

@@ -1,0 +1,56 @@
+"""Public token gather / scatter ops."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as C
+from ._backends import backend_op, checks_values, resolve
+from .reference import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_ref_
+
+__all__ = ["gather_tokens", "scatter_tokens", "scatter_tokens_"]
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Rows ``idx`` of each sample: ``x [B, N, C]``, ``idx`` int64 ``[M]`` (shared) or ``[B, M]`` -> ``[B, M, C]``."""
+    op = "gather_tokens"
+    C.check_tokens(op, "x", x)
+    be = resolve(op, x.device, backend)
+    C.check_index(op, "idx", idx, x.shape[0], x.shape[1], values=checks_values(be))
+    C.check_same_device(op, x=x, idx=idx)
+    if be == "reference":
+        return gather_tokens_ref(x, idx)
+    return backend_op(op, be)(x, idx)
+
+
+def _check_scatter(op: str, base, idx, src, backend) -> str:
+    C.check_tokens(op, "base", base)
+    be = resolve(op, base.device, backend)
+    C.check_tokens(op, "src", src, channels=base.shape[2])
+    C.check_index(op, "idx", idx, base.shape[0], base.shape[1], unique=True, values=checks_values(be))
+    C.check_same_device(op, base=base, idx=idx, src=src)
+    if src.shape[:2] != (base.shape[0], idx.shape[-1]):
+        raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")
+    return be
+
+
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """A copy of ``base [B, N, C]`` with rows ``idx`` (``[M]`` or ``[B, M]``, unique) replaced by ``src [B, M, C]``.
+
+    ``src`` is cast to ``base.dtype``. ``base`` is not modified.
+    """
+    op = "scatter_tokens"
+    be = _check_scatter(op, base, idx, src, backend)
+    if be == "reference":
+        return scatter_tokens_ref(base, idx, src)
+    return backend_op(op, be)(base, idx, src)
+
+
+def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """In-place :func:`scatter_tokens`: writes ``src`` into rows ``idx`` of ``base`` and returns ``base``."""
+    op = "scatter_tokens_"
+    be = _check_scatter(op, base, idx, src, backend)
+    if be == "reference":
+        return scatter_tokens_ref_(base, idx, src)
+    backend_op(op, be)(base, idx, src)
+    return base
