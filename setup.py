@@ -36,8 +36,8 @@ def _extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    define_macros = []  # torch's builder defines Py_LIMITED_API itself for py_limited_api=True
     want_cuda = _flag("JIT_KERNELS_CUDA", torch.version.cuda is not None and ce.CUDA_HOME is not None)
     if want_cuda:
         if torch.version.cuda is None or ce.CUDA_HOME is None:
@@ -56,7 +56,7 @@ def _extensions():
             sources + rel("csrc/cuda/*.cu"),
             include_dirs=include_dirs,
             define_macros=define_macros + [("JIT_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )

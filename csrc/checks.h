@@ -9,7 +9,18 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <cstring>
 #include <vector>
+
+// Hot CPU loops are compiled twice, for AVX2 and for the baseline ISA,
+// and the loader picks one at run time (GCC/Clang ifunc): the extension is
+// built without -march, which would otherwise leave them at 4-wide SSE2.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(__clang__)
+#define JIT_KERNELS_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define JIT_KERNELS_HOT
+#endif
 
 namespace jit_kernels {
 
@@ -19,6 +30,7 @@ namespace jit_kernels {
 __host__ __device__
 #endif
 inline int64_t reflect_index(int64_t i, int64_t n) {
+  if (i >= 0 && i < n) return i;  // the common case: no modulo on the hot path
   if (n == 1) return 0;
   const int64_t period = 2 * (n - 1);
   i %= period;
@@ -48,23 +60,44 @@ inline void check_index_meta(const char* op, const char* name, const at::Tensor&
                     idx.size(0), ", but the tokens have batch ", batch);
 }
 
-// Values of a CPU index tensor (contiguous): all in [0, upper); optionally unique per row.
+// Values of a CPU index tensor (contiguous): all in [0, upper); optionally
+// unique per row (an O(upper) byte map per row, no sort). The range test is a
+// branch-free reduction (one unsigned compare covers v < 0 too), so checking
+// costs a small fraction of the copy it guards; the slow path only runs to
+// name the offending value.
 inline void check_index_values(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique) {
-  const int64_t rows = idx.dim() == 1 ? 1 : idx.size(0);
+  const int64_t total = idx.numel();
   const int64_t m = idx.size(-1);
   const int64_t* p = idx.data_ptr<int64_t>();
-  std::vector<uint8_t> seen;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (unique) seen.assign(static_cast<size_t>(upper), 0);
+  const uint64_t lim = static_cast<uint64_t>(upper);
+  bool out_of_range = false;
+  for (int64_t i = 0; i < total; ++i) out_of_range |= static_cast<uint64_t>(p[i]) >= lim;
+  if (C10_UNLIKELY(out_of_range)) {
+    for (int64_t i = 0; i < total; ++i)
+      TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < upper, op, ": ", name, " has value ", p[i], " outside [0, ", upper,
+                        ")");
+  }
+  if (!unique || m < 2) return;
+  std::vector<uint8_t> seen(static_cast<size_t>(upper));
+  for (int64_t r = 0; r * m < total; ++r) {
+    if (r > 0) std::fill(seen.begin(), seen.end(), uint8_t{0});
+    const int64_t* row = p + r * m;
     for (int64_t j = 0; j < m; ++j) {
-      const int64_t v = p[r * m + j];
-      TORCH_CHECK_INDEX(v >= 0 && v < upper, op, ": ", name, " has value ", v, " outside [0, ", upper, ")");
-      if (unique) {
-        TORCH_CHECK_VALUE(!seen[v], op, ": ", name, " contains duplicate indices (", v, ")");
-        seen[v] = 1;
-      }
+      TORCH_CHECK_VALUE(!seen[row[j]], op, ": ", name, " contains duplicate indices (", row[j], ")");
+      seen[row[j]] = 1;
     }
   }
+}
+
+// Per-thread fp32 scratch that only grows. The kernels need an [N, C] fp32
+// intermediate; a fresh megabyte-sized allocation is served by mmap and costs
+// a page fault per 4 KiB on every call, which at 64 x 64 x 64 was about a
+// third of the kernel time. Slot lets one kernel hold several buffers.
+inline float* scratch_floats(int slot, size_t count) {
+  thread_local std::vector<float> bufs[2];
+  std::vector<float>& v = bufs[slot];
+  if (v.size() < count) v.resize(count);
+  return v.data();
 }
 
 inline void check_grid(const char* op, int64_t height, int64_t width, int64_t n) {
@@ -81,5 +114,17 @@ inline void check_weights(const char* op, const at::Tensor& w) {
 
 // Row stride of an index tensor viewed as [B, M]: 0 when shared by the batch.
 inline int64_t index_batch_stride(const at::Tensor& idx) { return idx.dim() == 1 ? 0 : idx.size(-1); }
+
+// CUDA tensors must pass every check on their own device (defined in csrc/cuda/tokens.cu).
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+#if defined(JIT_KERNELS_WITH_CUDA)
+// Values of a CUDA index tensor (contiguous): all in [0, upper); optionally
+// unique per row. One validation kernel plus one small device-to-host copy:
+// the only way to raise a clear error before a kernel reads out of bounds.
+void check_index_values_cuda(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique);
+#endif
 
 }  // namespace jit_kernels

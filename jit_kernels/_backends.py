@@ -81,6 +81,14 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _has_triton_op(op: str) -> bool:
+    try:
+        getattr(torch.ops.jit_kernels, op + "_triton")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _has_kernel(op: str, key: str) -> bool:
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", key)
 
@@ -105,7 +113,7 @@ def _usable(name: str, device: torch.device, op: str = "gather_tokens") -> bool:
     if name == "cuda":
         return device.type == "cuda" and _has_kernel(op, "CUDA")
     if name == "triton":
-        if _TRITON is None:
+        if _TRITON is None or not _has_triton_op(op):
             return False
         return device.type == "cuda" or (device.type == "cpu" and _triton_interpret())
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -175,11 +183,20 @@ def _resolve(op: str, device: torch.device, name: str) -> str:
     return name
 
 
+_OPS: dict[tuple[str, str], object] = {}
+
+
 def backend_op(op: str, backend: str):
-    """The callable implementing ``op`` on a concrete (non-reference) backend."""
-    if backend == "triton":
-        return getattr(torch.ops.jit_kernels, op + "_triton").default
-    return getattr(torch.ops.jit_kernels, op).default
+    """The ``OpOverload`` implementing ``op`` on a concrete (non-reference) backend (cached)."""
+    key = (op, "triton" if backend == "triton" else "native")
+    fn = _OPS.get(key)
+    if fn is None:
+        name = op + "_triton" if backend == "triton" else op
+        fn = _OPS[key] = getattr(torch.ops.jit_kernels, name).default
+    return fn
+
+
+COMPILED = ("cpp", "cuda")
 
 
 def checks_values(backend: str) -> bool:
@@ -189,4 +206,10 @@ def checks_values(backend: str) -> bool:
     TORCH_CHECK_VALUE before any work (in a pass far cheaper than the Python
     reductions), so for them Python checks only shapes, dtypes and devices.
     """
-    return backend in ("reference", "triton")
+    return backend not in COMPILED
+
+
+def device_of(op: str, name: str, t) -> torch.device:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t.device

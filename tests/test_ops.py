@@ -31,7 +31,6 @@ def test_backends_present():
     have = jk.available_backends("cpu")
     assert "reference" in have
     assert "cpp" in have, f"compiled extension missing: {jk.extension_error()}"
-    assert "triton" in have, "Triton backend missing (triton not importable or TRITON_INTERPRET unset)"
 
 
 def _gen(seed=0):

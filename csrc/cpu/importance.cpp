@@ -16,7 +16,7 @@ namespace jit_kernels {
 namespace {
 
 // Row sums of v and v^2 over a 3-wide window (zero padding) for cells [lo, hi).
-static void importance_hpass(const float* __restrict__ f, float* __restrict__ s1, float* __restrict__ s2,
+JIT_KERNELS_HOT static void importance_hpass(const float* __restrict__ f, float* __restrict__ s1, float* __restrict__ s2,
                                  int64_t lo, int64_t hi, int64_t w, int64_t c) {
   for (int64_t p = lo; p < hi; ++p) {
     const int64_t col = p % w;
@@ -36,26 +36,40 @@ static void importance_hpass(const float* __restrict__ f, float* __restrict__ s1
 }
 
 // Column sums of the row sums, then var = E[v^2] - E[v]^2 (window of 9, padding
-// counted) averaged over channels, for cells [lo, hi).
-static void importance_vpass(const float* __restrict__ s1, const float* __restrict__ s2, float* __restrict__ out,
-                                 int64_t lo, int64_t hi, int64_t h, int64_t w, int64_t c) {
+// counted) averaged over channels, for cells [lo, hi). Missing rows above or
+// below read a zero row (adding +0 leaves a sum unchanged), so the channel loop
+// has no branches. The channel mean is accumulated in kLanes independent
+// partial sums: a single running sum is a serial dependency chain that the
+// compiler may not reorder, and it dominated this kernel. Each lane sums
+// 81 * var = 9 * sum(v^2) - sum(v)^2, so the only division is one per cell.
+constexpr int64_t kLanes = 8;
+
+JIT_KERNELS_HOT static void importance_vpass(const float* __restrict__ s1, const float* __restrict__ s2,
+                             const float* __restrict__ zeros, float* __restrict__ out, int64_t lo, int64_t hi,
+                             int64_t h, int64_t w, int64_t c) {
   for (int64_t p = lo; p < hi; ++p) {
     const int64_t row = p / w;
-    const float* a0 = s1 + p * c;
-    const float* q0 = s2 + p * c;
-    const float* au = row > 0 ? a0 - w * c : nullptr;
-    const float* qu = row > 0 ? q0 - w * c : nullptr;
-    const float* ad = row + 1 < h ? a0 + w * c : nullptr;
-    const float* qd = row + 1 < h ? q0 + w * c : nullptr;
-    float tot = 0.f;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      float sa = a0[ch], sq = q0[ch];
-      if (au) sa += au[ch], sq += qu[ch];
-      if (ad) sa += ad[ch], sq += qd[ch];
-      const float mean = sa / 9.f;
-      tot += sq / 9.f - mean * mean;
+    const float* __restrict__ a0 = s1 + p * c;
+    const float* __restrict__ q0 = s2 + p * c;
+    const float* __restrict__ au = row > 0 ? a0 - w * c : zeros;
+    const float* __restrict__ qu = row > 0 ? q0 - w * c : zeros;
+    const float* __restrict__ ad = row + 1 < h ? a0 + w * c : zeros;
+    const float* __restrict__ qd = row + 1 < h ? q0 + w * c : zeros;
+    float part[kLanes] = {};
+    int64_t ch = 0;
+    for (; ch + kLanes <= c; ch += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float sa = a0[ch + l] + au[ch + l] + ad[ch + l];
+        part[l] += 9.f * (q0[ch + l] + qu[ch + l] + qd[ch + l]) - sa * sa;
+      }
     }
-    out[p] = tot / static_cast<float>(c);
+    for (; ch < c; ++ch) {
+      const float sa = a0[ch] + au[ch] + ad[ch];
+      part[0] += 9.f * (q0[ch] + qu[ch] + qd[ch]) - sa * sa;
+    }
+    float tot = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) tot += part[l];
+    out[p] = tot / (81.f * static_cast<float>(c));
   }
 }
 
@@ -66,15 +80,17 @@ at::Tensor token_importance_cpu(const at::Tensor& field, int64_t height, int64_t
   const at::Tensor f = field.to(at::kFloat).contiguous();
   const int64_t b = f.size(0), n = f.size(1), c = f.size(2);
   at::Tensor out = at::empty({b, n}, field.options().dtype(at::kFloat));
-  std::unique_ptr<float[]> s1(new float[n * c]), s2(new float[n * c]);
+  float* const s1 = scratch_floats(0, static_cast<size_t>(n * c));
+  float* const s2 = scratch_floats(1, static_cast<size_t>(n * c));
+  const std::vector<float> zeros(static_cast<size_t>(c), 0.f);
   const int64_t grain = std::max<int64_t>(1, 8192 / c);
   for (int64_t bb = 0; bb < b; ++bb) {
     const float* fp = f.data_ptr<float>() + bb * n * c;
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      importance_hpass(fp, s1.get(), s2.get(), lo, hi, width, c);
+      importance_hpass(fp, s1, s2, lo, hi, width, c);
     });
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      importance_vpass(s1.get(), s2.get(), out.data_ptr<float>() + bb * n, lo, hi, height, width, c);
+      importance_vpass(s1, s2, zeros.data(), out.data_ptr<float>() + bb * n, lo, hi, height, width, c);
     });
   }
   return out;

@@ -124,7 +124,7 @@ LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor&
 
 // Horizontal taps over the nearest-filled field for cells [lo, hi): the filled
 // field is never stored, each tap reads the anchor row through the map.
-static void lift_hpass(const float* __restrict__ vals, const int64_t* __restrict__ near,
+JIT_KERNELS_HOT static void lift_hpass(const float* __restrict__ vals, const int64_t* __restrict__ near,
                            const int64_t* __restrict__ colmap, const float* __restrict__ wt, float* __restrict__ tmp,
                            int64_t lo, int64_t hi, int64_t w, int64_t k, int64_t c) {
   for (int64_t p = lo; p < hi; ++p) {
@@ -156,7 +156,7 @@ static void lift_hpass(const float* __restrict__ vals, const int64_t* __restrict
 }
 
 // Vertical taps of one cell over the horizontal pass.
-static void lift_vpass(const float* __restrict__ tmp, const int64_t* __restrict__ rows,
+JIT_KERNELS_HOT static void lift_vpass(const float* __restrict__ tmp, const int64_t* __restrict__ rows,
                            const float* __restrict__ wt, float* __restrict__ acc, int64_t col, int64_t w, int64_t k,
                            int64_t c) {
   const float* s0 = tmp + (rows[0] * w + col) * c;
@@ -179,7 +179,7 @@ void lift_rows(const LiftArgs& a, Emit emit) {
   const float* vals = a.vals.data_ptr<float>();
   const float* wt = a.weights.data_ptr<float>();
   const int64_t abs_ = index_batch_stride(a.anchors), nbs = a.nearest.dim() == 1 ? 0 : n;
-  std::unique_ptr<float[]> tmp(new float[static_cast<size_t>(n * c)]);  // fully written by the first pass
+  float* const tmp = scratch_floats(0, static_cast<size_t>(n * c));  // fully written by the first pass
   // Reflected column / row offsets of every tap, computed once.
   std::vector<int64_t> colmap(w * k), rowmap(h * k);
   for (int64_t x = 0; x < w; ++x)
@@ -192,7 +192,7 @@ void lift_rows(const LiftArgs& a, Emit emit) {
     const int64_t* anc = a.anchors.data_ptr<int64_t>() + b * abs_;
     const float* vb = vals + b * m * c;
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      lift_hpass(vb, near, colmap.data(), wt, tmp.get(), lo, hi, w, k, c);
+      lift_hpass(vb, near, colmap.data(), wt, tmp, lo, hi, w, k, c);
     });
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
       std::unique_ptr<float[]> acc(new float[c]);
@@ -202,7 +202,7 @@ void lift_rows(const LiftArgs& a, Emit emit) {
           emit(b, p, vb + j * c);
           continue;
         }
-        lift_vpass(tmp.get(), rowmap.data() + (p / w) * k, wt, acc.get(), p % w, w, k, c);
+        lift_vpass(tmp, rowmap.data() + (p / w) * k, wt, acc.get(), p % w, w, k, c);
         emit(b, p, acc.get());
       }
     });

@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "checks.h"
@@ -10,28 +11,41 @@ namespace jit_kernels {
 namespace {
 
 // Rows are copied whole with memcpy when the channel dim is contiguous: these
-// ops are pure data movement, so the only goal is to move each byte once.
+// ops are pure data movement, so the only goal is to move each byte once. Work
+// is split over the flattened (sample, row) range; each chunk is walked as
+// per-sample segments whose loop keeps every pointer and stride in locals
+// (values captured by reference would be reloaded after every memcpy, which
+// may alias them) and needs no integer division per row.
 template <typename T>
 void copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t src_rows_bstride, at::Tensor& dst,
                const int64_t* dst_rows, int64_t dst_rows_bstride, int64_t batch, int64_t m) {
   const int64_t c = src.size(2);
+  if (batch == 0 || m == 0 || c == 0) return;
   const T* s = src.data_ptr<T>();
   T* d = dst.data_ptr<T>();
   const int64_t ss0 = src.stride(0), ss1 = src.stride(1), ss2 = src.stride(2);
   const int64_t ds0 = dst.stride(0), ds1 = dst.stride(1), ds2 = dst.stride(2);
   const bool fast = ss2 == 1 && ds2 == 1;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
-  at::parallel_for(0, batch * m, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / m, j = i % m;
-      const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
-      const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
-      const T* sp = s + b * ss0 + sr * ss1;
-      T* dp = d + b * ds0 + dr * ds1;
-      if (fast) {
-        std::memcpy(dp, sp, sizeof(T) * c);
+  const size_t row_bytes = sizeof(T) * static_cast<size_t>(c);
+  // Below ~64 KiB of rows per thread, waking a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 65536 / static_cast<int64_t>(row_bytes));
+  at::parallel_for(0, batch * m, grain, [=](int64_t lo, int64_t hi) {
+    for (int64_t b = lo / m; b * m < hi; ++b) {
+      const int64_t j0 = std::max<int64_t>(lo - b * m, 0), j1 = std::min<int64_t>(hi - b * m, m);
+      const T* const sb = s + b * ss0;
+      T* const db = d + b * ds0;
+      const int64_t* const sr = src_rows ? src_rows + b * src_rows_bstride : nullptr;
+      const int64_t* const dr = dst_rows ? dst_rows + b * dst_rows_bstride : nullptr;
+      if (fast && sr && !dr) {  // gather
+        for (int64_t j = j0; j < j1; ++j) std::memcpy(db + j * ds1, sb + sr[j] * ss1, row_bytes);
+      } else if (fast && !sr && dr) {  // scatter
+        for (int64_t j = j0; j < j1; ++j) std::memcpy(db + dr[j] * ds1, sb + j * ss1, row_bytes);
       } else {
-        for (int64_t k = 0; k < c; ++k) dp[k * ds2] = sp[k * ss2];
+        for (int64_t j = j0; j < j1; ++j) {
+          const T* sp = sb + (sr ? sr[j] : j) * ss1;
+          T* dp = db + (dr ? dr[j] : j) * ds1;
+          for (int64_t k = 0; k < c; ++k) dp[k * ds2] = sp[k * ss2];
+        }
       }
     }
   });

@@ -1,0 +1,209 @@
+// CUDA kernels: the nearest-anchor map, the fused lift (nearest fill + separable
+// Gaussian blur with reflect padding + exact anchors), and lift fused with an
+// Euler step. Semantics are those of jit_kernels/reference/lift.py.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace jit_kernels {
+namespace {
+
+// ---------------------------------------------------------------- nearest map
+
+constexpr int kNearThreads = 256;
+
+// One thread per grid cell, blockIdx.y = anchor row (sample). The anchors are
+// streamed through shared memory in tiles of kNearThreads; each thread keeps
+// the smallest exact integer squared distance. Anchors are visited in index
+// order and only a strictly smaller distance replaces the best, so ties go to
+// the anchor that comes first in anchor_idx, exactly like the reference argmin.
+__global__ void nearest_map_kernel(const int64_t* __restrict__ anchors, int64_t m, int64_t h, int64_t w,
+                                   int64_t* __restrict__ out) {
+  __shared__ int64_t srow[kNearThreads];
+  __shared__ int64_t scol[kNearThreads];
+  const int64_t n = h * w;
+  const int64_t* a = anchors + blockIdx.y * m;
+  const int64_t p = blockIdx.x * int64_t(kNearThreads) + threadIdx.x;
+  const int64_t r = p / w, c = p % w;
+  int64_t best = INT64_MAX, bj = 0;
+  for (int64_t t0 = 0; t0 < m; t0 += kNearThreads) {
+    // Every thread takes part in loading and in both barriers, even past the grid end.
+    const int64_t jl = t0 + threadIdx.x;
+    if (jl < m) {
+      const int64_t q = a[jl];
+      srow[threadIdx.x] = q / w;
+      scol[threadIdx.x] = q % w;
+    }
+    __syncthreads();
+    const int64_t cnt = min(int64_t(kNearThreads), m - t0);
+    for (int64_t u = 0; u < cnt; ++u) {
+      const int64_t dr = r - srow[u], dc = c - scol[u];
+      const int64_t d2 = dr * dr + dc * dc;
+      if (d2 < best) best = d2, bj = t0 + u;
+    }
+    __syncthreads();
+  }
+  if (p < n) out[blockIdx.y * n + p] = bj;
+}
+
+at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t height, int64_t width) {
+  constexpr const char* op = "nearest_anchor_map";
+  check_grid(op, height, width, -1);
+  check_cuda(op, "anchor_idx", anchor_idx_in);
+  check_index_meta(op, "anchor_idx", anchor_idx_in, anchor_idx_in.dim() == 2 ? anchor_idx_in.size(0) : 1);
+  TORCH_CHECK_VALUE(anchor_idx_in.size(-1) > 0, op, ": anchor_idx is empty; at least one anchor is required");
+  const c10::cuda::CUDAGuard guard(anchor_idx_in.device());
+  const at::Tensor a = anchor_idx_in.contiguous();
+  const int64_t n = height * width;
+  check_index_values_cuda(op, "anchor_idx", a, n, /*unique=*/true);
+  const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
+  at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
+  if (rows == 0) return out;
+  TORCH_CHECK_VALUE(rows <= 65535, op, ": at most 65535 anchor rows are supported on CUDA, got ", rows);
+  const dim3 grid(static_cast<unsigned>((n + kNearThreads - 1) / kNearThreads), static_cast<unsigned>(rows));
+  nearest_map_kernel<<<grid, kNearThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a.data_ptr<int64_t>(), m, height,
+                                                                                  width, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---------------------------------------------------------------- lift
+
+constexpr int kLanes = 32;  // threads over channels (one warp reads a contiguous channel run)
+constexpr int kCells = 8;   // cells per block (one warp each)
+
+// One thread per (sample, cell, channel): blockIdx.z = sample, blockIdx.x =
+// tile of kCells cells, blockIdx.y = tile of kLanes channels. The filled field
+// is never stored: each stencil tap reads its nearest anchor's row through the
+// map, so a warp's loads are one contiguous run of channels of one anchor row.
+// Horizontal taps are summed per stencil row, then weighted vertically, i.e.
+// the same separable order as the reference blur. Anchors keep their value.
+// kEuler: out[b, p, ch] += dt * lift (the latent y), else out = lift.
+template <typename T, bool kEuler>
+__global__ void lift_kernel(const float* __restrict__ vals, int64_t m, int64_t c, const int64_t* __restrict__ anchors,
+                            int64_t anchors_bstride, const int64_t* __restrict__ nearest, int64_t nearest_bstride,
+                            const float* __restrict__ weights, int k, int64_t h, int64_t w, float dt,
+                            T* __restrict__ out) {
+  extern __shared__ float sw[];  // the K blur taps
+  for (int t = threadIdx.y * kLanes + threadIdx.x; t < k; t += kLanes * kCells) sw[t] = weights[t];
+  __syncthreads();
+  const int64_t n = h * w;
+  const int64_t b = blockIdx.z;
+  const int64_t p = blockIdx.x * int64_t(kCells) + threadIdx.y;
+  const int64_t ch = blockIdx.y * int64_t(kLanes) + threadIdx.x;
+  if (p >= n || ch >= c) return;
+  const int64_t* near = nearest + b * nearest_bstride;
+  const float* vb = vals + b * m * c + ch;
+  const int64_t j = near[p];
+  float v;
+  if (anchors[b * anchors_bstride + j] == p) {
+    v = vb[j * c];  // an anchor keeps its exact value
+  } else {
+    const int rad = k / 2;
+    const int64_t row = p / w, col = p % w;
+    v = 0.f;
+    for (int ty = 0; ty < k; ++ty) {
+      const int64_t* nrow = near + reflect_index(row + ty - rad, h) * w;
+      float hs = 0.f;
+      for (int tx = 0; tx < k; ++tx) hs += sw[tx] * vb[nrow[reflect_index(col + tx - rad, w)] * c];
+      v += sw[ty] * hs;
+    }
+  }
+  T* dst = out + (b * n + p) * c + ch;
+  if (kEuler) {
+    *dst = static_cast<T>(static_cast<float>(*dst) + dt * v);
+  } else {
+    *dst = static_cast<T>(v);
+  }
+}
+
+struct LiftArgs {
+  at::Tensor vals;     // [B, M, C] fp32 contiguous
+  at::Tensor anchors;  // [M] or [B, M] contiguous
+  at::Tensor nearest;  // [N] or [B, N] contiguous
+  at::Tensor weights;  // [K] fp32 contiguous
+};
+
+LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
+                     const at::Tensor& weights, int64_t height, int64_t width) {
+  check_tokens(op, "values", values);
+  check_cuda(op, "values", values);
+  check_grid(op, height, width, -1);
+  const int64_t b = values.size(0), m = values.size(1), n = height * width;
+  check_index_meta(op, "anchor_idx", anchor_idx, b);
+  check_index_meta(op, "nearest", nearest, b);
+  check_weights(op, weights);
+  check_same_device(op, values, "values", anchor_idx, "anchor_idx");
+  check_same_device(op, values, "values", nearest, "nearest");
+  check_same_device(op, values, "values", weights, "weights");
+  TORCH_CHECK_VALUE(m > 0, op, ": anchor_idx is empty; at least one anchor is required");
+  TORCH_CHECK_VALUE(anchor_idx.size(-1) == m, op, ": values has ", m, " rows but anchor_idx has ",
+                    anchor_idx.size(-1), " anchors");
+  TORCH_CHECK_VALUE(nearest.size(-1) == n, op, ": nearest has ", nearest.size(-1), " entries, expected N = ", n);
+  TORCH_CHECK_VALUE(nearest.dim() == anchor_idx.dim(), op,
+                    ": nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])");
+  TORCH_CHECK_VALUE(b <= 65535, op, ": batch ", b, " exceeds the CUDA grid limit of 65535");
+  LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous()};
+  check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
+  check_index_values_cuda(op, "nearest", a.nearest, m, /*unique=*/false);
+  return a;
+}
+
+template <bool kEuler>
+void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float dt) {
+  const int64_t b = a.vals.size(0), m = a.vals.size(1), c = a.vals.size(2), n = h * w;
+  if (b == 0 || c == 0) return;
+  const dim3 grid(static_cast<unsigned>((n + kCells - 1) / kCells), static_cast<unsigned>((c + kLanes - 1) / kLanes),
+                  static_cast<unsigned>(b));
+  const dim3 block(kLanes, kCells);
+  const int k = static_cast<int>(a.weights.size(0));
+  const size_t smem = sizeof(float) * k;
+  TORCH_CHECK_VALUE(smem <= 48 * 1024, "lift: kernel size ", k, " is too large");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t abs_ = index_batch_stride(a.anchors), nbs = a.nearest.dim() == 1 ? 0 : n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lift_cuda", [&] {
+    lift_kernel<scalar_t, kEuler><<<grid, block, smem, stream>>>(
+        a.vals.data_ptr<float>(), m, c, a.anchors.data_ptr<int64_t>(), abs_, a.nearest.data_ptr<int64_t>(), nbs,
+        a.weights.data_ptr<float>(), k, h, w, dt, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor lift_field_cuda(const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
+                           const at::Tensor& weights, int64_t height, int64_t width) {
+  constexpr const char* op = "lift_field";
+  const c10::cuda::CUDAGuard guard(values.device());
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
+  at::Tensor out = at::empty({values.size(0), height * width, values.size(2)}, values.options());
+  launch_lift<false>(a, out, height, width, 0.f);
+  return out;
+}
+
+void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
+                     const at::Tensor& weights, int64_t height, int64_t width, double dt) {
+  constexpr const char* op = "lift_euler_";
+  check_tokens(op, "y", y);
+  check_cuda(op, "y", y);
+  check_same_device(op, y, "y", values, "values");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
+  const int64_t c = values.size(2), n = height * width;
+  TORCH_CHECK_VALUE(y.size(0) == values.size(0) && y.size(1) == n && y.size(2) == c, op,
+                    ": y must be [B, H*W, C] = [", values.size(0), ", ", n, ", ", c, "], got ", y.sizes());
+  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  launch_lift<true>(a, y, height, width, static_cast<float>(dt));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jit_kernels, CUDA, m) {
+  m.impl("nearest_anchor_map", &nearest_anchor_map_cuda);
+  m.impl("lift_field", &lift_field_cuda);
+  m.impl("lift_euler_", &lift_euler_cuda);
+}
+
+}  // namespace jit_kernels

@@ -1,0 +1,174 @@
+// CUDA kernels: token gather and scatter (shared [M] or per-sample [B, M]
+// indices), and the device-side index validation shared by all CUDA kernels.
+//
+// Layout: one warp per token row, lanes stride over the channels, so every
+// warp reads and writes a contiguous run of C elements (coalesced when the
+// channel stride is 1). blockIdx.y is the sample.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace jit_kernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;  // 8 warps = 256 threads
+
+// ------------------------------------------------------------- validation
+
+// flags[0]: set to 1 by an out-of-range value, flags[1]: set to 1 by a
+// duplicate; bad[0] / bad[1] keep one offending value of each kind (for the
+// message). bits is a zeroed bitmap of rows * ceil(upper / 32) words.
+__global__ void validate_index_kernel(const int64_t* __restrict__ idx, int64_t rows, int64_t m, int64_t upper,
+                                      bool unique, uint32_t* __restrict__ bits, int64_t words_per_row,
+                                      int* __restrict__ flags, unsigned long long* __restrict__ bad) {
+  const int64_t total = rows * m;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t v = idx[i];
+    if (v < 0 || v >= upper) {
+      atomicExch(&flags[0], 1);
+      atomicExch(&bad[0], static_cast<unsigned long long>(v));
+      continue;
+    }
+    if (unique) {
+      const int64_t r = i / m;
+      const uint32_t bit = 1u << (v & 31);
+      const uint32_t old = atomicOr(&bits[r * words_per_row + (v >> 5)], bit);
+      if (old & bit) {
+        atomicExch(&flags[1], 1);
+        atomicExch(&bad[1], static_cast<unsigned long long>(v));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void check_index_values_cuda(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique) {
+  const int64_t rows = idx.dim() == 1 ? 1 : idx.size(0);
+  const int64_t m = idx.size(-1);
+  if (rows * m == 0) return;
+  const int64_t words = unique ? (upper + 31) / 32 : 0;
+  // One int64 buffer: [flags (2 x int32 = 1 word), bad values (2 words), bitmap].
+  at::Tensor scratch = at::zeros({3 + (rows * words + 1) / 2}, idx.options().dtype(at::kLong));
+  int64_t* base = scratch.data_ptr<int64_t>();
+  int* flags = reinterpret_cast<int*>(base);
+  auto* bad = reinterpret_cast<unsigned long long*>(base + 1);
+  auto* bits = reinterpret_cast<uint32_t*>(base + 3);
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((rows * m + threads - 1) / threads, 4096);
+  validate_index_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      idx.data_ptr<int64_t>(), rows, m, upper, unique, bits, words, flags, bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor host = scratch.narrow(0, 0, 3).cpu();  // synchronises with the stream
+  const int64_t* h = host.data_ptr<int64_t>();
+  int hf[2];
+  std::memcpy(hf, h, sizeof(hf));
+  TORCH_CHECK_INDEX(!hf[0], op, ": ", name, " has value ", h[1], " outside [0, ", upper, ")");
+  TORCH_CHECK_VALUE(!hf[1], op, ": ", name, " contains duplicate indices (", h[2], ")");
+}
+
+namespace {
+
+// dst[b, dst_row(b, j), :] = src[b, src_row(b, j), :] for j < m, where a null
+// row table means the identity. Strides are in elements, so non-contiguous
+// tensors (and in-place updates of a strided base) need no copies.
+template <typename T>
+__global__ void copy_rows_kernel(const T* __restrict__ src, int64_t ss0, int64_t ss1, int64_t ss2,
+                                 const int64_t* __restrict__ src_rows, int64_t src_rows_bstride, T* __restrict__ dst,
+                                 int64_t ds0, int64_t ds1, int64_t ds2, const int64_t* __restrict__ dst_rows,
+                                 int64_t dst_rows_bstride, int64_t m, int64_t c) {
+  const int64_t b = blockIdx.y;
+  const int64_t j = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (j >= m) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
+  const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
+  const T* sp = src + b * ss0 + sr * ss1;
+  T* dp = dst + b * ds0 + dr * ds1;
+  for (int64_t k = lane; k < c; k += kWarp) dp[k * ds2] = sp[k * ss2];
+}
+
+void launch_copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t src_rows_bstride, at::Tensor& dst,
+                      const int64_t* dst_rows, int64_t dst_rows_bstride, int64_t batch, int64_t m) {
+  if (batch == 0 || m == 0 || src.size(2) == 0) return;
+  TORCH_CHECK_VALUE(batch <= 65535, "jit_kernels: batch ", batch, " exceeds the CUDA grid limit of 65535");
+  const dim3 grid(static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(batch));
+  const dim3 block(kRowsPerBlock * kWarp);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_rows_cuda", [&] {
+    copy_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        src.data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.stride(2), src_rows, src_rows_bstride,
+        dst.data_ptr<scalar_t>(), dst.stride(0), dst.stride(1), dst.stride(2), dst_rows, dst_rows_bstride, m,
+        src.size(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx_in) {
+  constexpr const char* op = "gather_tokens";
+  check_tokens(op, "x", x);
+  check_cuda(op, "x", x);
+  check_index_meta(op, "idx", idx_in, x.size(0));
+  check_same_device(op, x, "x", idx_in, "idx");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor idx = idx_in.contiguous();
+  check_index_values_cuda(op, "idx", idx, x.size(1), /*unique=*/false);
+  const int64_t b = x.size(0), m = idx.size(-1);
+  at::Tensor out = at::empty({b, m, x.size(2)}, x.options());
+  launch_copy_rows(x, idx.data_ptr<int64_t>(), index_batch_stride(idx), out, nullptr, 0, b, m);
+  return out;
+}
+
+void scatter_checks(const char* op, const at::Tensor& base, const at::Tensor& idx, const at::Tensor& src) {
+  check_tokens(op, "base", base);
+  check_tokens(op, "src", src);
+  check_cuda(op, "base", base);
+  check_index_meta(op, "idx", idx, base.size(0));
+  check_same_device(op, base, "base", idx, "idx");
+  check_same_device(op, base, "base", src, "src");
+  TORCH_CHECK_VALUE(src.size(0) == base.size(0) && src.size(1) == idx.size(-1) && src.size(2) == base.size(2), op,
+                    ": src must be [B, M, C] = [", base.size(0), ", ", idx.size(-1), ", ", base.size(2), "], got ",
+                    src.sizes());
+}
+
+void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src_in) {
+  const at::Tensor src = src_in.scalar_type() == base.scalar_type() ? src_in : src_in.to(base.scalar_type());
+  launch_copy_rows(src, nullptr, 0, base, idx.data_ptr<int64_t>(), index_batch_stride(idx), base.size(0),
+                   idx.size(-1));
+}
+
+void scatter_tokens_inplace_cuda(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+  constexpr const char* op = "scatter_tokens_";
+  scatter_checks(op, base, idx_in, src);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const at::Tensor idx = idx_in.contiguous();
+  // Unique rows: with duplicates the result would depend on thread timing.
+  check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
+  scatter_into(base, idx, src);
+}
+
+at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+  constexpr const char* op = "scatter_tokens";
+  scatter_checks(op, base, idx_in, src);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const at::Tensor idx = idx_in.contiguous();
+  check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
+  at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
+  scatter_into(out, idx, src);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jit_kernels, CUDA, m) {
+  m.impl("gather_tokens", &gather_tokens_cuda);
+  m.impl("scatter_tokens", &scatter_tokens_cuda);
+  m.impl("scatter_tokens_", &scatter_tokens_inplace_cuda);
+}
+
+}  // namespace jit_kernels

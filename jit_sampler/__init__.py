@@ -1,0 +1,54 @@
+"""jit_sampler: the JiT (Just-in-Time) sampler for diffusion transformers.
+
+Training-free spatial acceleration (arXiv 2603.10744): early steps run the transformer on
+a growing subset of image tokens and integrate the whole latent with an interpolated
+("lifted") velocity; new tokens enter through a deterministic micro-flow.
+
+Main entry points: :class:`JiTConfig` (presets ``"4x"``, ``"7x"``, ``"reference"``),
+:func:`jit_sample` (the model-agnostic loop), :class:`JiTFluxPipeline` / :func:`enable_jit`
+(diffusers FLUX.1 integration) and :class:`JiTReport`.
+"""
+
+from .anchors import activate_tokens, checkerboard_lattice, fit_to_budget, initial_anchors, stride_lattice
+from .config import PRESETS, JiTConfig, available_presets
+from .core import JiTPlan, draw_normal, jit_sample, make_plan
+from .report import FLUX1_DEV_CONFIG, FluxFlops, JiTReport, flop_summary, flux_run_flops, flux_transformer_flops
+from .schedule import beta_ppf, beta_sigmas, linear_sigmas, stage_layout
+
+
+def __getattr__(name):
+    # The diffusers integration imports diffusers + transformers (slow); load it on first use.
+    if name in ("JiTFluxPipeline", "enable_jit", "FluxVelocity"):
+        from . import flux
+
+        return getattr(flux, name)
+    raise AttributeError(f"module 'jit_sampler' has no attribute {name!r}")
+
+
+__all__ = [
+    "FLUX1_DEV_CONFIG",
+    "FluxFlops",
+    "FluxVelocity",
+    "JiTConfig",
+    "JiTFluxPipeline",
+    "JiTPlan",
+    "JiTReport",
+    "PRESETS",
+    "activate_tokens",
+    "available_presets",
+    "beta_ppf",
+    "beta_sigmas",
+    "checkerboard_lattice",
+    "draw_normal",
+    "enable_jit",
+    "fit_to_budget",
+    "flop_summary",
+    "flux_run_flops",
+    "flux_transformer_flops",
+    "initial_anchors",
+    "jit_sample",
+    "linear_sigmas",
+    "make_plan",
+    "stage_layout",
+    "stride_lattice",
+]

@@ -1,0 +1,228 @@
+"""``jit-flux``: generate images with the JiT sampler from the command line.
+
+With ``--model`` (a local diffusers folder or a hub id, e.g. ``black-forest-labs/FLUX.1-dev``)
+it drives :class:`~jit_sampler.JiTFluxPipeline`; ``--prompt`` is text. Without ``--model``
+it runs the embedded tiny class-conditional FLUX (:mod:`jit_sampler.tiny_flux`, 32 x 32
+MNIST digits, a 16 x 16 token grid) through the same sampler core; ``--prompt`` is then a
+digit 0-9. ``--model tiny:random`` uses a randomly initialised tiny model (smoke tests).
+
+``--compare`` also runs the dense sampler (``--dense-steps``, default 50) with the same seed
+and writes both images side by side with both timings; a JSON report is written next to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .config import JiTConfig, available_presets
+
+__all__ = ["main", "build_parser"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jit-flux", description="Generate images with the JiT sampler (arXiv 2603.10744).")
+    p.add_argument("--model", default=None,
+                   help="diffusers FLUX.1 folder or hub id; default: the embedded tiny MNIST FLUX "
+                        "('tiny:random' = untrained tiny model)")
+    p.add_argument("--prompt", default=None, help="text prompt (FLUX) or a digit 0-9 (tiny model; default 7)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for true CFG (FLUX; needs --cfg-scale > 1)")
+    p.add_argument("--preset", default="4x", choices=available_presets(), help="JiT preset (default 4x)")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's total steps")
+    p.add_argument("--dmf", default=None, choices=["assign", "blend", "substeps"], help="override the DMF mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="image height (multiple of 16; FLUX default 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width (multiple of 16; FLUX default 1024)")
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance (FLUX.1-dev)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG scale (> 1 enables two passes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--out", default="jit.png", help="output image path (a .json report is written beside it)")
+    p.add_argument("--compare", action="store_true", help="also run the dense sampler and write both side by side")
+    p.add_argument("--dense-steps", type=int, default=50, help="steps of the dense run for --compare (default 50)")
+    return p
+
+
+def _config(args) -> JiTConfig:
+    over = {}
+    if args.steps is not None:
+        over["total_steps"] = args.steps
+    if args.dmf is not None:
+        over["dmf_mode"] = args.dmf
+    return JiTConfig.preset(args.preset, **over)
+
+
+def _side_by_side(left, right, captions):
+    """Two PIL images next to each other with a caption strip under each."""
+    from PIL import Image, ImageDraw
+
+    w, h = left.width + right.width, max(left.height, right.height)
+    canvas = Image.new("RGB", (w, h + 14), "white")
+    canvas.paste(left.convert("RGB"), (0, 0))
+    canvas.paste(right.convert("RGB"), (left.width, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, h + 1), captions[0], fill="black")
+    draw.text((left.width + 2, h + 1), captions[1], fill="black")
+    return canvas
+
+
+# ----------------------------------------------------------------------------- tiny model
+def _tiny_image(tokens: torch.Tensor, unpack, scale: int = 4):
+    from PIL import Image
+
+    img = unpack(tokens.float().cpu(), 32, 32)[0, 0]
+    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    pil = Image.fromarray(arr, mode="L")
+    return pil.resize((32 * scale, 32 * scale), Image.NEAREST)
+
+
+def _run_tiny(args, device, dtype) -> dict:
+    try:
+        from .tiny_flux import build_tiny_flux, image_ids, load_tiny_flux, pack_images, text_ids, unpack_tokens
+    except Exception as exc:  # the embedded model ships with its own issue
+        print(f"jit-flux: the embedded default model (jit_sampler.tiny_flux) is not available ({exc}); "
+              f"pass --model <FLUX.1 folder or hub id>", file=sys.stderr)
+        raise SystemExit(2)
+    if args.model == "tiny:random":
+        m = build_tiny_flux().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    else:
+        try:
+            m = load_tiny_flux(device=device, dtype=dtype)
+        except (FileNotFoundError, OSError) as exc:
+            print(f"jit-flux: the embedded default model has no trained checkpoint yet ({exc}); "
+                  f"pass --model <FLUX.1 folder or hub id> or --model tiny:random", file=sys.stderr)
+            raise SystemExit(2)
+    prompt = "7" if args.prompt is None else args.prompt
+    if not (len(prompt) == 1 and prompt.isdigit()):
+        raise SystemExit(f"jit-flux: the tiny model's --prompt is a digit 0-9, got {prompt!r}")
+    if args.height not in (None, 32) or args.width not in (None, 32):
+        raise SystemExit("jit-flux: the tiny model generates 32 x 32 images only")
+    from .core import jit_sample
+    from .flux import FluxVelocity
+    from .report import flop_summary
+    from .schedule import beta_sigmas, linear_sigmas
+
+    labels = torch.tensor([int(prompt)], device=device)
+    pe, pooled = m.encode(labels)
+    negative = None
+    if args.cfg_scale > 1:
+        npe, npooled = m.encode(torch.tensor([m.null_label], device=device))
+        negative = (npe.to(dtype), npooled.to(dtype), text_ids(npe.shape[1], device).to(dtype))
+    ids = image_ids(m.height, m.width, device).to(dtype)
+
+    def sample(cfg: JiTConfig):
+        gen = torch.Generator().manual_seed(args.seed)
+        noise = torch.randn(1, 1, 32, 32, generator=gen).to(device=device, dtype=dtype)
+        x = pack_images(noise)
+        sig = (beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta) if cfg.sigma_schedule == "beta"
+               else linear_sigmas(cfg.total_steps))
+        vel = FluxVelocity(m.transformer, pe.to(dtype), pooled.to(dtype), text_ids(pe.shape[1], device).to(dtype), ids,
+                           negative=negative, true_cfg_scale=args.cfg_scale, backend=cfg.backend)
+        t = time.perf_counter()
+        with torch.no_grad():
+            y, rep = jit_sample(vel, x, m.height, m.width, sig, cfg, gen)
+        secs = time.perf_counter() - t
+        rep.flops = flop_summary(m.transformer.config, rep.active_tokens, m.height * m.width,
+                                 text_tokens=int(pe.shape[1]), calls_per_step=2 if negative is not None else 1)
+        return y, rep, secs
+
+    cfg = _config(args)
+    y, rep, secs = sample(cfg)
+    result = {"model": "tiny:random" if args.model == "tiny:random" else "tiny_flux", "label": int(prompt),
+              "jit": {"seconds": secs, "report": rep.as_dict()}}
+    img = _tiny_image(y, unpack_tokens)
+    print(rep.summary())
+    if args.compare:
+        dcfg = JiTConfig.dense(args.dense_steps, sigma_schedule=cfg.sigma_schedule, beta_alpha=cfg.beta_alpha,
+                               beta_beta=cfg.beta_beta, backend=cfg.backend)
+        yd, repd, dsecs = sample(dcfg)
+        result["dense"] = {"seconds": dsecs, "steps": args.dense_steps, "report": repd.as_dict()}
+        img = _side_by_side(_tiny_image(yd, unpack_tokens), img,
+                            [f"dense {args.dense_steps}: {dsecs:.2f}s", f"JiT {cfg.name}: {secs:.2f}s"])
+    img.save(args.out)
+    return result
+
+
+# ----------------------------------------------------------------------------- FLUX
+def _run_flux(args, device, dtype) -> dict:
+    from .flux import JiTFluxPipeline
+
+    # Check the cheap things before loading a multi-GB model.
+    if args.prompt is None:
+        raise SystemExit("jit-flux: --prompt is required with --model")
+    height, width = args.height or 1024, args.width or 1024
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % 16:
+            raise SystemExit(f"jit-flux: {name} must be a positive multiple of 16, got {v}")
+    pipe = JiTFluxPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    common = dict(prompt=args.prompt, height=height, width=width, guidance_scale=args.guidance)
+    if args.negative_prompt is not None:
+        common.update(negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg_scale)
+    cfg = _config(args)
+
+    def run(**kw):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        img = pipe(generator=torch.Generator("cpu").manual_seed(args.seed), **common, **kw).images[0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return img, time.perf_counter() - t
+
+    img, secs = run(jit=cfg)
+    rep = pipe.last_jit_report
+    print(rep.summary())
+    result = {"model": args.model, "prompt": args.prompt, "jit": {"seconds": secs, "report": rep.as_dict()}}
+    if args.compare:
+        dimg, dsecs = run(jit=None, num_inference_steps=args.dense_steps)
+        result["dense"] = {"seconds": dsecs, "steps": args.dense_steps}
+        img = _side_by_side(dimg, img, [f"dense {args.dense_steps}: {dsecs:.1f}s", f"JiT {cfg.name}: {secs:.1f}s"])
+    img.save(args.out)
+    return result
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``jit-flux`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        _config(args)  # validate the preset overrides before loading anything
+    except ValueError as exc:
+        print(f"jit-flux: {exc}", file=sys.stderr)
+        return 2
+    device = args.device
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        if args.model is None or args.model == "tiny:random":
+            result = _run_tiny(args, device, dtype)
+        else:
+            result = _run_flux(args, device, dtype)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return int(exc.code or 0)
+    if "dense" in result:
+        speed = result["dense"]["seconds"] / result["jit"]["seconds"]
+        result["speedup_wall"] = speed
+        print(f"dense {result['dense']['steps']} steps: {result['dense']['seconds']:.3f}s; "
+              f"JiT: {result['jit']['seconds']:.3f}s; wall-clock speed-up {speed:.2f}x")
+    report_path = os.path.splitext(args.out)[0] + ".json"
+    with open(report_path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {args.out} and {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

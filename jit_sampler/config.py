@@ -1,0 +1,239 @@
+"""JiT sampler configuration: a validated dataclass plus the published presets.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` whose message
+starts with ``"JiTConfig.<field>"`` so the caller sees which knob is wrong.
+
+DMF default. method.md section 5 offers two discretisations of the micro-flow at a stage
+transition: the paper's Algorithm 1 assigns the newly activated tokens their target
+``y*_R`` (the exact solution of the micro-flow ODE, which has the flow's marginal at
+``sigma_i``), while the released reference blends once with weight ``1/3``, which leaves
+two thirds of the over-noised interpolated value in place. The presets ``"4x"`` and
+``"7x"`` follow the paper (``dmf_mode="assign"``): it is the behaviour the method's
+argument supports. ``"reference"`` (alias ``"4x-reference"``) and ``"7x-reference"``
+reproduce the published pipeline (``blend`` with 3 relax steps) except that every random
+draw comes from the caller's generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["JiTConfig", "PRESETS", "STAGE_RATIOS", "available_presets"]
+
+#: Stage boundaries as fractions of the total steps (method.md section 6).
+STAGE_RATIOS = (0.4, 0.65, 1.0)
+
+_INIT_GRIDS = ("checkerboard", "stride")
+_SCHEDULES = ("beta", "pipeline")
+_DMF_MODES = ("assign", "blend", "substeps")
+_DMF_NOISE = ("independent", "initial")
+_POLICIES = ("shared", "per_sample")
+_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+
+
+def _err(name: str, msg: str) -> ValueError:
+    return ValueError(f"JiTConfig.{name}: {msg}")
+
+
+def _check_ratios(name: str, ratios) -> tuple[float, ...]:
+    """Ratios must be a non-empty, strictly increasing sequence in (0, 1] ending at 1."""
+    if isinstance(ratios, (str, bytes)):
+        raise _err(name, f"must be a sequence of floats, got {ratios!r}")
+    try:
+        vals = tuple(float(r) for r in ratios)
+    except (TypeError, ValueError) as exc:
+        raise _err(name, f"must be a sequence of floats, got {ratios!r}") from exc
+    if not vals:
+        raise _err(name, "must not be empty")
+    for r in vals:
+        if not (math.isfinite(r) and 0.0 < r <= 1.0):
+            raise _err(name, f"every ratio must be in (0, 1], got {vals}")
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise _err(name, f"ratios must be strictly increasing, got {vals}")
+    if vals[-1] != 1.0:
+        raise _err(name, f"the last ratio must be 1 (the last stage is dense and ends the run), got {vals[-1]}")
+    return vals
+
+
+@dataclass(frozen=True)
+class JiTConfig:
+    """How one JiT run is scheduled.
+
+    Attributes:
+        total_steps: number of sampler steps (= velocity evaluations per sample and CFG branch).
+        stage_ratios: cumulative step fractions ending each stage, sparsest first
+            (``stage_ends = [int(total_steps * r)]``); strictly increasing, last 1.
+        token_ratios: active-token fraction per stage, sparsest first
+            (``m_k = int(N * r)``); strictly increasing, last 1.0 (the final stage is dense).
+        init_grid: ``"checkerboard"`` (stride-2 lattice + border) or ``"stride"``.
+        ita: importance-guided token activation at transitions; ``False`` adds the tokens
+            farthest from the current anchors instead (a static, content-free refinement).
+        sigma_schedule: ``"beta"`` (Beta-warped with ``beta_alpha`` / ``beta_beta``, no shift)
+            or ``"pipeline"`` (the wrapped pipeline's own schedule).
+        dmf_mode: ``"assign"`` | ``"blend"`` (weight ``1 / relax_steps``) | ``"substeps"``
+            (``dmf_substeps`` blends with weights ``1/n, 1/(n-1), ..., 1``).
+        dmf_noise: ``"independent"`` (seeded draw per transition), ``"initial"`` (the initial
+            latent noise of the new tokens) or a ``[B, N, C]`` tensor whose rows are used.
+        blur_scale: the lift's blur scale (``sigma_blur = clip(scale / sqrt(rho), 1, 10)``).
+        anchor_policy: ``"shared"`` (one token set for the batch, batch-mean importance) or
+            ``"per_sample"`` (each sample its own set of equal size).
+        backend: ``jit_kernels`` backend passed to every op.
+        name: preset name, for reports only.
+    """
+
+    total_steps: int = 18
+    stage_ratios: tuple[float, ...] = STAGE_RATIOS
+    token_ratios: tuple[float, ...] = (0.35, 0.62, 1.0)
+    init_grid: str = "checkerboard"
+    ita: bool = True
+    sigma_schedule: str = "beta"
+    beta_alpha: float = 1.4
+    beta_beta: float = 0.425
+    dmf_mode: str = "assign"
+    relax_steps: int = 3
+    dmf_substeps: int = 3
+    dmf_noise: Any = field(default="independent", compare=False)
+    blur_scale: float = 0.4
+    anchor_policy: str = "shared"
+    backend: str = "auto"
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
+        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int):
+            raise _err("total_steps", f"must be an int, got {self.total_steps!r}")
+        if self.total_steps < 1:
+            raise _err("total_steps", f"must be >= 1, got {self.total_steps}")
+        set_(self, "stage_ratios", _check_ratios("stage_ratios", self.stage_ratios))
+        set_(self, "token_ratios", _check_ratios("token_ratios", self.token_ratios))
+        if len(self.token_ratios) != len(self.stage_ratios):
+            raise _err("token_ratios", f"needs one ratio per stage ({len(self.stage_ratios)}), got {len(self.token_ratios)}")
+        ends = self.stage_ends
+        # Every stage needs at least one step, so no transition can fall at step 0.
+        if ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
+            raise _err("total_steps", f"{self.total_steps} steps are too few for stage_ratios {self.stage_ratios} "
+                       f"(stage ends {ends}; every stage needs >= 1 step; try >= {self._min_steps()})")
+        for name, allowed in (("init_grid", _INIT_GRIDS), ("sigma_schedule", _SCHEDULES), ("dmf_mode", _DMF_MODES),
+                              ("anchor_policy", _POLICIES), ("backend", _BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise _err(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.ita, bool):
+            raise _err("ita", f"must be a bool, got {self.ita!r}")
+        for name in ("beta_alpha", "beta_beta", "blur_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise _err(name, f"must be a positive finite number, got {v!r}")
+            set_(self, name, float(v))
+        for name in ("relax_steps", "dmf_substeps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _err(name, f"must be an int >= 1, got {v!r}")
+        if isinstance(self.dmf_noise, torch.Tensor):
+            if self.dmf_noise.dim() != 3 or not self.dmf_noise.is_floating_point():
+                raise _err("dmf_noise", f"a tensor must be float [B, N, C], got {self.dmf_noise.dtype} "
+                           f"{tuple(self.dmf_noise.shape)}")
+        elif not isinstance(self.dmf_noise, str) or self.dmf_noise not in _DMF_NOISE:
+            raise _err("dmf_noise", f"must be one of {_DMF_NOISE} or a [B, N, C] tensor, got {self.dmf_noise!r}")
+
+    def _min_steps(self) -> int:
+        for n in range(1, 10_000):
+            ends = [int(n * r) for r in self.stage_ratios]
+            if ends[0] >= 1 and all(b > a for a, b in zip(ends, ends[1:])):
+                return n
+        return -1
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ratios)
+
+    @property
+    def stage_ends(self) -> list[int]:
+        """Exclusive end step of each stage, sparsest first, e.g. ``[7, 11, 18]`` for the 4x preset."""
+        return [int(self.total_steps * r) for r in self.stage_ratios]
+
+    @property
+    def stage_steps(self) -> list[int]:
+        """Steps per stage, e.g. ``[7, 4, 7]`` for the 4x preset."""
+        ends = self.stage_ends
+        return [e - s for s, e in zip([0] + ends[:-1], ends)]
+
+    @property
+    def dmf_weights(self) -> tuple[float, ...]:
+        """The blend weights applied in order at a transition (``(1.0,)`` is an assignment)."""
+        if self.dmf_mode == "assign":
+            return (1.0,)
+        if self.dmf_mode == "blend":
+            return (1.0 / self.relax_steps,)
+        n = self.dmf_substeps
+        return tuple(1.0 / (n - j) for j in range(n))
+
+    def token_counts(self, num_tokens: int) -> list[int]:
+        """Active tokens per stage for an ``N``-token grid: ``[max(1, int(N * r))]``, last ``N``."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        counts = [max(1, min(num_tokens, int(num_tokens * r))) for r in self.token_ratios]
+        counts[-1] = num_tokens
+        return counts
+
+    def full_step_equivalents(self) -> float:
+        """Sum over steps of the active-token ratio (11.93 for 4x): the linear cost model of method.md section 7."""
+        return sum(s * r for s, r in zip(self.stage_steps, self.token_ratios))
+
+    def replace(self, **changes) -> "JiTConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "JiTConfig":
+        """A published preset: ``"4x"``, ``"7x"``, ``"reference"`` (= ``"4x-reference"``), ``"7x-reference"``.
+
+        ``overrides`` change fields, e.g. ``JiTConfig.preset("7x", dmf_mode="blend")``.
+        """
+        if not isinstance(name, str) or name.lower() not in PRESETS:
+            raise ValueError(f"JiTConfig.preset: unknown preset {name!r}; expected one of {available_presets()}")
+        kw = dict(PRESETS[name.lower()])
+        kw["name"] = name.lower()
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def dense(cls, total_steps: int, **overrides) -> "JiTConfig":
+        """One stage with every token active: plain Euler on the same loop (the dense baseline)."""
+        kw = dict(total_steps=total_steps, stage_ratios=(1.0,), token_ratios=(1.0,), name=f"dense-{total_steps}")
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def coerce(cls, jit) -> "JiTConfig | None":
+        """``None`` -> ``None``; a preset name -> its config; a ``JiTConfig`` -> itself."""
+        if jit is None or isinstance(jit, JiTConfig):
+            return jit
+        if isinstance(jit, str):
+            return cls.preset(jit)
+        raise TypeError(f"jit must be None, a preset name or a JiTConfig, got {type(jit).__name__}")
+
+
+_PAPER = dict(stage_ratios=STAGE_RATIOS, init_grid="checkerboard", ita=True, sigma_schedule="beta",
+              beta_alpha=1.4, beta_beta=0.425, dmf_mode="assign", dmf_noise="independent")
+_REFERENCE = dict(_PAPER, dmf_mode="blend", relax_steps=3)
+
+#: Preset name -> JiTConfig keyword arguments.
+PRESETS: dict[str, dict] = {
+    "4x": dict(_PAPER, total_steps=18, token_ratios=(0.35, 0.62, 1.0)),
+    "7x": dict(_PAPER, total_steps=11, token_ratios=(0.32, 0.60, 1.0)),
+    "4x-reference": dict(_REFERENCE, total_steps=18, token_ratios=(0.35, 0.62, 1.0)),
+    "7x-reference": dict(_REFERENCE, total_steps=11, token_ratios=(0.32, 0.60, 1.0)),
+}
+PRESETS["reference"] = PRESETS["4x-reference"]
+
+
+def available_presets() -> list[str]:
+    """Names accepted by :meth:`JiTConfig.preset`."""
+    return sorted(PRESETS)

@@ -1,0 +1,271 @@
+"""The model-agnostic JiT loop on packed latents (method.md sections 2-5).
+
+The loop only needs a velocity callable
+
+    velocity_fn(x_active [B, M, C], active_idx [M] | [B, M], sigma: float, step: int) -> v [B, M, C]
+
+that runs the model on the active tokens (each with its own position), the full latent
+``[B, N, C]`` of an ``H x W`` token grid, the ``steps + 1`` sigmas and a :class:`JiTConfig`.
+Everything model-specific (text conditioning, guidance, CFG, position ids, per-sample
+calls) lives in the callable, so FLUX.1, FLUX.2-klein and the tiny model share this loop.
+
+Order inside step ``i`` (method.md section 5):
+
+1. at the first step of a new stage: ITA from the cached lifted ``v_prev`` -> DMF target
+   from the cached ``y_prev``, ``v_prev`` and the OLD anchors -> update ``y_R`` -> enlarge the
+   active set (and compute its nearest-anchor map, once per stage);
+2. the model on the active set at ``sigma_i``;
+3. lift + Euler to ``sigma_{i+1}`` on the full latent (fused ``lift_euler_``), except on the
+   last step of a stage, where the lifted field is materialised because the next step's
+   ITA and DMF need it.
+
+The working latent is kept in float32 whatever the model dtype (the ops compute in fp32
+anyway, and rounding the full latent to bf16 every step is what a scheduler avoids too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+import jit_kernels as jk
+
+from .anchors import activate_tokens, initial_anchors, merge_active
+from .config import JiTConfig
+from .report import JiTReport
+from .schedule import stage_layout
+
+__all__ = ["VelocityFn", "JiTPlan", "make_plan", "jit_sample", "draw_normal"]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class JiTPlan:
+    """The static layout of a run: everything that depends only on the config and the grid.
+
+    ``token_counts[k]`` active tokens in stage ``k`` (sparsest first, last ``N``);
+    ``stage_of_step[i]`` the stage of step ``i``; ``sigmas`` the ``steps + 1`` sigmas.
+    """
+
+    height: int
+    width: int
+    token_counts: tuple[int, ...]
+    stage_of_step: tuple[int, ...]
+    sigmas: tuple[float, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def steps(self) -> int:
+        return len(self.stage_of_step)
+
+    @property
+    def active_tokens(self) -> list[int]:
+        """Active tokens at every step (per sample)."""
+        return [self.token_counts[s] for s in self.stage_of_step]
+
+    def is_transition(self, i: int) -> bool:
+        """Whether step ``i`` starts a new stage (never step 0)."""
+        return 0 < i < self.steps and self.stage_of_step[i] != self.stage_of_step[i - 1]
+
+
+def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float]) -> JiTPlan:
+    """Check ``sigmas`` (``total_steps + 1`` floats, non-increasing, in [0, 1]) and lay out the stages."""
+    sig = tuple(float(s) for s in sigmas)
+    if len(sig) != config.total_steps + 1:
+        raise ValueError(f"sigmas must have total_steps + 1 = {config.total_steps + 1} entries, got {len(sig)}")
+    if any(not 0.0 <= s <= 1.0 for s in sig) or any(b > a for a, b in zip(sig, sig[1:])):
+        raise ValueError(f"sigmas must be non-increasing and in [0, 1], got {sig}")
+    if height < 1 or width < 1:
+        raise ValueError(f"the token grid must be at least 1 x 1, got {height} x {width}")
+    return JiTPlan(height, width, tuple(config.token_counts(height * width)),
+                   tuple(stage_layout(config.total_steps, config.stage_ratios)), sig)
+
+
+def draw_normal(shape: Sequence[int], generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal ``shape`` (``[B, ...]``) from ``generator``: one generator for all, or a list of ``B``.
+
+    Drawn on the generator's device (so a CPU generator gives the same numbers for any
+    target device) and then moved, like diffusers' ``randn_tensor``.
+    """
+    if isinstance(generator, (list, tuple)):
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        out = torch.cat(parts)
+    else:
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        out = torch.randn(tuple(shape), generator=generator, device=gdev, dtype=torch.float32)
+    return out.to(device=device, dtype=dtype)
+
+
+class _ModelTimer:
+    """Time spent inside the velocity callable, without a host sync per call on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, token):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append((token, e))
+        else:
+            self.seconds += time.perf_counter() - token
+
+    def total(self) -> float:
+        if self.cuda and self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+            self.events.clear()
+        return self.seconds
+
+
+def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, init_noise, generator) -> torch.Tensor:
+    """``eps [B, R, C]`` of the newly activated tokens ``new`` (``[R]`` or ``[B, R]``)."""
+    b, _, c = y.shape
+    if isinstance(config.dmf_noise, torch.Tensor):
+        src = config.dmf_noise
+        if src.shape[1:] != y.shape[1:] or src.shape[0] not in (1, b):
+            raise ValueError(f"JiTConfig.dmf_noise: tensor must be [B, N, C] = {tuple(y.shape)} (or batch 1), got {tuple(src.shape)}")
+        src = src.to(device=y.device, dtype=y.dtype).expand(b, -1, -1)
+        return jk.gather_tokens(src, new, backend=config.backend)
+    if config.dmf_noise == "initial":
+        return jk.gather_tokens(init_noise, new, backend=config.backend)
+    return draw_normal((b, new.shape[-1], c), generator, y.device, y.dtype)
+
+
+@torch.no_grad()
+def jit_sample(
+    velocity_fn: VelocityFn,
+    latents: torch.Tensor,
+    height: int,
+    width: int,
+    sigmas: Sequence[float],
+    config: JiTConfig,
+    generator=None,
+    *,
+    step_callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, JiTReport]:
+    """Integrate ``latents [B, N, C]`` (``N = height * width``, at ``sigmas[0]``) to ``sigmas[-1]`` with JiT.
+
+    Args:
+        velocity_fn: the model on active tokens (see the module docstring). If it has an
+            int attribute ``calls`` (transformer forwards so far), the report counts those.
+        latents: the initial latent, packed ``[B, N, C]``; not modified.
+        height, width: the token grid.
+        sigmas: ``config.total_steps + 1`` non-increasing floats.
+        config: the :class:`JiTConfig`.
+        generator: ``torch.Generator``, a list of ``B`` generators, or ``None`` (global RNG);
+            every draw (anchor fit, DMF noise) comes from it.
+        step_callback: called after each step as ``(i, sigma_i, y [B, N, C] in the latent
+            dtype)``; a returned tensor replaces the latent.
+        interrupt: checked before each step; ``True`` stops the loop.
+
+    Returns:
+        ``(y [B, N, C] in latents.dtype at sigmas[-1], JiTReport)``.
+    """
+    if latents.dim() != 3:
+        raise ValueError(f"latents must be packed [B, N, C], got shape {tuple(latents.shape)}")
+    b, n, c = latents.shape
+    if n != height * width:
+        raise ValueError(f"latents have {n} tokens but the grid is {height} x {width} = {height * width}")
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"a list of generators needs one per sample ({b}), got {len(generator)}")
+    plan = make_plan(config, height, width, sigmas)
+    be = config.backend
+    device, out_dtype = latents.device, latents.dtype
+    per_sample = config.anchor_policy == "per_sample"
+    calls0 = getattr(velocity_fn, "calls", None)
+    report = JiTReport(config=config, height=height, width=width, batch_size=b, sigmas=list(plan.sigmas),
+                       stage_of_step=list(plan.stage_of_step))
+    timer = _ModelTimer(device)
+    t_start = time.perf_counter()
+
+    y = latents.to(torch.float32, copy=True)
+    init_noise = y.clone() if isinstance(config.dmf_noise, str) and config.dmf_noise == "initial" else None
+
+    m0 = plan.token_counts[0]
+    if m0 < n:
+        active = initial_anchors(height, width, m0, grid=config.init_grid, batch_size=b if per_sample else None,
+                                 generator=generator, device=device)
+        nearest = jk.nearest_anchor_map(active, height, width, backend=be)
+    else:
+        active = torch.arange(n, device=device)
+        active = active.expand(b, n).contiguous() if per_sample else active
+        nearest = None
+    y_prev = v_prev = None
+    sig = plan.sigmas
+
+    for i in range(plan.steps):
+        if interrupt is not None and interrupt():
+            break
+        stage = plan.stage_of_step[i]
+        if plan.is_transition(i):
+            count = plan.token_counts[stage] - active.shape[-1]
+            if count > 0:
+                # ITA from the cached lifted velocity of step i-1 (no extra model call).
+                new = activate_tokens(v_prev, active, count, height, width, ita=config.ita, nearest=nearest, backend=be)
+                # DMF: target from y_prev, v_prev and the OLD anchors (their nearest map).
+                eps = _dmf_noise(config, new, y, init_noise, generator)
+                target = jk.microflow_target(y_prev, v_prev, active, new, eps, sig[i - 1], sig[i], height, width,
+                                             nearest=nearest, blur_scale=config.blur_scale, backend=be)
+                for w in config.dmf_weights:
+                    if w == 1.0:
+                        jk.microflow_update(y, new, target, mode="assign", inplace=True, backend=be)
+                    else:
+                        jk.microflow_update(y, new, target, mode="blend", weight=w, inplace=True, backend=be)
+                active = merge_active(active, new)
+                nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
+                report.new_tokens[i] = int(count)
+            y_prev = v_prev = None  # free the cache
+        dense = active.shape[-1] == n
+        x_act = y if dense else jk.gather_tokens(y, active, backend=be)
+        tok = timer.start()
+        v = velocity_fn(x_act, active, sig[i], i)
+        timer.stop(tok)
+        if v.shape != x_act.shape:
+            raise ValueError(f"velocity_fn returned {tuple(v.shape)}, expected {tuple(x_act.shape)}")
+        v = v.to(torch.float32)
+        if dense and v.data_ptr() == y.data_ptr():
+            v = v.clone()  # a callable that returns its input must not alias the in-place update
+        dt = sig[i + 1] - sig[i]
+        if plan.is_transition(i + 1):
+            # The next step's ITA and DMF need the full lifted field: materialise it once.
+            v_full = v if dense else jk.lift_field(v, active, height, width, nearest=nearest,
+                                                   blur_scale=config.blur_scale, backend=be)
+            y_prev, v_prev = y.clone(), v_full
+            y.add_(v_full, alpha=dt)
+        elif dense:
+            y.add_(v, alpha=dt)  # stage 0: the lift is the identity
+        else:
+            jk.lift_euler_(y, v, active, height, width, dt, nearest=nearest, blur_scale=config.blur_scale, backend=be)
+        report.active_tokens.append(int(active.shape[-1]))
+        if step_callback is not None:
+            out = step_callback(i, sig[i], y.to(out_dtype))
+            if out is not None:
+                y.copy_(out)
+
+    report.model_evals = len(report.active_tokens)
+    calls = getattr(velocity_fn, "calls", None)
+    report.model_calls = (calls - calls0) if isinstance(calls, int) and isinstance(calls0, int) else report.model_evals
+    report.time_model_s = timer.total()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    report.time_total_s = time.perf_counter() - t_start
+    report.time_sampler_s = max(0.0, report.time_total_s - report.time_model_s)
+    return y.to(out_dtype), report

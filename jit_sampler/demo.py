@@ -1,0 +1,186 @@
+"""The main job on the embedded tiny FLUX: dense 50 steps vs JiT presets, same seeds.
+
+    jit-flux --out out                     (what README's first command runs)
+    python -m jit_sampler.demo --out out --seeds 3 --repeats 3
+
+For each digit 0-9 and each seed, the same initial noise is integrated by the
+dense 50-step Euler sampler (the reference output) and by JiT with each preset.
+Wall times are medians over interleaved repeats in one process; fidelity is
+PSNR / SSIM of each JiT image against the dense-50 image of the same seed and
+digit. Writes ``<out>/jit_demo.png`` (rows: dense 50, then each preset; columns:
+digits x seeds), ``jit_demo.json`` and ``jit_demo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .config import JiTConfig
+from .core import jit_sample
+from .metrics import psnr, ssim
+from .report import flux_run_flops
+from .schedule import beta_sigmas, linear_sigmas
+
+__all__ = ["TinyVelocity", "sample_tiny", "run_demo", "main"]
+
+
+class TinyVelocity:
+    """``velocity_fn`` of :func:`jit_sample` for the tiny FLUX: class labels, optional CFG.
+
+    Per-sample active sets (``[B, M]``) run one transformer call per sample, since
+    diffusers' FLUX shares ``img_ids`` across the batch. ``calls`` counts forwards.
+    """
+
+    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0):
+        from .tiny_flux import image_ids
+
+        self.model, self.labels, self.cfg_scale = model, labels, float(cfg_scale)
+        self.ids = image_ids(model.height, model.width, labels.device)
+        self.calls = 0
+        if self.cfg_scale != 1.0:
+            null = torch.full_like(labels, model.null_label)
+            self.labels = torch.cat([labels, null])
+
+    def _forward(self, x, ids, labels, sigma):
+        self.calls += 1
+        if self.cfg_scale == 1.0:
+            return self.model.velocity(x, sigma, labels, ids)
+        v = self.model.velocity(torch.cat([x, x]), sigma, labels, ids)
+        vc, vu = v.chunk(2)
+        return vu + self.cfg_scale * (vc - vu)
+
+    @torch.no_grad()
+    def __call__(self, x, active, sigma, step):
+        if active.dim() == 1:
+            return self._forward(x, self.ids[active], self.labels, sigma)
+        b = x.shape[0]
+        outs = []
+        for s in range(b):
+            lab = self.labels[s:s + 1] if self.cfg_scale == 1.0 else self.labels[s::b]
+            outs.append(self._forward(x[s:s + 1], self.ids[active[s]], lab, sigma))
+        return torch.cat(outs)
+
+
+def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTConfig, *, sigmas=None,
+                seed: int = 0, cfg_scale: float = 1.0):
+    """Integrate ``noise [B, 256, 4]`` for ``labels [B]`` with ``config``; returns ``(tokens, report)``."""
+    if sigmas is None:
+        sigmas = beta_sigmas(config.total_steps, config.beta_alpha, config.beta_beta)
+    gen = torch.Generator(device=noise.device).manual_seed(seed)
+    fn = TinyVelocity(model, labels, cfg_scale)
+    return jit_sample(fn, noise, model.height, model.width, sigmas, config, gen)
+
+
+def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 3, cfg_scale: float = 1.0,
+             model=None, dense_steps: int = 50, device: str = "cpu", log=print) -> dict:
+    from .tiny_flux import load_tiny_flux, unpack_tokens
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = model or load_tiny_flux(device=device)
+    labels = torch.arange(10, device=device).repeat(seeds)  # digit-major within each seed
+    noise = torch.cat([torch.randn(10, 256, 4, generator=torch.Generator().manual_seed(s)) for s in range(seeds)])
+    noise = noise.to(device)
+    runs = {f"dense-{dense_steps}": (JiTConfig.dense(dense_steps), linear_sigmas(dense_steps))}
+    for p in presets:
+        cfg = JiTConfig.preset(p)
+        runs[f"JiT {p}"] = (cfg, None)
+    times = {k: [] for k in runs}
+    outputs, reports = {}, {}
+    for r in range(repeats):  # interleaved, so machine drift hits every method alike
+        for name, (cfg, sig) in runs.items():
+            t0 = time.perf_counter()
+            y, rep = sample_tiny(model, labels, noise, cfg, sigmas=sig, seed=1000, cfg_scale=cfg_scale)
+            times[name].append(time.perf_counter() - t0)
+            outputs[name], reports[name] = y, rep
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    ref_name = f"dense-{dense_steps}"
+    ref_img = unpack_tokens(outputs[ref_name]).clamp(-1, 1)
+    tcfg = model.transformer.config
+    dense_flops = flux_run_flops(tcfg, [256] * dense_steps, model.config["cond_tokens"]).total
+    rows = []
+    for name in runs:
+        img = unpack_tokens(outputs[name]).clamp(-1, 1)
+        rep = reports[name]
+        med = statistics.median(times[name])
+        fl = flux_run_flops(tcfg, rep.active_tokens, model.config["cond_tokens"]).total
+        row = {
+            "method": name,
+            "steps": len(rep.active_tokens),
+            "model_calls": rep.model_calls,
+            "full_step_equivalents": round(sum(rep.active_tokens) / 256, 2),
+            "time_s": round(med, 3),
+            "speedup_vs_dense50": round(statistics.median(times[ref_name]) / med, 2),
+            "flop_ratio_vs_dense50": round(dense_flops / fl, 2),
+            "model_time_share": round(rep.time_model_s / max(rep.time_total_s, 1e-9), 3),
+        }
+        if name != ref_name:
+            row["psnr_db"] = round(float(psnr(img, ref_img).mean()), 2)
+            row["ssim"] = round(float(ssim(img, ref_img).mean()), 4)
+        rows.append(row)
+    _save_grid(os.path.join(out_dir, "jit_demo.png"), [unpack_tokens(outputs[k]) for k in runs], seeds)
+    result = {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "images": f"{len(labels)} (digits 0-9 x {seeds} seeds)",
+        "cfg_scale": cfg_scale,
+        "repeats": repeats,
+        "rows": rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    with open(os.path.join(out_dir, "jit_demo.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = _markdown(result)
+    with open(os.path.join(out_dir, "jit_demo.md"), "w") as f:
+        f.write(md)
+    log(md)
+    return result
+
+
+def _markdown(result: dict) -> str:
+    cols = ["method", "steps", "model_calls", "full_step_equivalents", "time_s", "speedup_vs_dense50",
+            "flop_ratio_vs_dense50", "psnr_db", "ssim"]
+    lines = [f"JiT on the embedded tiny FLUX: {result['images']}, median of {result['repeats']} interleaved runs",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join(str(r.get(c, "ref")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_grid(path: str, images: list[torch.Tensor], seeds: int) -> None:
+    from PIL import Image
+
+    pad = 2
+    rows = len(images)
+    n = images[0].shape[0]
+    h = w = images[0].shape[-1]
+    canvas = torch.ones(rows * (h + pad) + pad, n * (w + pad) + pad)
+    for r, img in enumerate(images):
+        img = ((img.clamp(-1, 1) + 1) / 2)[:, 0]
+        for j in range(n):
+            y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = img[j]
+    arr = (canvas * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(arr, mode="L").resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="JiT vs dense sampling on the embedded tiny FLUX")
+    p.add_argument("--out", default="out")
+    p.add_argument("--presets", nargs="+", default=["4x", "7x"])
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    args = p.parse_args(argv)
+    run_demo(args.out, tuple(args.presets), args.seeds, args.repeats, args.cfg_scale)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

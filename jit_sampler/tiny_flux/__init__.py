@@ -1,0 +1,33 @@
+"""The embedded default model: a tiny class-conditional FLUX trained on MNIST digits."""
+
+from .data import load_mnist
+from .model import (
+    DEFAULT_CONFIG,
+    WEIGHTS_DIR,
+    LabelConditioner,
+    TinyFlux,
+    build_tiny_flux,
+    image_ids,
+    load_tiny_flux,
+    pack_images,
+    sample_dense,
+    save_tiny_flux,
+    text_ids,
+    unpack_tokens,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "WEIGHTS_DIR",
+    "LabelConditioner",
+    "TinyFlux",
+    "build_tiny_flux",
+    "image_ids",
+    "load_mnist",
+    "load_tiny_flux",
+    "pack_images",
+    "sample_dense",
+    "save_tiny_flux",
+    "text_ids",
+    "unpack_tokens",
+]
