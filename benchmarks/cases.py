@@ -57,65 +57,66 @@ def _torch_importance_topk(field, active_idx, count, h, w):
 
 
 def make_cases(device: str = "cpu", dtypes=(torch.float32,), sizes=SIZES, backend: str = "auto") -> list[Case]:
-    cases = []
     gen = torch.Generator().manual_seed(0)
+    cases = []
     for side, batch, ratio in sizes:
-        h = w = side
-        n, c = h * w, CHANNELS
-        m = int(n * ratio)
-        anchors = torch.randperm(n, generator=gen)[:m].sort().values.to(device)
-        nearest = jk.nearest_anchor_map(anchors, h, w)
-        weights = jk.lift_weights(m, n, device=device)
-        mask = torch.zeros(n, dtype=torch.bool, device=device)
-        mask[anchors] = True
-        new_count = int(n * 0.62) - m if ratio < 0.62 else (n - m) // 2
         for dt in dtypes:
-            tag = f"{side}x{side} B={batch} C={c} M={m} ({ratio:.2f})"
-            dname = str(dt).replace("torch.", "")
-            es = torch.tensor([], dtype=dt).element_size()
-            x = torch.randn(batch, n, c, generator=gen).to(device=device, dtype=dt)
-            vals = torch.randn(batch, m, c, generator=gen).to(device=device, dtype=dt)
-            y = x.clone()
-            w2 = (weights[:, None] * weights[None, :]).to(dt).expand(c, 1, -1, -1).contiguous()
-            kb = dict(backend=backend)
-
-            cases.append(Case("gather_tokens", tag, dname, 2 * batch * m * c * es + m * 8, {
-                "ours": lambda x=x, a=anchors: jk.gather_tokens(x, a, **kb),
-                "torch": lambda x=x, a=anchors: x.index_select(1, a),
-            }))
-            cases.append(Case("scatter_tokens_", tag, dname, 2 * batch * m * c * es + m * 8, {
-                "ours": lambda y=y, a=anchors, v=vals: jk.scatter_tokens_(y, a, v, **kb),
-                "torch": lambda y=y, a=anchors, v=vals: y.index_copy_(1, a, v),
-            }))
-            cases.append(Case("nearest_anchor_map", tag, "int64", n * 8 + m * 8, {
-                "ours": lambda a=anchors: jk.nearest_anchor_map(a, h, w, **kb),
-                "published": lambda a=anchors: torch.cdist(
-                    torch.stack([torch.arange(n, device=device) // w, torch.arange(n, device=device) % w], 1).float(),
-                    torch.stack([a // w, a % w], 1).float()).argmin(1),
-            }))
-            lift_bytes = batch * (m + n) * c * es + n * 8
-            cases.append(Case("lift_field", tag, dname, lift_bytes, {
-                "ours": lambda v=vals, a=anchors: jk.lift_field(v, a, h, w, nearest=nearest, **kb),
-                "torch": lambda v=vals, a=anchors, w2=w2: _torch_lift_cached(v, a, nearest, w2, mask, h, w),
-                "published": lambda v=vals, a=anchors: ref.lift_field_published(v, a, weights, h, w),
-            }))
-            cases.append(Case("lift_euler_", tag, dname, lift_bytes + batch * n * c * es, {
-                "ours": lambda v=vals, a=anchors, y=y: jk.lift_euler_(y, v, a, h, w, -0.01, nearest=nearest, **kb),
-                "torch": lambda v=vals, a=anchors, y=y, w2=w2: y.add_(
-                    _torch_lift_cached(v, a, nearest, w2, mask, h, w), alpha=-0.01),
-            }))
-            cases.append(Case("importance+select", tag, dname, batch * n * c * es + batch * n * 4, {
-                "ours": lambda x=x, a=anchors: jk.select_new_tokens(
-                    jk.token_importance(x, h, w, **kb), a, new_count, **kb),
-                "torch": lambda x=x, a=anchors: _torch_importance_topk(x, a, new_count, h, w),
-            }))
-            free = mask.logical_not().nonzero().squeeze(1)[:new_count]
-            eps = torch.randn(batch, new_count, c, generator=gen).to(device=device, dtype=dt)
-            cases.append(Case("microflow_target", tag, dname, 2 * batch * n * c * es + 2 * batch * new_count * c * es, {
-                "ours": lambda x=x, a=anchors, r=free, e=eps: jk.microflow_target(
-                    x, x, a, r, e, 0.8, 0.7, h, w, nearest=nearest, **kb),
-                "torch": lambda x=x, a=anchors, r=free, e=eps, w2=w2: (
-                    0.3 * _torch_lift_cached((x - 0.8 * x).index_select(1, a), a, nearest, w2, mask, h, w)
-                    .index_select(1, r) + 0.7 * e),
-            }))
+            cases += _size_cases(device, dt, side, batch, ratio, backend, gen)
     return cases
+
+
+def _size_cases(device, dt, side, batch, ratio, backend, gen) -> list[Case]:
+    """All cases of one size; a function scope so every lambda binds this size's tensors."""
+    h = w = side
+    n, c = h * w, CHANNELS
+    m = int(n * ratio)
+    anchors = torch.randperm(n, generator=gen)[:m].sort().values.to(device)
+    nearest = jk.nearest_anchor_map(anchors, h, w)
+    weights = jk.lift_weights(m, n, device=device)
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[anchors] = True
+    new_count = int(n * 0.62) - m if ratio < 0.62 else (n - m) // 2
+    tag = f"{side}x{side} B={batch} C={c} M={m} ({ratio:.2f})"
+    dname = str(dt).replace("torch.", "")
+    es = torch.tensor([], dtype=dt).element_size()
+    x = torch.randn(batch, n, c, generator=gen).to(device=device, dtype=dt)
+    vals = torch.randn(batch, m, c, generator=gen).to(device=device, dtype=dt)
+    y = x.clone()
+    w2 = (weights[:, None] * weights[None, :]).to(dt).expand(c, 1, -1, -1).contiguous()
+    free = mask.logical_not().nonzero().squeeze(1)[:new_count]
+    eps = torch.randn(batch, new_count, c, generator=gen).to(device=device, dtype=dt)
+    grid = torch.stack([torch.arange(n, device=device) // w, torch.arange(n, device=device) % w], 1).float()
+    kb = dict(backend=backend)
+    lift_bytes = batch * (m + n) * c * es + n * 8
+    return [
+        Case("gather_tokens", tag, dname, 2 * batch * m * c * es + m * 8, {
+            "ours": lambda: jk.gather_tokens(x, anchors, **kb),
+            "torch": lambda: x.index_select(1, anchors),
+        }),
+        Case("scatter_tokens_", tag, dname, 2 * batch * m * c * es + m * 8, {
+            "ours": lambda: jk.scatter_tokens_(y, anchors, vals, **kb),
+            "torch": lambda: y.index_copy_(1, anchors, vals),
+        }),
+        Case("nearest_anchor_map", tag, "int64", n * 8 + m * 8, {
+            "ours": lambda: jk.nearest_anchor_map(anchors, h, w, **kb),
+            "published": lambda: torch.cdist(grid, grid[anchors]).argmin(1),
+        }),
+        Case("lift_field", tag, dname, lift_bytes, {
+            "ours": lambda: jk.lift_field(vals, anchors, h, w, nearest=nearest, **kb),
+            "torch": lambda: _torch_lift_cached(vals, anchors, nearest, w2, mask, h, w),
+            "published": lambda: ref.lift_field_published(vals, anchors, weights, h, w),
+        }),
+        Case("lift_euler_", tag, dname, lift_bytes + batch * n * c * es, {
+            "ours": lambda: jk.lift_euler_(y, vals, anchors, h, w, -0.01, nearest=nearest, **kb),
+            "torch": lambda: y.add_(_torch_lift_cached(vals, anchors, nearest, w2, mask, h, w), alpha=-0.01),
+        }),
+        Case("importance+select", tag, dname, batch * n * c * es + batch * n * 4, {
+            "ours": lambda: jk.select_new_tokens(jk.token_importance(x, h, w, **kb), anchors, new_count, **kb),
+            "torch": lambda: _torch_importance_topk(x, anchors, new_count, h, w),
+        }),
+        Case("microflow_target", tag, dname, 2 * batch * n * c * es + 2 * batch * new_count * c * es, {
+            "ours": lambda: jk.microflow_target(x, x, anchors, free, eps, 0.8, 0.7, h, w, nearest=nearest, **kb),
+            "torch": lambda: (0.3 * _torch_lift_cached((x - 0.8 * x).index_select(1, anchors), anchors, nearest, w2,
+                                                       mask, h, w).index_select(1, free) + 0.7 * eps),
+        }),
+    ]
