@@ -372,6 +372,9 @@ def test_unknown_and_unavailable_backend():
         jk.gather_tokens(x, torch.tensor([0]), backend="metal")
     with pytest.raises(jk.BackendUnavailableError, match="cuda"):
         jk.gather_tokens(x, torch.tensor([0]), backend="cuda")
+    if "triton" not in jk.available_backends("cpu"):
+        with pytest.raises(jk.BackendUnavailableError, match="triton"):
+            jk.lift_field(x, torch.tensor([0, 1]), 2, 2, backend="triton")
     with jk.use_backend("reference"):
         assert jk.get_backend() == "reference"
     assert jk.get_backend() != "reference" or __import__("os").environ.get("JIT_KERNELS_BACKEND") == "reference"
