@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import environment
+from benchmarks.env import environment, write_results
 from jit_sampler import JiTConfig, beta_sigmas, jit_sample, linear_sigmas
 from jit_sampler.flux import FluxVelocity
 from jit_sampler.report import flux_run_flops
@@ -107,17 +107,11 @@ def main(argv=None) -> int:
                model="tiny FLUX architecture, random weights (speed does not depend on weights)",
                grid=f"{h} x {w} = {h * w} image tokens + {pe.shape[1]} text tokens")
     stem = Path(args.out) if args.out else RESULTS / "e2e_cpu"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     cols = ["method", "steps", "wall_s", "model_s", "sampler_overhead", "speedup_vs_dense50", "flop_ratio_vs_dense50",
             "model_time_ratio_vs_dense50", "realised_vs_dense50", "speedup_vs_dense_same_steps",
             "flop_ratio_vs_dense_same_steps", "model_time_ratio_vs_dense_same_steps", "realised_vs_dense_same_steps"]
-    lines = ["# JiT end-to-end speed, tiny FLUX architecture", ""] + [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", f"Medians of {args.repeats} interleaved rounds.", "",
-              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem.with_suffix('.md')}")
+    write_results(stem, "JiT end-to-end speed, tiny FLUX architecture", env, rows, cols,
+                  f"Medians of {args.repeats} interleaved rounds.")
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import SIZES, make_cases
-from benchmarks.env import environment
+from benchmarks.env import environment, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,16 +92,9 @@ def main(argv=None) -> int:
     env.update(command="python -m benchmarks.bench_ops " + " ".join(argv if argv is not None else sys.argv[1:]),
                copy_bandwidth_GBps=round(bw, 2), backend=args.backend)
     stem = Path(args.out) if args.out else RESULTS / f"ops_{args.device}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     cols = ["op", "size", "dtype", "ours_us", "torch_us", "published_us", "x_vs_torch", "x_vs_published", "GB/s", "of_copy_bw"]
-    lines = ["# jit_kernels op microbenchmarks", ""]
-    lines += [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", "Times are medians (us). x_vs_*: baseline time / ours. of_copy_bw: achieved GB/s / copy bandwidth.", ""]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem.with_suffix('.md')}")
+    write_results(stem, "jit_kernels op microbenchmarks", env, rows, cols,
+                  "Times are medians (us). x_vs_*: baseline time / ours. of_copy_bw: achieved GB/s / copy bandwidth.")
     return 0
 
 

@@ -57,3 +57,18 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def write_results(stem, title: str, env: dict, rows: list[dict], cols: list[str], caption: str) -> None:
+    """Write ``<stem>.json`` (env + rows) and ``<stem>.md`` (env list, caption, table of ``cols``)."""
+    import json
+    from pathlib import Path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in env.items()] + ["", caption, ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem.with_suffix('.md')}")
