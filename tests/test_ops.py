@@ -31,6 +31,7 @@ def test_backends_present():
     have = jk.available_backends("cpu")
     assert "reference" in have
     assert "cpp" in have, f"compiled extension missing: {jk.extension_error()}"
+    assert "triton" in have, "Triton backend missing (triton not importable or TRITON_INTERPRET unset)"
 
 
 def _gen(seed=0):
@@ -372,9 +373,7 @@ def test_unknown_and_unavailable_backend():
         jk.gather_tokens(x, torch.tensor([0]), backend="metal")
     with pytest.raises(jk.BackendUnavailableError, match="cuda"):
         jk.gather_tokens(x, torch.tensor([0]), backend="cuda")
-    if "triton" not in jk.available_backends("cpu"):
-        with pytest.raises(jk.BackendUnavailableError, match="triton"):
-            jk.lift_field(x, torch.tensor([0, 1]), 2, 2, backend="triton")
+
     with jk.use_backend("reference"):
         assert jk.get_backend() == "reference"
     assert jk.get_backend() != "reference" or __import__("os").environ.get("JIT_KERNELS_BACKEND") == "reference"

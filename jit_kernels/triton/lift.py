@@ -1,0 +1,322 @@
+"""Triton nearest-anchor map and fused lift.
+
+Ops: ``nearest_anchor_map_triton``, ``lift_field_triton``, ``lift_euler__triton``.
+
+The lift (method.md section 3) is one pass per tile of output cells: for every
+cell of the tile and every tap ``(dy, dx)`` of the ``K x K`` window, read the
+nearest-anchor value of the (reflected) neighbour cell and accumulate
+``w[dy] * w[dx] * value`` in fp32. The filled field is never materialised: the
+nearest map turns each neighbour into a row of ``values [B, M, C]``, which stays
+in L1/L2 because neighbouring cells share anchors. Anchors then take their own
+value exactly. The 2-D outer product of the separable taps differs from the
+reference's two 1-D passes only by fp32 rounding order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tokens import INTERPRET, NUM_WARPS, _cast, _f32, batch_stride, tile_shape
+
+__all__ = ["nearest_anchor_map_triton", "lift_field_triton", "lift_euler__triton"]
+
+# Anchors compared per inner step of the nearest map (the position tile is sized against it).
+_ANCHOR_CHUNK_GPU = 64
+_ANCHOR_CHUNK_INTERP = 256
+
+
+# ------------------------------------------------------------------ nearest map
+
+
+@triton.jit
+def _nearest_anchor_map_fwd_kernel(
+    anchor_ptr, out_ptr,
+    M, N, W,
+    sa_b, sa_m, so_b,
+    BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """out[b, p] = first j minimising |cell p - cell anchor[b, j]|^2 (exact integer distances).
+
+    The packed key ``d2 * M + j`` is unique per anchor and orders by distance,
+    then by position in the anchor list, so one ``min`` yields both the nearest
+    anchor and the first-listed one on ties (the reference's argmin).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pos < N
+    pr = pos // W
+    pc = pos % W
+    best = tl.full([BLOCK_P], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for a0 in range(0, M, BLOCK_A):
+        j = a0 + tl.arange(0, BLOCK_A)
+        amask = j < M
+        # Grid coordinates fit int32 (N < 2^31), and int32 division is far cheaper on GPUs.
+        a = tl.load(anchor_ptr + b * sa_b + j * sa_m, mask=amask, other=0).to(tl.int32)
+        ar = a // W
+        ac = a % W
+        dr = pr[:, None] - ar[None, :]
+        dc = pc[:, None] - ac[None, :]
+        d2 = dr * dr + dc * dc
+        key = d2.to(tl.int64) * M + j[None, :]  # int64: d2 * M can exceed 2^31
+        key = tl.where(amask[None, :], key, 0x7FFFFFFFFFFFFFFF)
+        best = tl.minimum(best, tl.min(key, axis=1))
+    tl.store(out_ptr + b * so_b + pos, best % M, mask=pmask)
+
+
+def nearest_block_shape(n: int, m: int, interpret: bool = INTERPRET) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_A)``: a positions x anchors tile of int64 keys."""
+    block_a = min(triton.next_power_of_2(m), _ANCHOR_CHUNK_INTERP if interpret else _ANCHOR_CHUNK_GPU)
+    block_p, _ = tile_shape(n, block_a, interpret=interpret)
+    return block_p, block_a
+
+
+def _nearest(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    n = height * width
+    m = anchor_idx.shape[-1]
+    per_sample = anchor_idx.dim() == 2
+    b = anchor_idx.shape[0] if per_sample else 1
+    out = torch.empty((b, n) if per_sample else (n,), dtype=torch.int64, device=anchor_idx.device)
+    if out.numel() == 0:
+        return out
+    block_p, block_a = nearest_block_shape(n, m)
+    grid = (triton.cdiv(n, block_p), b)
+    _nearest_anchor_map_fwd_kernel[grid](
+        anchor_idx, out, m, n, width,
+        batch_stride(anchor_idx), anchor_idx.stride(-1), n if per_sample else 0,
+        BLOCK_P=block_p, BLOCK_A=block_a, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+@torch.library.custom_op("jit_kernels::nearest_anchor_map_triton", mutates_args=())
+def nearest_anchor_map_triton(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``anchor_idx`` int64 ``[M] | [B, M]`` -> int64 ``[H*W] | [B, H*W]`` (Triton)."""
+    return _nearest(anchor_idx, height, width)
+
+
+@nearest_anchor_map_triton.register_fake
+def _(anchor_idx, height, width):
+    shape = (height * width,) if anchor_idx.dim() == 1 else (anchor_idx.shape[0], height * width)
+    return anchor_idx.new_empty(shape, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------ lift
+
+
+@triton.jit
+def _reflect(i, n):
+    """torch 'reflect' padding extended periodically (jit_kernels.blur.reflect_index).
+
+    The double modulo is non-negative under both C (GPU) and floor (interpreter)
+    remainder semantics; ``n == 1`` gives period 1, i.e. always 0.
+    """
+    period = tl.maximum(2 * (n - 1), 1)
+    i = ((i % period) + period) % period
+    return tl.where(i >= n, period - i, i)
+
+
+@triton.jit
+def _anchor_rows(j, mask1, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col, sigma_prev,
+                 anc_row, sa_m, FROM_X0: tl.constexpr):
+    """fp32 ``[BLOCK, BLOCK_C]`` values of anchors ``j`` (positions in the anchor list).
+
+    ``val_row`` etc. are per-row base pointers (sample offset already applied) and
+    ``*_col`` the channel offsets, hoisted out of the tap loop by the caller.
+    ``FROM_X0=False``: rows ``j`` of ``values [B, M, C]``.
+    ``FROM_X0=True``: ``x0 = y - sigma_prev * v`` at the anchors' grid cells, built on the
+    fly from the full fields ``y, v [B, N, C]`` (no x0 tensor is ever written).
+    """
+    if FROM_X0:
+        cell = tl.load(anc_row + j * sa_m, mask=mask1, other=0)
+        y = tl.load((val_row + cell * sv_r)[:, None] + val_col, mask=mask2, other=0.0)
+        v = tl.load((vel_row + cell * sl_n)[:, None] + vel_col, mask=mask2, other=0.0)
+        return _f32(y) - sigma_prev * _f32(v)
+    else:
+        x = tl.load((val_row + j * sv_r)[:, None] + val_col, mask=mask2, other=0.0)
+        return _f32(x)
+
+
+@triton.jit
+def _lift_tile(pos, b, pmask, cols, cmask,
+               val_ptr, sv_b, sv_r, sv_c,
+               vel_ptr, sl_b, sl_n, sl_c, sigma_prev,
+               anchor_ptr, sa_b, sa_m,
+               near_ptr, sn_b, sn_n,
+               w_ptr, K, H, W,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_X0: tl.constexpr):
+    """The lifted field at cells ``pos`` of samples ``b`` (``[BLOCK_P]`` each), channels ``cols``.
+
+    Returns fp32 ``[BLOCK_P, BLOCK_C]``. Everything that does not depend on the tap
+    (sample base pointers, channel offsets, masks) is computed once, outside the
+    ``K x K`` loop, which then costs one index load and one row gather per tap.
+    """
+    r = pos // W
+    c = pos % W
+    half = K // 2
+    mask2 = pmask[:, None] & cmask[None, :]
+    near_row = near_ptr + b * sn_b
+    anc_row = anchor_ptr + b * sa_b
+    val_row = val_ptr + b * sv_b
+    val_col = (cols * sv_c)[None, :]
+    vel_row = vel_ptr + b * sl_b
+    vel_col = (cols * sl_c)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for dy in range(0, K):
+        wy = tl.load(w_ptr + dy)
+        rr = _reflect(r + (dy - half), H) * W
+        for dx in range(0, K):
+            wgt = wy * tl.load(w_ptr + dx)
+            q = rr + _reflect(c + (dx - half), W)
+            j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
+            acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
+                                      sigma_prev, anc_row, sa_m, FROM_X0)
+    # Anchors keep their exact value: cell p is an anchor iff anchor[nearest[p]] == p
+    # (an anchor's own distance is 0, so its nearest entry points at itself).
+    j0 = tl.load(near_row + pos * sn_n, mask=pmask, other=0)
+    cell0 = tl.load(anc_row + j0 * sa_m, mask=pmask, other=-1)
+    is_anchor = pmask & (cell0 == pos)
+    exact = _anchor_rows(j0, is_anchor, is_anchor[:, None] & cmask[None, :], val_row, sv_r, val_col,
+                         vel_row, sl_n, vel_col, sigma_prev, anc_row, sa_m, FROM_X0)
+    return tl.where(is_anchor[:, None], exact, acc)
+
+
+# Both lift kernels flatten (sample, cell) into one row axis of B * N rows: one program
+# covers cells of several samples when N is small, and the grid has no batch axis limit.
+
+
+@triton.jit
+def _lift_field_fwd_kernel(
+    val_ptr, anchor_ptr, near_ptr, w_ptr, out_ptr,
+    N, total, C, K, H, W,
+    sv_b, sv_m, sv_c,
+    sa_b, sa_m,
+    sn_b, sn_n,
+    so_b, so_n, so_c,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[b, p, :] = lift(values)[b, p, :] in values' dtype; rows b * N + p < total = B * N."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = rows < total
+    cmask = cols < C
+    # int64 sample index: sample offsets b * stride may exceed 2^31 elements.
+    b = (rows // N).to(tl.int64)
+    pos = rows % N
+    res = _lift_tile(pos, b, pmask, cols, cmask,
+                     val_ptr, sv_b, sv_m, sv_c,
+                     val_ptr, 0, 0, 0, 0.0,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     BLOCK_P, BLOCK_C, False)
+    dst = (out_ptr + b * so_b + pos.to(tl.int64) * so_n)[:, None] + (cols * so_c)[None, :]
+    tl.store(dst, _cast(res, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _lift_euler_fwd_kernel(
+    y_ptr, val_ptr, anchor_ptr, near_ptr, w_ptr,
+    N, total, C, K, H, W, dt,
+    sy_b, sy_n, sy_c,
+    sv_b, sv_m, sv_c,
+    sa_b, sa_m,
+    sn_b, sn_n,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y[b, p, :] += dt * lift(values)[b, p, :] in fp32, rounded once to y's dtype (in place)."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = rows < total
+    cmask = cols < C
+    b = (rows // N).to(tl.int64)
+    pos = rows % N
+    res = _lift_tile(pos, b, pmask, cols, cmask,
+                     val_ptr, sv_b, sv_m, sv_c,
+                     val_ptr, 0, 0, 0, 0.0,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     BLOCK_P, BLOCK_C, False)
+    mask = pmask[:, None] & cmask[None, :]
+    ptrs = (y_ptr + b * sy_b + pos.to(tl.int64) * sy_n)[:, None] + (cols * sy_c)[None, :]
+    y = _f32(tl.load(ptrs, mask=mask, other=0.0))
+    tl.store(ptrs, _cast(y + dt * res, y_ptr.dtype.element_ty), mask=mask)
+
+
+# The lift tile keeps an fp32 accumulator plus one gathered tile live: half the copy budget.
+_LIFT_TILE_GPU = 2048
+
+
+def lift_tile_shape(rows: int, c: int, interpret: bool = INTERPRET) -> tuple[int, int]:
+    return tile_shape(rows, c, tile=None if interpret else _LIFT_TILE_GPU, interpret=interpret)
+
+
+def _lift_field(values, anchor_idx, nearest, weights, height, width):
+    b, _, c = values.shape
+    n = height * width
+    out = torch.empty((b, n, c), dtype=values.dtype, device=values.device)
+    if out.numel() == 0:
+        return out
+    w = weights.to(torch.float32).contiguous()
+    bp, bc = lift_tile_shape(b * n, c)
+    grid = (triton.cdiv(b * n, bp), triton.cdiv(c, bc))
+    _lift_field_fwd_kernel[grid](
+        values, anchor_idx, nearest, w, out,
+        n, b * n, c, w.numel(), height, width,
+        *values.stride(),
+        batch_stride(anchor_idx), anchor_idx.stride(-1),
+        batch_stride(nearest), nearest.stride(-1),
+        *out.stride(),
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def _lift_euler(y, values, anchor_idx, nearest, weights, height, width, dt):
+    b, n, c = y.shape
+    if y.numel() == 0:
+        return
+    w = weights.to(torch.float32).contiguous()
+    bp, bc = lift_tile_shape(b * n, c)
+    grid = (triton.cdiv(b * n, bp), triton.cdiv(c, bc))
+    _lift_euler_fwd_kernel[grid](
+        y, values, anchor_idx, nearest, w,
+        n, b * n, c, w.numel(), height, width, float(dt),
+        *y.stride(),
+        *values.stride(),
+        batch_stride(anchor_idx), anchor_idx.stride(-1),
+        batch_stride(nearest), nearest.stride(-1),
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+    )
+
+
+@torch.library.custom_op("jit_kernels::lift_field_triton", mutates_args=())
+def lift_field_triton(
+    values: torch.Tensor, anchor_idx: torch.Tensor, nearest: torch.Tensor, weights: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """``values [B, M, C]``, ``anchor_idx [M] | [B, M]``, ``nearest [N] | [B, N]``, ``weights [K]`` -> ``[B, N, C]`` (Triton)."""
+    return _lift_field(values, anchor_idx, nearest, weights, height, width)
+
+
+@lift_field_triton.register_fake
+def _(values, anchor_idx, nearest, weights, height, width):
+    return values.new_empty((values.shape[0], height * width, values.shape[2]))
+
+
+@torch.library.custom_op("jit_kernels::lift_euler__triton", mutates_args=("y",))
+def lift_euler__triton(
+    y: torch.Tensor,
+    values: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    nearest: torch.Tensor,
+    weights: torch.Tensor,
+    height: int,
+    width: int,
+    dt: float,
+) -> None:
+    """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass)."""
+    _lift_euler(y, values, anchor_idx, nearest, weights, height, width, dt)
+
+
+@lift_euler__triton.register_fake
+def _(y, values, anchor_idx, nearest, weights, height, width, dt):
+    return None

@@ -1,0 +1,164 @@
+"""Triton deterministic micro-flow (method.md section 5): ``microflow_update__triton``, ``microflow_target_triton``."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lift import _lift_tile, lift_tile_shape
+from .tokens import NUM_WARPS, _cast, _f32, batch_stride, tile_shape
+
+__all__ = ["microflow_update__triton", "microflow_target_triton"]
+
+
+# ------------------------------------------------------------------ update
+
+
+@triton.jit
+def _microflow_update_fwd_kernel(
+    y_ptr, idx_ptr, t_ptr,
+    R, C, w, one_minus_w,
+    sy_b, sy_n, sy_c,
+    si_b, si_r,
+    st_b, st_r, st_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COPY: tl.constexpr,
+):
+    """y[b, idx[b, r]] <- (1 - w) y[b, idx[b, r]] + w target[b, r]  (gather, blend, scatter in one pass).
+
+    COPY (w == 1) stores the target cast to y's dtype without arithmetic, so
+    "assign" is exact; it also skips reading y.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < C)[None, :]
+    cell = tl.load(idx_ptr + b * si_b + rows * si_r, mask=rmask, other=0)
+    t = tl.load(t_ptr + b * st_b + rows[:, None].to(tl.int64) * st_r + cols[None, :] * st_c, mask=mask, other=0.0)
+    ptrs = y_ptr + b * sy_b + cell[:, None] * sy_n + cols[None, :] * sy_c
+    if COPY:
+        new = _cast(t, y_ptr.dtype.element_ty)
+    else:
+        cur = _f32(tl.load(ptrs, mask=mask, other=0.0))
+        new = _cast(one_minus_w * cur + w * _f32(t), y_ptr.dtype.element_ty)
+    tl.store(ptrs, new, mask=mask)
+
+
+def microflow_update__launch(y: torch.Tensor, new_idx: torch.Tensor, target: torch.Tensor, weight: float) -> None:
+    """In place ``y[R] <- (1 - w) y[R] + w target``; ``y [B, N, C]``, ``new_idx [R] | [B, R]``, ``target [B, R, C]``."""
+    b, _, c = y.shape
+    r = new_idx.shape[-1]
+    if b * r * c == 0:
+        return
+    br, bc = tile_shape(r, c)
+    grid = (triton.cdiv(r, br), b, triton.cdiv(c, bc))
+    # 1 - w is formed in double here, like the reference's Python-scalar arithmetic.
+    _microflow_update_fwd_kernel[grid](
+        y, new_idx, target, r, c, float(weight), 1.0 - float(weight),
+        *y.stride(), batch_stride(new_idx), new_idx.stride(-1), *target.stride(),
+        BLOCK_R=br, BLOCK_C=bc, COPY=bool(weight == 1.0), num_warps=NUM_WARPS,
+    )
+
+
+# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
+microflow_update__triton = torch.library.custom_op(
+    "jit_kernels::microflow_update__triton", microflow_update__launch, mutates_args=("y",)
+)
+
+
+@microflow_update__triton.register_fake
+def _(y, new_idx, target, weight):
+    return None
+
+
+# ------------------------------------------------------------------ target
+
+
+@triton.jit
+def _microflow_target_fwd_kernel(
+    y_ptr, v_ptr, anchor_ptr, near_ptr, w_ptr, new_ptr, eps_ptr, out_ptr,
+    R, total, C, K, H, W,
+    sigma_prev, sigma, one_minus_sigma,
+    sy_b, sy_n, sy_c,
+    sv_b, sv_n, sv_c,
+    sa_b, sa_m,
+    sn_b, sn_n,
+    sr_b, sr_r,
+    se_b, se_r, se_c,
+    so_b, so_r, so_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[b, r] = (1 - sigma) * Lift_old(x0)[b, new[b, r]] + sigma * eps[b, r]; rows b * R + r < total.
+
+    x0 = y - sigma_prev * v is formed on the fly for the window's anchor rows only,
+    and the lift is evaluated only at the R new cells (a few hundred), never on the
+    full grid. A new cell that is an old anchor takes its exact x0 (lift's compose rule).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < total
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    b = (rows // R).to(tl.int64)
+    r = (rows % R).to(tl.int64)
+    # Cells are < N < 2^31: int32 grid arithmetic, like the full-grid lift.
+    pos = tl.load(new_ptr + b * sr_b + r * sr_r, mask=rmask, other=0).to(tl.int32)
+    phi = _lift_tile(pos, b, rmask, cols, cmask,
+                     y_ptr, sy_b, sy_n, sy_c,
+                     v_ptr, sv_b, sv_n, sv_c, sigma_prev,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     BLOCK_R, BLOCK_C, True)
+    e = tl.load((eps_ptr + b * se_b + r * se_r)[:, None] + (cols * se_c)[None, :], mask=mask, other=0.0)
+    res = one_minus_sigma * phi + sigma * _f32(e)
+    dst = (out_ptr + b * so_b + r * so_r)[:, None] + (cols * so_c)[None, :]
+    tl.store(dst, _cast(res, out_ptr.dtype.element_ty), mask=mask)
+
+
+def microflow_target_launch(
+    y_prev: torch.Tensor,
+    v_prev: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    nearest: torch.Tensor,
+    weights: torch.Tensor,
+    new_idx: torch.Tensor,
+    eps: torch.Tensor,
+    sigma_prev: float,
+    sigma: float,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """DMF target ``[B, R, C]`` in ``y_prev.dtype`` from ``y_prev, v_prev [B, N, C]`` and the OLD anchors (Triton)."""
+    b, _, c = y_prev.shape
+    r = new_idx.shape[-1]
+    out = torch.empty((b, r, c), dtype=y_prev.dtype, device=y_prev.device)
+    if out.numel() == 0:
+        return out
+    w = weights.to(torch.float32).contiguous()
+    br, bc = lift_tile_shape(b * r, c)
+    grid = (triton.cdiv(b * r, br), triton.cdiv(c, bc))
+    _microflow_target_fwd_kernel[grid](
+        y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, out,
+        r, b * r, c, w.numel(), height, width,
+        float(sigma_prev), float(sigma), 1.0 - float(sigma),
+        *y_prev.stride(), *v_prev.stride(),
+        batch_stride(anchor_idx), anchor_idx.stride(-1),
+        batch_stride(nearest), nearest.stride(-1),
+        batch_stride(new_idx), new_idx.stride(-1),
+        *eps.stride(), *out.stride(),
+        BLOCK_R=br, BLOCK_C=bc, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
+microflow_target_triton = torch.library.custom_op(
+    "jit_kernels::microflow_target_triton", microflow_target_launch, mutates_args=()
+)
+
+
+@microflow_target_triton.register_fake
+def _(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
+    return y_prev.new_empty((y_prev.shape[0], new_idx.shape[-1], y_prev.shape[2]))
