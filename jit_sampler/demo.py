@@ -24,6 +24,7 @@ import torch
 
 from .config import JiTConfig
 from .core import jit_sample
+from .flux import FluxVelocity
 from .metrics import psnr, ssim
 from .report import flux_run_flops
 from .schedule import beta_sigmas, linear_sigmas
@@ -31,41 +32,26 @@ from .schedule import beta_sigmas, linear_sigmas
 __all__ = ["TinyVelocity", "sample_tiny", "run_demo", "main"]
 
 
-class TinyVelocity:
-    """``velocity_fn`` of :func:`jit_sample` for the tiny FLUX: class labels, optional CFG.
-
-    Per-sample active sets (``[B, M]``) run one transformer call per sample, since
-    diffusers' FLUX shares ``img_ids`` across the batch. ``calls`` counts forwards.
+class TinyVelocity(FluxVelocity):
+    """``velocity_fn`` of :func:`jit_sample` for the tiny FLUX: :class:`~jit_sampler.flux.FluxVelocity`
+    (the FLUX.1 code path: ``cache_context``, per-stage ``img_ids`` rows, per-sample sets run one
+    forward per sample) with the class label as the prompt and the null label as the negative
+    prompt of true CFG (``cfg_scale != 1``: two passes per step). ``calls`` counts forwards.
     """
 
-    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0):
-        from .tiny_flux import image_ids
+    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0, backend: str = "auto"):
+        from .tiny_flux import image_ids, text_ids
 
+        with torch.no_grad():
+            enc, pooled = model.encode(labels)
+            tids = text_ids(enc.shape[1], labels.device)
+            negative = None
+            if float(cfg_scale) != 1.0:
+                n_enc, n_pooled = model.encode(torch.full_like(labels, model.null_label))
+                negative = (n_enc, n_pooled, tids)
+        super().__init__(model.transformer, enc, pooled, tids, image_ids(model.height, model.width, labels.device),
+                         negative=negative, true_cfg_scale=cfg_scale, backend=backend)
         self.model, self.labels, self.cfg_scale = model, labels, float(cfg_scale)
-        self.ids = image_ids(model.height, model.width, labels.device)
-        self.calls = 0
-        if self.cfg_scale != 1.0:
-            null = torch.full_like(labels, model.null_label)
-            self.labels = torch.cat([labels, null])
-
-    def _forward(self, x, ids, labels, sigma):
-        self.calls += 1
-        if self.cfg_scale == 1.0:
-            return self.model.velocity(x, sigma, labels, ids)
-        v = self.model.velocity(torch.cat([x, x]), sigma, labels, ids)
-        vc, vu = v.chunk(2)
-        return vu + self.cfg_scale * (vc - vu)
-
-    @torch.no_grad()
-    def __call__(self, x, active, sigma, step):
-        if active.dim() == 1:
-            return self._forward(x, self.ids[active], self.labels, sigma)
-        b = x.shape[0]
-        outs = []
-        for s in range(b):
-            lab = self.labels[s:s + 1] if self.cfg_scale == 1.0 else self.labels[s::b]
-            outs.append(self._forward(x[s:s + 1], self.ids[active[s]], lab, sigma))
-        return torch.cat(outs)
 
 
 def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTConfig, *, sigmas=None,
@@ -74,7 +60,7 @@ def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTCon
     if sigmas is None:
         sigmas = beta_sigmas(config.total_steps, config.beta_alpha, config.beta_beta)
     gen = torch.Generator(device=noise.device).manual_seed(seed)
-    fn = TinyVelocity(model, labels, cfg_scale)
+    fn = TinyVelocity(model, labels, cfg_scale, backend=config.backend)
     return jit_sample(fn, noise, model.height, model.width, sigmas, config, gen)
 
 

@@ -58,6 +58,12 @@ class FluxVelocity:
     ``x.dtype``. Cond and uncond share the anchor set by construction. A per-sample set
     (``[B, M]``) runs one forward per sample, because diffusers shares ``img_ids`` across
     the batch. ``calls`` counts transformer forwards.
+
+    Cache hooks (``transformer.enable_cache(...)``: First-Block Cache, TaylorSeer, ...) keep
+    per-token state from earlier steps. When the number of active tokens changes (a JiT stage
+    transition) that state belongs to another token set, so the hooks are reset
+    (``_reset_stateful_cache``) and the first step of every stage runs in full; ``cache_resets``
+    counts those resets.
     """
 
     def __init__(self, transformer, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *, guidance=None,
@@ -77,8 +83,19 @@ class FluxVelocity:
         self.pre_call = pre_call
         self.backend = backend
         self.calls = 0
+        self.cache_resets = 0
         self._ids_key = None
         self._ids = None
+        self._last_tokens = None
+
+    def _reset_cache_hooks(self) -> None:
+        tr = self.transformer
+        if not hasattr(tr, "_reset_stateful_cache"):
+            return
+        # enable_cache registers hooks on submodules; disable_cache leaves empty registries.
+        if any(getattr(getattr(m, "_diffusers_hook", None), "_hook_order", None) for m in tr.modules()):
+            tr._reset_stateful_cache()
+            self.cache_resets += 1
 
     def _ids_for(self, active_idx: torch.Tensor):
         """``img_ids`` rows of the active tokens: ``[M, 3]`` or a list of ``B`` of them; cached per stage."""
@@ -122,6 +139,10 @@ class FluxVelocity:
     def __call__(self, x: torch.Tensor, active_idx: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         if self.pre_call is not None:
             self.pre_call(step, sigma)
+        tokens = active_idx.shape[-1]
+        if self._last_tokens is not None and tokens != self._last_tokens:
+            self._reset_cache_hooks()
+        self._last_tokens = tokens
         dtype = self.transformer.dtype
         xin = x.to(dtype)
         if active_idx.shape[-1] == self.img_ids.shape[0]:

@@ -1,0 +1,363 @@
+"""Speed / fidelity suite on the embedded tiny FLUX (evaluation.md sections 2-3).
+
+    python -m benchmarks.quality                       # 10 digits x 10 seeds, every method
+    python -m benchmarks.quality --seeds 2 --quick     # a smoke run
+
+Every method integrates the same initial noise (seed s, digits 0-9 in one batch of 10)
+with the same model and conditioning, and is scored against the dense 50-step sample:
+
+- fidelity: PSNR and SSIM to dense-50 (same seed and digit);
+- prompt adherence: accuracy of the project's digit classifier on the generated digits;
+- distribution: Frechet distance of the classifier's 128-d features to the real held-out
+  digits (with 100 images the covariance is rank-deficient: compare rows, not to FID);
+- cost: model calls, transformer FLOPs counted block by block (:class:`BlockWorkCounter`,
+  so cache hooks that skip work are costed by what actually ran), and wall time: the
+  seed-0 batch runs ``--repeats`` times for every method, interleaved, and the speed-up is
+  the ratio of medians to dense-50 in this process.
+
+Writes ``quality_cpu.{json,md}`` (table, verdicts on the issue's criteria, command line,
+versions) and ``quality_cpu.svg`` (speed-up vs PSNR, accuracy and feature distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from jit_sampler.config import JiTConfig
+from jit_sampler.core import jit_sample
+from jit_sampler.demo import TinyVelocity
+from jit_sampler.metrics import feature_stats, frechet_distance, psnr, ssim
+from jit_sampler.rivals import BlockWorkCounter, cache_hook, ras_sample
+from jit_sampler.schedule import beta_sigmas, linear_sigmas
+
+from .env import environment, write_results
+
+REF = "dense-50"
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # dense | dense-beta | jit | ras | cache | jit+cache | diagnostic
+    run: Callable[..., Any]  # (model, labels, noise, seed) -> (tokens, steps)
+    cache: Any = None  # a diffusers cache config, enabled around the run
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _jit_runner(cfg: JiTConfig, sigmas=None, oracle: bool = False):
+    def run(model, labels, noise, seed):
+        sig = sigmas if sigmas is not None else beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta)
+        fn = (_OracleVelocity if oracle else TinyVelocity)(model, labels, backend=cfg.backend)
+        if oracle:
+            fn.start(noise)
+        y, rep = jit_sample(fn, noise, model.height, model.width, sig, cfg, torch.Generator().manual_seed(1000 + seed),
+                            step_callback=fn.record if oracle else None)
+        return y, len(rep.active_tokens)
+    return run
+
+
+class _OracleVelocity(TinyVelocity):
+    """Diagnostic only: the model sees the *full* current latent and JiT keeps the anchors' rows,
+    which removes the error of running the model on a token subset (what is left is the lift
+    and the DMF). Costs a full forward per step; its speed-up is meaningless."""
+
+    def start(self, noise):
+        self._y = noise.to(torch.float32)
+
+    def record(self, i, sigma, y):
+        self._y = y.to(torch.float32)
+
+    def __call__(self, x, active_idx, sigma, step):
+        full = self._y.clone()
+        full[:, active_idx] = x.to(full.dtype)
+        v = super().__call__(full, torch.arange(full.shape[1], device=full.device), sigma, step)
+        return v[:, active_idx].to(x.dtype)
+
+
+def _ras_runner(steps: int, ratio: float, warmup: int = 2, refresh_every: int = 5):
+    def run(model, labels, noise, seed):
+        fn = TinyVelocity(model, labels)
+        y, _ = ras_sample(fn, noise, model.height, model.width, linear_sigmas(steps), ratio=ratio, warmup=warmup,
+                          refresh_every=refresh_every)
+        return y, steps
+    return run
+
+
+def build_methods(quick: bool = False) -> list[Method]:
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    def fbc(t):
+        return FirstBlockCacheConfig(threshold=t)
+
+    def taylor(interval):
+        return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3,
+                                     taylor_factors_dtype=torch.float32)
+
+    ms = [Method(REF, "dense", _jit_runner(JiTConfig.dense(50), linear_sigmas(50)), note="reference")]
+    dense_steps = (7, 12) if quick else (7, 11, 12, 18)
+    for n in dense_steps:
+        ms.append(Method(f"dense-{n}", "dense", _jit_runner(JiTConfig.dense(n), linear_sigmas(n))))
+    for n in (() if quick else (11, 18)):
+        ms.append(Method(f"dense-{n} beta", "dense-beta", _jit_runner(JiTConfig.dense(n), beta_sigmas(n, 1.4, 0.425)),
+                         note="JiT's Beta schedule, all tokens"))
+    modes = [("assign", "independent")] if quick else [(m, e) for m in ("assign", "blend", "substeps")
+                                                      for e in ("independent", "initial")]
+    for p in ("4x", "7x"):
+        for mode, eps in modes:
+            cfg = JiTConfig.preset(p, dmf_mode=mode, dmf_noise=eps)
+            ms.append(Method(f"JiT {p} {mode}/{eps}", "jit", _jit_runner(cfg)))
+    if not quick:
+        ms.append(Method("JiT 4x assign/independent per-sample", "jit",
+                         _jit_runner(JiTConfig.preset("4x", anchor_policy="per_sample")),
+                         note="per-sample anchor sets: one forward per image"))
+        for p in ("4x", "7x"):
+            ms.append(Method(f"JiT {p} initial, full-context oracle", "diagnostic",
+                             _jit_runner(JiTConfig.preset(p, dmf_noise="initial"), oracle=True),
+                             note="model sees all tokens; isolates the sparse-context error"))
+    ras = [(20, 0.35)] if quick else [(20, 0.5), (18, 0.35), (12, 0.35)]
+    for steps, r in ras:
+        ms.append(Method(f"RAS-style {steps} steps r={r}", "ras", _ras_runner(steps, r),
+                         note="2 dense warm-up steps, dense refresh every 5th step"))
+    caches = [("FBCache 0.2", fbc(0.2))] if quick else [("FBCache 0.1", fbc(0.1)), ("FBCache 0.2", fbc(0.2)),
+                                                         ("FBCache 0.3", fbc(0.3)), ("TaylorSeer i=3", taylor(3)),
+                                                         ("TaylorSeer i=5", taylor(5))]
+    for name, c in caches:
+        ms.append(Method(f"dense-50 + {name}", "cache", _jit_runner(JiTConfig.dense(50), linear_sigmas(50)), cache=c))
+    jc = [("4x", "FBCache 0.2", fbc(0.2))] if quick else [("4x", "FBCache 0.1", fbc(0.1)), ("4x", "FBCache 0.2", fbc(0.2)),
+                                                          ("7x", "FBCache 0.1", fbc(0.1))]
+    for p, name, c in jc:
+        ms.append(Method(f"JiT {p} + {name}", "jit+cache", _jit_runner(JiTConfig.preset(p)), cache=c,
+                         note="hook state reset at each stage transition"))
+    return ms
+
+
+def _noise(seed: int, labels: int, device="cpu") -> torch.Tensor:
+    return torch.randn(labels, 256, 4, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool = False, model=None,
+                classifier=None, methods: list[Method] | None = None, log=print) -> dict:
+    from jit_sampler.tiny_flux import load_mnist, load_tiny_flux, unpack_tokens
+    from jit_sampler.tiny_flux.classifier import load_classifier
+
+    if not 1 <= labels <= 10:
+        raise ValueError(f"labels must be in [1, 10], got {labels}")
+    if seeds < 1 or repeats < 1:
+        raise ValueError(f"seeds and repeats must be >= 1, got {seeds}, {repeats}")
+    model = model or load_tiny_flux()
+    classifier = classifier or load_classifier()
+    methods = methods or build_methods(quick)
+    if methods[0].name != REF:
+        raise ValueError(f"the first method must be the reference {REF!r}")
+    lab = torch.arange(labels)
+    tr = model.transformer
+
+    def execute(m: Method, seed: int):
+        with cache_hook(tr, m.cache), BlockWorkCounter(tr) as counter:
+            t0 = time.perf_counter()
+            y, steps = m.run(model, lab, _noise(seed, labels), seed)
+            dt = time.perf_counter() - t0
+        return unpack_tokens(y).clamp(-1, 1), steps, counter, dt
+
+    images = {m.name: [] for m in methods}
+    times = {m.name: [] for m in methods}
+    info = {}
+    for r in range(repeats):  # seed 0, interleaved: drift hits every method alike
+        for m in methods:
+            img, steps, counter, dt = execute(m, 0)
+            times[m.name].append(dt)
+            if r == 0:
+                images[m.name].append(img)
+                info[m.name] = dict(steps=steps, calls=counter.forwards, flops=counter.flops)
+            elif not torch.equal(img, images[m.name][0]):
+                raise RuntimeError(f"{m.name}: repeated run gave a different image (non-deterministic sampler)")
+        log(f"timing round {r + 1}/{repeats} done")
+    for s in range(1, seeds):
+        for m in methods:
+            img, _, counter, _ = execute(m, s)
+            images[m.name].append(img)
+            info[m.name]["calls"] += counter.forwards
+            info[m.name]["flops"] += counter.flops
+        log(f"seed {s + 1}/{seeds} done")
+
+    real, _ = load_mnist("heldout")
+    with torch.no_grad():
+        real_stats = feature_stats(classifier.features(real))
+        train_digits, train_labels = load_mnist("train")
+        pick = torch.cat([torch.nonzero(train_labels == c)[: seeds, 0] for c in range(labels)])
+        floor_fd = frechet_distance(feature_stats(classifier.features(train_digits[pick])), real_stats)
+    ref = torch.cat(images[REF])
+    want = lab.repeat(seeds)
+    ref_t = statistics.median(times[REF])
+    ref_flops = info[REF]["flops"] * seeds / max(1, seeds)
+    rows = []
+    for m in methods:
+        img = torch.cat(images[m.name])
+        with torch.no_grad():
+            pred = classifier.predict(img)
+            stats = feature_stats(classifier.features(img))
+        t = statistics.median(times[m.name])
+        row = dict(method=m.name, family=m.family, steps=info[m.name]["steps"],
+                   calls_per_image_batch=round(info[m.name]["calls"] / seeds, 1),
+                   flop_ratio=round(ref_flops / info[m.name]["flops"], 2),
+                   time_s=round(t, 3), speedup=round(ref_t / t, 2),
+                   accuracy=round(float((pred == want).float().mean()) * 100, 1),
+                   fd=round(frechet_distance(stats, real_stats), 2), note=m.note)
+        if m.name == REF:
+            row.update(psnr_db="ref", ssim="ref")
+        else:
+            row.update(psnr_db=round(float(psnr(img, ref).mean()), 2), ssim=round(float(ssim(img, ref).mean()), 4))
+        rows.append(row)
+    rows.append(dict(method=f"real digits ({len(pick)} from the train split)", family="data", fd=round(floor_fd, 2),
+                     accuracy=round(float((classifier.predict(train_digits[pick]) == train_labels[pick]).float().mean()) * 100, 1),
+                     note="feature-distance floor at this sample size"))
+    return dict(rows=rows, images=len(want), seeds=seeds, labels=labels, repeats=repeats,
+                verdicts=verdicts(rows), grid=_grid(images, methods))
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """The issue's criteria, stated as measured (win or lose)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+
+    def get(name, key):
+        r = by.get(name)
+        return None if r is None else r.get(key)
+
+    j4, j7 = "JiT 4x assign/independent", "JiT 7x assign/independent"
+    if get(j4, "psnr_db") is not None and get("dense-12", "psnr_db") is not None:
+        a, b = get(j4, "psnr_db"), get("dense-12", "psnr_db")
+        out.append(f"JiT 4x PSNR to dense-50 {a} dB vs dense-12 {b} dB: {'JiT wins' if a > b else 'JiT LOSES'}")
+        best = max((r for r in rows if r["method"].startswith("JiT 4x") and r["family"] == "jit"),
+                   key=lambda r: r["psnr_db"])
+        out.append(f"best JiT 4x variant: {best['method']} {best['psnr_db']} dB")
+    if get(j4, "accuracy") is not None:
+        a, b = get(j4, "accuracy"), get(REF, "accuracy")
+        out.append(f"JiT 4x accuracy {a} % vs dense-50 {b} %: {'within' if abs(a - b) <= 1.0 else 'NOT within'} 1 point")
+    if get(j7, "psnr_db") is not None and get("dense-7", "psnr_db") is not None:
+        wins = []
+        for key, better in (("psnr_db", max), ("accuracy", max), ("fd", min)):
+            a, b = get(j7, key), get("dense-7", key)
+            wins.append(f"{key} {a} vs {b} ({'win' if better(a, b) == a and a != b else 'lose'})")
+        out.append("JiT 7x vs dense-7: " + ", ".join(wins))
+    return out
+
+
+def _grid(images: dict, methods: list[Method]):
+    """First seed's digits per method (rows), for the PNG."""
+    return [(m.name, images[m.name][0]) for m in methods]
+
+
+def save_png(path: str, grid) -> None:
+    from PIL import Image, ImageDraw
+
+    pad, label_w, scale = 2, 260, 2
+    n = grid[0][1].shape[0]
+    h = w = grid[0][1].shape[-1]
+    W = label_w + n * (w + pad) * scale
+    H = len(grid) * (h + pad) * scale + pad
+    canvas = Image.new("L", (W, H), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, img) in enumerate(grid):
+        y0 = pad + r * (h + pad) * scale
+        draw.text((4, y0 + h * scale // 2 - 6), name, fill=0)
+        arr = ((img[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        for j in range(n):
+            tile = Image.fromarray(arr[j], mode="L").resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (w + pad) * scale, y0))
+    canvas.save(path)
+
+
+_COLORS = {"dense": "#444444", "dense-beta": "#888888", "jit": "#d62728", "ras": "#1f77b4", "cache": "#2ca02c",
+           "jit+cache": "#9467bd"}
+
+
+def save_svg(path: str, rows: list[dict]) -> None:
+    """Three scatter panels (x: speed-up over dense-50) drawn as plain SVG (no plotting dependency)."""
+    pts = [r for r in rows if r.get("family") in _COLORS and isinstance(r.get("psnr_db"), (int, float))]
+    ref = next(r for r in rows if r["method"] == REF)
+    panels = [("psnr_db", "PSNR to dense-50 (dB)"), ("accuracy", "classifier accuracy (%)"),
+              ("fd", "feature Frechet distance (lower is better)")]
+    pw, ph, m = 360, 260, 50
+    W, H = len(panels) * (pw + m) + m, ph + 2 * m + 40
+    xs = [r["speedup"] for r in pts] + [1.0]
+    x0, x1 = 0.0, max(xs) * 1.1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>']
+    for k, (key, title) in enumerate(panels):
+        ox = m + k * (pw + m)
+        vals = [r[key] for r in pts] + ([ref[key]] if isinstance(ref.get(key), (int, float)) else [])
+        lo, hi = min(vals), max(vals)
+        lo, hi = (lo - 1, hi + 1) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+
+        def X(v):
+            return ox + (v - x0) / (x1 - x0) * pw
+
+        def Y(v):
+            return m + ph - (v - lo) / (hi - lo) * ph
+
+        out.append(f'<rect x="{ox}" y="{m}" width="{pw}" height="{ph}" fill="none" stroke="#000"/>')
+        out.append(f'<text x="{ox + pw / 2}" y="{m - 10}" text-anchor="middle">{title}</text>')
+        out.append(f'<text x="{ox + pw / 2}" y="{m + ph + 30}" text-anchor="middle">speed-up over dense-50 (wall time)</text>')
+        for t in range(0, int(x1) + 1, max(1, int(x1) // 6 or 1)):
+            out.append(f'<text x="{X(t):.1f}" y="{m + ph + 14}" text-anchor="middle">{t}</text>')
+        for t in (lo, (lo + hi) / 2, hi):
+            out.append(f'<text x="{ox - 4}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:.1f}</text>')
+        if isinstance(ref.get(key), (int, float)):
+            out.append(f'<line x1="{ox}" x2="{ox + pw}" y1="{Y(ref[key]):.1f}" y2="{Y(ref[key]):.1f}" '
+                       f'stroke="#000" stroke-dasharray="4 3"/>')
+        for r in pts:
+            out.append(f'<circle cx="{X(r["speedup"]):.1f}" cy="{Y(r[key]):.1f}" r="4" fill="{_COLORS[r["family"]]}" '
+                       f'fill-opacity="0.8"><title>{r["method"]}: {r[key]}</title></circle>')
+    lx = m
+    for fam, col in _COLORS.items():
+        out.append(f'<circle cx="{lx}" cy="{H - 14}" r="5" fill="{col}"/><text x="{lx + 8}" y="{H - 10}">{fam}</text>')
+        lx += 110
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+COLS = ["method", "steps", "calls_per_image_batch", "flop_ratio", "speedup", "psnr_db", "ssim", "accuracy", "fd", "note"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="JiT vs dense, RAS-style and cache hooks on the embedded tiny FLUX")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--labels", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a few methods only (smoke run)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", default="quality_cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = run_quality(args.seeds, args.labels, args.repeats, args.quick)
+    env = environment()
+    env["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    stem = os.path.join(args.out, args.name)
+    caption = (f"{res['images']} images ({res['labels']} digits x {res['seeds']} seeds) per method, same noise and "
+               f"labels; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "
+               f"seed-0 batch; flop_ratio counts the transformer blocks that actually ran; fd = Frechet distance of "
+               f"classifier features to the 2500 real held-out digits.\n\nVerdicts:\n\n"
+               + "\n".join(f"- {v}" for v in res["verdicts"]))
+    write_results(stem, "Speed and fidelity on the tiny FLUX (CPU)", env, res["rows"], COLS, caption)
+    save_svg(stem + ".svg", res["rows"])
+    save_png(stem + ".png", res["grid"])
+    for v in res["verdicts"]:
+        print(v)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

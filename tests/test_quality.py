@@ -1,0 +1,193 @@
+"""The quality suite's pieces: digit classifier, RAS-style sampler, block-work FLOP counter,
+cache hooks under JiT, and a small end-to-end run of ``benchmarks.quality`` on the committed
+checkpoint (CI never trains the generator; it samples)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+import _flux_fixtures  # noqa: F401  (one torch thread)
+from jit_sampler.config import JiTConfig
+from jit_sampler.core import jit_sample
+from jit_sampler.demo import TinyVelocity, sample_tiny
+from jit_sampler.report import flux_run_flops
+from jit_sampler.rivals import BlockWorkCounter, cache_hook, ras_sample
+from jit_sampler.schedule import beta_sigmas, linear_sigmas
+from jit_sampler.tiny_flux import load_mnist, load_tiny_flux
+from jit_sampler.tiny_flux.classifier import DigitClassifier, load_classifier, train_classifier
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_tiny_flux()
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier()
+
+
+def _noise(b=3, seed=0):
+    return torch.randn(b, 256, 4, generator=torch.Generator().manual_seed(seed))
+
+
+# --- classifier -------------------------------------------------------------------------
+
+def test_classifier_accuracy_on_unseen_half(clf):
+    x, y = load_mnist("train")  # the classifier was trained on the held-out half
+    acc = float((clf.predict(x) == y).float().mean())
+    assert acc >= 0.97, acc
+    f = clf.features(x[:5])
+    assert f.shape == (5, DigitClassifier.feature_dim) and torch.isfinite(f).all()
+
+
+def test_classifier_rejects_bad_shape(clf):
+    with pytest.raises(ValueError, match=r"\[B, 1, 32, 32\]"):
+        clf.features(torch.zeros(2, 32, 32))
+
+
+def test_classifier_training_is_deterministic():
+    a, ia = train_classifier(steps=6, seed=3, log=lambda *_: None)
+    b, ib = train_classifier(steps=6, seed=3, log=lambda *_: None)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert ia["accuracy_on_train_split"] == ib["accuracy_on_train_split"]
+
+
+def test_load_classifier_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="classifier"):
+        load_classifier(str(tmp_path))
+
+
+# --- RAS-style sampler ------------------------------------------------------------------
+
+def test_ras_ratio_one_is_dense_euler(model):
+    labels, noise, sig = torch.tensor([1, 4, 7]), _noise(), linear_sigmas(6)
+    y_ras, rep = ras_sample(TinyVelocity(model, labels), noise, 16, 16, sig, ratio=1.0)
+    y_dense, _ = sample_tiny(model, labels, noise, JiTConfig.dense(6), sigmas=sig)
+    assert torch.equal(y_ras, y_dense)
+    assert rep.active_tokens == [256] * 6 and rep.model_calls == 6
+
+
+def test_ras_sparse_steps_compute_ratio_tokens(model):
+    labels, noise = torch.tensor([2, 3]), _noise(2)
+    fn = TinyVelocity(model, labels)
+    seen = []
+    orig = fn.__call__
+
+    def spy(x, idx, sigma, step):
+        seen.append((step, idx.clone()))
+        return orig(x, idx, sigma, step)
+
+    y, rep = ras_sample(spy, noise, 16, 16, linear_sigmas(9), ratio=0.25, warmup=2, refresh_every=3)
+    # dense: warm-up 0, 1 and refresh steps 4, 7 ((i - 2) % 3 == 2)
+    assert rep.active_tokens == [256, 256, 64, 64, 256, 64, 64, 256, 64]
+    for step, idx in seen:
+        assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+    assert torch.isfinite(y).all() and not torch.equal(y, noise)
+    assert noise.equal(_noise(2))  # input untouched
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(ratio=0.0), "ratio"), (dict(ratio=1.5), "ratio"),
+                                     (dict(ratio=0.5, warmup=1), "warmup"),
+                                     (dict(ratio=0.5, refresh_every=-1), "refresh_every")])
+def test_ras_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ras_sample(lambda *a: None, _noise(1), 16, 16, linear_sigmas(4), **kw)
+
+
+def test_ras_bad_latents():
+    with pytest.raises(ValueError, match="latents"):
+        ras_sample(lambda *a: None, torch.zeros(1, 100, 4), 16, 16, linear_sigmas(4), ratio=0.5)
+
+
+# --- FLOP counting and cache hooks ------------------------------------------------------
+
+def test_block_work_counter_matches_flop_model(model):
+    labels, noise = torch.tensor([0, 5]), _noise(2)
+    cfg = model.transformer.config
+    with BlockWorkCounter(model.transformer) as c:
+        _, rep = sample_tiny(model, labels, noise, JiTConfig.preset("7x"))
+    want = flux_run_flops(cfg, rep.active_tokens, model.config["cond_tokens"]).total * 2
+    assert c.forwards == 11 and c.flops == pytest.approx(want, rel=1e-9)
+    with BlockWorkCounter(model.transformer) as c2:
+        sample_tiny(model, labels, noise, JiTConfig.dense(4), sigmas=linear_sigmas(4))
+    assert c2.flops == pytest.approx(flux_run_flops(cfg, [256] * 4, 4).total * 2, rel=1e-9)
+    # detached on exit
+    before = c2.flops
+    sample_tiny(model, labels, noise, JiTConfig.dense(2), sigmas=linear_sigmas(2))
+    assert c2.flops == before
+
+
+def test_cache_hook_skips_work_and_is_removed(model):
+    labels, noise = torch.tensor([3]), _noise(1)
+    tr = model.transformer
+    with BlockWorkCounter(tr) as dense:
+        y0, _ = sample_tiny(model, labels, noise, JiTConfig.dense(20), sigmas=linear_sigmas(20))
+    with cache_hook(tr, FirstBlockCacheConfig(threshold=0.5)), BlockWorkCounter(tr) as cached:
+        y1, _ = sample_tiny(model, labels, noise, JiTConfig.dense(20), sigmas=linear_sigmas(20))
+    assert cached.flops < 0.8 * dense.flops and not torch.equal(y0, y1)
+    y2, _ = sample_tiny(model, labels, noise, JiTConfig.dense(20), sigmas=linear_sigmas(20))
+    assert torch.equal(y0, y2)  # hooks gone: the dense result again
+    with pytest.raises(RuntimeError, match="boom"):
+        with cache_hook(tr, FirstBlockCacheConfig(threshold=0.5)):
+            raise RuntimeError("boom")
+    y3, _ = sample_tiny(model, labels, noise, JiTConfig.dense(20), sigmas=linear_sigmas(20))
+    assert torch.equal(y0, y3)
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCacheConfig(threshold=0.2),
+                                   TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                                         taylor_factors_dtype=torch.float32)])
+def test_jit_with_cache_hook_resets_at_transitions(model, cache):
+    labels, noise = torch.tensor([1, 8]), _noise(2)
+    cfg = JiTConfig.preset("7x")
+    with cache_hook(model.transformer, cache):
+        fn = TinyVelocity(model, labels)
+        y, rep = jit_sample(fn, noise, 16, 16, beta_sigmas(11, 1.4, 0.425), cfg, torch.Generator().manual_seed(0))
+    assert fn.cache_resets == 2 and rep.model_calls == 11 and torch.isfinite(y).all()
+
+
+def test_no_cache_hook_no_reset():
+    model = load_tiny_flux()  # fresh: never had a cache hook
+    fn = TinyVelocity(model, torch.tensor([2]))
+    jit_sample(fn, _noise(1), 16, 16, beta_sigmas(11, 1.4, 0.425), JiTConfig.preset("7x"),
+               torch.Generator().manual_seed(0))
+    assert fn.cache_resets == 0
+
+
+# --- the suite end to end ---------------------------------------------------------------
+
+def test_quality_suite_small_run(model, clf, tmp_path):
+    from benchmarks import quality as q
+
+    methods = [m for m in q.build_methods(quick=True)
+               if m.name in ("dense-50", "dense-7", "JiT 7x assign/independent", "RAS-style 20 steps r=0.35",
+                             "dense-50 + FBCache 0.2")]
+    res = q.run_quality(seeds=1, labels=3, repeats=2, model=model, classifier=clf, methods=methods,
+                        log=lambda *_: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(m.name for m in methods) <= set(rows)
+    assert rows["dense-50"]["psnr_db"] == "ref" and rows["dense-50"]["flop_ratio"] == 1.0
+    assert rows["dense-7"]["flop_ratio"] == pytest.approx(50 / 7, abs=0.01)
+    assert rows["JiT 7x assign/independent"]["flop_ratio"] > rows["dense-7"]["flop_ratio"]
+    assert rows["dense-50 + FBCache 0.2"]["flop_ratio"] > 1.0
+    for r in res["rows"]:
+        if r["family"] != "data":
+            assert 0.0 <= r["accuracy"] <= 100.0 and r["fd"] >= 0.0 and r["speedup"] > 0
+    assert any("JiT 7x vs dense-7" in v for v in res["verdicts"])
+    q.save_svg(str(tmp_path / "q.svg"), res["rows"])
+    q.save_png(str(tmp_path / "q.png"), res["grid"])
+    assert (tmp_path / "q.svg").read_text().count("<circle") >= 4
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_quality_rejects_bad_arguments():
+    from benchmarks import quality as q
+
+    with pytest.raises(ValueError, match="labels"):
+        q.run_quality(seeds=1, labels=11)
+    with pytest.raises(ValueError, match="seeds"):
+        q.run_quality(seeds=0)
