@@ -126,7 +126,8 @@ def _run_tiny(args, device, dtype) -> dict:
         sig = (beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta) if cfg.sigma_schedule == "beta"
                else linear_sigmas(cfg.total_steps))
         vel = FluxVelocity(m.transformer, pe.to(dtype), pooled.to(dtype), text_ids(pe.shape[1], device).to(dtype), ids,
-                           negative=negative, true_cfg_scale=args.cfg_scale, backend=cfg.backend)
+                           negative=negative, true_cfg_scale=args.cfg_scale, backend=cfg.backend,
+                           token_bucket=cfg.token_bucket)
         t = time.perf_counter()
         with torch.no_grad():
             y, rep = jit_sample(vel, x, m.height, m.width, sig, cfg, gen)

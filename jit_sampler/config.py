@@ -83,6 +83,11 @@ class JiTConfig:
         anchor_policy: ``"shared"`` (one token set for the batch, batch-mean importance) or
             ``"per_sample"`` (each sample its own set of equal size).
         backend: ``jit_kernels`` backend passed to every op.
+        token_bucket: ``0`` (off) or a multiple such as 64: the transformer sees the active
+            tokens padded up to a multiple of it, the padding masked out of attention, so a
+            compiled transformer sees a small fixed set of sequence lengths across runs and
+            resolutions (the padded rows are dropped; valid rows are unchanged up to
+            floating-point summation order).
         name: preset name, for reports only.
     """
 
@@ -101,6 +106,7 @@ class JiTConfig:
     blur_scale: float = 0.4
     anchor_policy: str = "shared"
     backend: str = "auto"
+    token_bucket: int = 0
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -133,6 +139,8 @@ class JiTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise _err(name, f"must be an int >= 1, got {v!r}")
+        if isinstance(self.token_bucket, bool) or not isinstance(self.token_bucket, int) or self.token_bucket < 0:
+            raise _err("token_bucket", f"must be an int >= 0 (0 = off), got {self.token_bucket!r}")
         if isinstance(self.dmf_noise, torch.Tensor):
             if self.dmf_noise.dim() != 3 or not self.dmf_noise.is_floating_point():
                 raise _err("dmf_noise", f"a tensor must be float [B, N, C], got {self.dmf_noise.dtype} "

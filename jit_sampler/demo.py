@@ -39,7 +39,8 @@ class TinyVelocity(FluxVelocity):
     prompt of true CFG (``cfg_scale != 1``: two passes per step). ``calls`` counts forwards.
     """
 
-    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0, backend: str = "auto"):
+    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0, backend: str = "auto",
+                 token_bucket: int = 0):
         from .tiny_flux import image_ids, text_ids
 
         with torch.no_grad():
@@ -50,7 +51,8 @@ class TinyVelocity(FluxVelocity):
                 n_enc, n_pooled = model.encode(torch.full_like(labels, model.null_label))
                 negative = (n_enc, n_pooled, tids)
         super().__init__(model.transformer, enc, pooled, tids, image_ids(model.height, model.width, labels.device),
-                         negative=negative, true_cfg_scale=cfg_scale, backend=backend)
+                         negative=negative, true_cfg_scale=cfg_scale, backend=backend,
+                         token_bucket=token_bucket)
         self.model, self.labels, self.cfg_scale = model, labels, float(cfg_scale)
 
 
@@ -60,7 +62,7 @@ def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTCon
     if sigmas is None:
         sigmas = beta_sigmas(config.total_steps, config.beta_alpha, config.beta_beta)
     gen = torch.Generator(device=noise.device).manual_seed(seed)
-    fn = TinyVelocity(model, labels, cfg_scale, backend=config.backend)
+    fn = TinyVelocity(model, labels, cfg_scale, backend=config.backend, token_bucket=config.token_bucket)
     return jit_sample(fn, noise, model.height, model.width, sigmas, config, gen)
 
 

@@ -68,7 +68,13 @@ class FluxVelocity:
 
     def __init__(self, transformer, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *, guidance=None,
                  negative=None, true_cfg_scale: float = 1.0, joint_attention_kwargs: dict | None = None,
-                 image_embeds=None, negative_image_embeds=None, pre_call=None, backend: str = "auto"):
+                 image_embeds=None, negative_image_embeds=None, pre_call=None, backend: str = "auto",
+                 token_bucket: int = 0):
+        if isinstance(token_bucket, bool) or not isinstance(token_bucket, int) or token_bucket < 0:
+            raise ValueError(f"token_bucket must be an int >= 0 (0 = off), got {token_bucket!r}")
+        if token_bucket and "attention_mask" in (joint_attention_kwargs or {}):
+            raise ValueError("token_bucket pads with its own attention mask; it cannot be combined with a "
+                             "user attention_mask in joint_attention_kwargs")
         self.transformer = transformer
         self.prompt_embeds = prompt_embeds
         self.pooled_prompt_embeds = pooled_prompt_embeds
@@ -82,6 +88,7 @@ class FluxVelocity:
         self.negative_image_embeds = negative_image_embeds
         self.pre_call = pre_call
         self.backend = backend
+        self.token_bucket = token_bucket
         self.calls = 0
         self.cache_resets = 0
         self._ids_key = None
@@ -110,10 +117,19 @@ class FluxVelocity:
 
     def _forward(self, x, ids, sl, sigma, cond: bool):
         tr = self.transformer
-        b = x.shape[0]
+        b, m = x.shape[0], x.shape[1]
         # As FluxPipeline: timestep t = 1000 * sigma in the latent dtype, passed as t / 1000.
         t = torch.full((b,), sigma * 1000.0, device=x.device, dtype=torch.float32).to(x.dtype)
         kwargs = dict(self.joint_attention_kwargs)
+        pad = (-m) % self.token_bucket if self.token_bucket else 0
+        if pad:
+            # Pad to the bucket: zero tokens at a copy of the first position, masked out as keys.
+            x = torch.cat([x, x.new_zeros(b, pad, x.shape[2])], 1)
+            ids = torch.cat([ids, ids[:1].expand(pad, -1)], 0)
+            text = (self.prompt_embeds if cond else self.negative[0]).shape[1]
+            keep = torch.ones(b, 1, 1, text + m + pad, dtype=torch.bool, device=x.device)
+            keep[..., text + m:] = False
+            kwargs["attention_mask"] = keep
         emb = self.image_embeds if cond else self.negative_image_embeds
         if emb is not None:
             kwargs["ip_adapter_image_embeds"] = [e[sl] for e in emb]
@@ -127,7 +143,7 @@ class FluxVelocity:
                      pooled_projections=pooled[sl], encoder_hidden_states=pe[sl], txt_ids=tids, img_ids=ids,
                      joint_attention_kwargs=kwargs, return_dict=False)[0]
         self.calls += 1
-        return out
+        return out[:, :m] if pad else out
 
     def _guided(self, x, ids, sl, sigma):
         v = self._forward(x, ids, sl, sigma, True)
@@ -298,7 +314,8 @@ class JiTFluxPipeline(FluxPipeline):
                                 guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
                                 joint_attention_kwargs=self._joint_attention_kwargs, image_embeds=image_embeds,
                                 negative_image_embeds=negative_image_embeds if do_true_cfg else None,
-                                pre_call=set_timestep, backend=cfg.backend)
+                                pre_call=set_timestep, backend=cfg.backend,
+                                token_bucket=cfg.token_bucket)
 
         with self.progress_bar(total=steps) as progress_bar:
             def on_step(i: int, sigma: float, y: torch.Tensor):
