@@ -6,7 +6,7 @@ a growing subset of image tokens and integrate the whole latent with an interpol
 
 Main entry points: :class:`JiTConfig` (presets ``"4x"``, ``"7x"``, ``"reference"``),
 :func:`jit_sample` (the model-agnostic loop), :class:`JiTFluxPipeline` / :func:`enable_jit`
-(diffusers FLUX.1 integration) and :class:`JiTReport`.
+(diffusers FLUX.1 integration), :class:`JiTFlux2KleinPipeline` (FLUX.2-klein) and :class:`JiTReport`.
 """
 
 from .anchors import activate_tokens, checkerboard_lattice, fit_to_budget, initial_anchors, stride_lattice
@@ -22,6 +22,10 @@ def __getattr__(name):
         from . import flux
 
         return getattr(flux, name)
+    if name == "JiTFlux2KleinPipeline":
+        from . import flux2
+
+        return flux2.JiTFlux2KleinPipeline
     raise AttributeError(f"module 'jit_sampler' has no attribute {name!r}")
 
 
@@ -30,6 +34,7 @@ __all__ = [
     "FluxFlops",
     "FluxVelocity",
     "JiTConfig",
+    "JiTFlux2KleinPipeline",
     "JiTFluxPipeline",
     "JiTPlan",
     "JiTReport",

@@ -196,7 +196,7 @@ def jit_sample(
     timer = _ModelTimer(device)
     t_start = time.perf_counter()
 
-    y = latents.to(torch.float32, copy=True)
+    y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # inputs may be strided views
     init_noise = y.clone() if isinstance(config.dmf_noise, str) and config.dmf_noise == "initial" else None
 
     m0 = plan.token_counts[0]

@@ -44,8 +44,9 @@ class FluxVelocity:
 
     Args:
         transformer: the model (any ``FluxTransformer2DModel``-compatible module).
-        prompt_embeds: ``[B, T, D_txt]``; pooled_prompt_embeds: ``[B, P]``; text_ids: ``[T, 3]``.
-        img_ids: ``[N, 3]`` position ids of all image tokens (row-major grid).
+        prompt_embeds: ``[B, T, D_txt]``; pooled_prompt_embeds: ``[B, P]`` (``None`` for FLUX.2,
+            which has no pooled text input); text_ids: ``[T, 3]`` (FLUX.2: ``[..., 4]``).
+        img_ids: ``[N, 3]`` position ids of all image tokens (row-major grid; FLUX.2: ``[N, 4]``).
         guidance: ``[B]`` embedded guidance or ``None``.
         negative: ``(neg_prompt_embeds, neg_pooled, neg_text_ids)`` for true CFG, or ``None``.
         true_cfg_scale: ``v = v_neg + s * (v_cond - v_neg)`` when ``negative`` is given.
@@ -107,6 +108,12 @@ class FluxVelocity:
     def _ids_for(self, active_idx: torch.Tensor):
         """``img_ids`` rows of the active tokens: ``[M, 3]`` or a list of ``B`` of them; cached per stage."""
         if self._ids_key is not active_idx:
+            if not self.img_ids.is_floating_point():  # FLUX.2's integer ids: a plain row gather
+                rows = active_idx if active_idx.dim() == 1 else list(active_idx)
+                self._ids = (self.img_ids.index_select(0, rows) if active_idx.dim() == 1
+                             else [self.img_ids.index_select(0, r) for r in rows])
+                self._ids_key = active_idx
+                return self._ids
             full = self.img_ids.unsqueeze(0)  # [1, N, 3]
             if active_idx.dim() == 1:
                 self._ids = jk.gather_tokens(full, active_idx, backend=self.backend)[0]
@@ -138,10 +145,11 @@ class FluxVelocity:
         else:
             pe, pooled, tids = self.negative
         ctx = tr.cache_context("cond" if cond else "uncond") if hasattr(tr, "cache_context") else _nullctx()
+        extra = {} if pooled is None else {"pooled_projections": pooled[sl]}  # FLUX.2 has no pooled text
         with ctx:
             out = tr(hidden_states=x, timestep=t / 1000, guidance=None if self.guidance is None else self.guidance[sl],
-                     pooled_projections=pooled[sl], encoder_hidden_states=pe[sl], txt_ids=tids, img_ids=ids,
-                     joint_attention_kwargs=kwargs, return_dict=False)[0]
+                     encoder_hidden_states=pe[sl], txt_ids=tids, img_ids=ids, joint_attention_kwargs=kwargs,
+                     return_dict=False, **extra)[0]
         self.calls += 1
         return out[:, :m] if pad else out
 

@@ -3,7 +3,9 @@
 FLOP model of ``FluxTransformer2DModel`` (2 FLOPs per multiply-add, D = heads * head_dim):
 
 - every transformer block (19 double + 38 single for FLUX.1) costs ``12 D^2`` MACs per token
-  in its linear layers: double blocks q, k, v, out (4 D^2) + MLP D -> 4D -> D (8 D^2), with
+  in its linear layers (FLUX.2's SwiGLU blocks with ``mlp_ratio`` r: ``(4 + 3r) D^2``; its
+  shared modulation is counted as FLUX.1's per-block one, an over-estimate that does not
+  scale with tokens): double blocks q, k, v, out (4 D^2) + MLP D -> 4D -> D (8 D^2), with
   separate but equal-sized weights for the text stream; single blocks q, k, v (3 D^2) +
   MLP-in D -> 4D (4 D^2) + the fused output projection 5D -> D (5 D^2);
 - embedders: ``x_embedder`` (C_in -> D) and ``proj_out`` (D -> C_out) per image token,
@@ -88,12 +90,14 @@ def flux_transformer_flops(config: Any, image_tokens: int, text_tokens: int, bat
     c_in = _cfg(config, "in_channels")
     c_out = (_cfg(config, "out_channels") or c_in) * p * p
     jd = _cfg(config, "joint_attention_dim")
-    pd = _cfg(config, "pooled_projection_dim")
+    pd = _cfg(config, "pooled_projection_dim") or 0  # FLUX.2: no pooled text projection
+    mlp_ratio = _cfg(config, "mlp_ratio", None)
     guidance = bool(_cfg(config, "guidance_embeds", False))
     blocks = n_double + n_single
     ni, nt = image_tokens, text_tokens
 
-    per_block = 12 * d * d
+    # FLUX.1: GELU MLP D -> 4D -> D. FLUX.2 (config has mlp_ratio r): SwiGLU D -> 2rD, rD -> D.
+    per_block = 12 * d * d if mlp_ratio is None else int(round((4 + 3 * float(mlp_ratio)) * d * d))
     image_macs = ni * (c_in * d + blocks * per_block + d * c_out)
     text_macs = nt * (jd * d + blocks * per_block)
     # time (256 -> D -> D), optional guidance (same), pooled text (P -> D -> D); adaLN linears:

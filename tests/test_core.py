@@ -230,3 +230,14 @@ def test_dmf_gives_new_tokens_the_flow_marginal():
     before = states[3][:, new]
     assert after.std().item() == pytest.approx(sig[4], abs=0.02)
     assert before.std().item() > sig[4] + 0.04
+
+
+def test_strided_latents_accepted_and_untouched():
+    """FLUX.2 packs latents with a permute: the loop must take a non-contiguous view as is."""
+    lat = _latents(2)
+    strided = lat.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, N, C] with C-major strides
+    assert not strided.is_contiguous()
+    cfg = JiTConfig.preset("7x")
+    y1, _ = jit_sample(Recorder(), lat, H, W, beta_sigmas(11), cfg, torch.Generator().manual_seed(1))
+    y2, _ = jit_sample(Recorder(), strided, H, W, beta_sigmas(11), cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(y1, y2) and torch.equal(strided, lat)

@@ -1,0 +1,181 @@
+"""JiT for diffusers' FLUX.2-klein: ``JiTFlux2KleinPipeline``.
+
+Same ``jit=`` argument, presets, sampler core (:func:`jit_sampler.jit_sample`) and report as
+:class:`~jit_sampler.JiTFluxPipeline`; what differs is FLUX.2's side of the call (method.md
+section 6):
+
+- 4-axis position ids ``(t, h, w, l)``; the anchors run with their own rows of them;
+- no pooled text embedding; true CFG with two passes (``guidance_scale`` > 1 on a model that
+  is not step-distilled, 4.0 by default), cond and uncond sharing the anchor set;
+- the pipeline's own sigma schedule (``linspace(1, 1/n, n)`` shifted by its empirical ``mu``),
+  never Beta-warped: the config's ``sigma_schedule`` / Beta parameters are ignored here.
+
+``jit=None`` is exactly ``Flux2KleinPipeline.__call__``. Reference images (``image=``) are
+refused under JiT: their tokens would have to stay active in every stage, which is not
+implemented yet.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import numpy as np
+import torch
+from diffusers import Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
+
+from .config import JiTConfig
+from .core import jit_sample
+from .flux import FluxVelocity, _execution_device, _per_image
+from .report import flop_summary
+
+__all__ = ["JiTFlux2KleinPipeline"]
+
+_KLEIN_CALL = inspect.signature(Flux2KleinPipeline.__call__)
+_UNSET = object()
+
+
+class JiTFlux2KleinPipeline(Flux2KleinPipeline):
+    """``Flux2KleinPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
+
+    ``num_inference_steps`` or ``sigmas``, when passed, override the config's step count; the
+    sigmas are always the pipeline's own schedule. ``pipe.last_jit_report`` holds the
+    :class:`~jit_sampler.JiTReport` of the last JiT call (FLOPs per sample).
+    """
+
+    _default_jit = None
+    last_jit_report = None
+
+    def __call__(self, *args, jit=_UNSET, **kwargs):
+        if jit is _UNSET:
+            jit = self._default_jit
+        cfg = JiTConfig.coerce(jit)
+        if cfg is None:
+            self.last_jit_report = None
+            return super().__call__(*args, **kwargs)
+        bound = _KLEIN_CALL.bind(self, *args, **kwargs)
+        explicit = set(bound.arguments)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        a.pop("self")
+        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+
+    def _schedule(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
+        """The sigmas Flux2KleinPipeline would integrate: ``steps + 1`` floats ending at 0."""
+        s = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            s = None
+        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+        retrieve_timesteps(self.scheduler, steps, device, sigmas=s, mu=mu)
+        out = [float(v) for v in self.scheduler.sigmas.cpu().tolist()]
+        if len(out) == steps:
+            out.append(0.0)
+        return out[: steps + 1]
+
+    @torch.no_grad()
+    def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, image, prompt, height, width, num_inference_steps,
+                  sigmas, guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds,
+                  negative_prompt_embeds, output_type, return_dict, attention_kwargs, callback_on_step_end,
+                  callback_on_step_end_tensor_inputs, max_sequence_length, text_encoder_out_layers, **newer):
+        unsupported = sorted(k for k, v in newer.items() if v is not _KLEIN_CALL.parameters[k].default)
+        if unsupported:
+            raise NotImplementedError(f"JiTFlux2KleinPipeline: {unsupported} not supported with jit=...; use jit=None")
+        if image is not None:
+            raise NotImplementedError("JiTFlux2KleinPipeline: reference images (image=...) are not supported with "
+                                      "jit=...; use jit=None")
+        t0 = time.perf_counter()
+        self.check_inputs(prompt=prompt, height=height, width=width, prompt_embeds=prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          guidance_scale=guidance_scale)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_embeds=prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers)
+        negative = None
+        if self.do_classifier_free_guidance:
+            neg_prompt = [""] * len(prompt) if isinstance(prompt, list) else ""
+            neg_embeds, neg_ids = self.encode_prompt(
+                prompt=neg_prompt, prompt_embeds=negative_prompt_embeds, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                text_encoder_out_layers=text_encoder_out_layers)
+            total = batch_size * num_images_per_prompt
+            negative = (_per_image(neg_embeds, total), None, neg_ids[0])
+        t_encoded = time.perf_counter()
+
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        latents, latent_ids = self.prepare_latents(
+            batch_size=batch_size * num_images_per_prompt, num_latents_channels=self.transformer.config.in_channels // 4,
+            height=height, width=width, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents)
+        grid_h = int(height) // (self.vae_scale_factor * 2)
+        grid_w = int(width) // (self.vae_scale_factor * 2)
+
+        if sigmas is not None:
+            cfg = cfg.replace(total_steps=len(sigmas))
+        elif explicit_steps and num_inference_steps != cfg.total_steps:
+            cfg = cfg.replace(total_steps=int(num_inference_steps))
+        steps = cfg.total_steps
+        sig = self._schedule(steps, sigmas, latents.shape[1], device)
+        self._num_timesteps = steps
+        timesteps = torch.tensor([1000.0 * s for s in sig[:-1]], device=device)
+
+        def set_timestep(step: int, sigma: float):
+            self._current_timestep = timesteps[step]
+
+        velocity = FluxVelocity(self.transformer, prompt_embeds, None, text_ids[0], latent_ids[0], guidance=None,
+                                negative=negative, true_cfg_scale=guidance_scale,
+                                joint_attention_kwargs=attention_kwargs or {}, pre_call=set_timestep,
+                                backend=cfg.backend, token_bucket=cfg.token_bucket)
+
+        with self.progress_bar(total=steps) as progress_bar:
+            def on_step(i: int, sigma: float, y: torch.Tensor):
+                new_latents = None
+                if callback_on_step_end is not None:
+                    avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
+                    outputs = callback_on_step_end(self, i, timesteps[i],
+                                                   {k: avail[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                    new_latents = outputs.pop("latents", None)
+                    if "prompt_embeds" in outputs:
+                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
+                progress_bar.update()
+                return new_latents
+
+            latents, report = jit_sample(velocity, latents, grid_h, grid_w, sig, cfg, generator,
+                                         step_callback=on_step, interrupt=lambda: self.interrupt)
+        self._current_timestep = None
+        t_sampled = time.perf_counter()
+
+        latents = self._unpack_latents_with_ids(latents, latent_ids, grid_h, grid_w)
+        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype)
+        latents = self._unpatchify_latents(latents * bn_std + bn_mean)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents.to(_execution_device(self.vae)), return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        t_end = time.perf_counter()
+
+        report.phase_times = {"encode": t_encoded - t0, "sample": t_sampled - t_encoded, "decode": t_end - t_sampled,
+                              "total": t_end - t0}
+        report.flops = flop_summary(self.transformer.config, report.active_tokens, grid_h * grid_w,
+                                    text_tokens=int(prompt_embeds.shape[1]),
+                                    calls_per_step=2 if negative is not None else 1)
+        self.last_jit_report = report
+        if not return_dict:
+            return (image,)
+        return Flux2PipelineOutput(images=image)
