@@ -88,6 +88,9 @@ class JiTConfig:
             compiled transformer sees a small fixed set of sequence lengths across runs and
             resolutions (the padded rows are dropped; valid rows are unchanged up to
             floating-point summation order).
+        token_multiple: round every stage's token budget *up* to a multiple of this (real extra
+            tokens, no padding): for sequence parallelism, where each rank must hold an equal
+            share of the sequence (``docs/parallelism.md``). ``1`` = the paper's budgets.
         name: preset name, for reports only.
     """
 
@@ -107,6 +110,7 @@ class JiTConfig:
     anchor_policy: str = "shared"
     backend: str = "auto"
     token_bucket: int = 0
+    token_multiple: int = 1
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -139,6 +143,8 @@ class JiTConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise _err(name, f"must be an int >= 1, got {v!r}")
+        if isinstance(self.token_multiple, bool) or not isinstance(self.token_multiple, int) or self.token_multiple < 1:
+            raise _err("token_multiple", f"must be an int >= 1, got {self.token_multiple!r}")
         if isinstance(self.token_bucket, bool) or not isinstance(self.token_bucket, int) or self.token_bucket < 0:
             raise _err("token_bucket", f"must be an int >= 0 (0 = off), got {self.token_bucket!r}")
         if isinstance(self.dmf_noise, torch.Tensor):
@@ -186,6 +192,9 @@ class JiTConfig:
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         counts = [max(1, min(num_tokens, int(num_tokens * r))) for r in self.token_ratios]
+        if self.token_multiple > 1:  # round budgets up (sequence parallelism: divisible by the world size)
+            q = self.token_multiple
+            counts = [min(num_tokens, -(-c // q) * q) for c in counts]
         counts[-1] = num_tokens
         return counts
 

@@ -93,3 +93,18 @@ def test_unknown_preset():
 def test_tensor_noise_accepted():
     c = JiTConfig(dmf_noise=torch.zeros(1, 16, 4))
     assert isinstance(c.dmf_noise, torch.Tensor)
+
+
+@pytest.mark.parametrize("q", [2, 8, 64])
+def test_token_multiple_rounds_budgets_up(q):
+    cfg = JiTConfig.preset("7x", token_multiple=q)
+    counts = cfg.token_counts(4096)
+    assert counts[-1] == 4096 and all(c % q == 0 for c in counts)
+    plain = JiTConfig.preset("7x").token_counts(4096)
+    assert all(p <= c < p + q for p, c in zip(plain, counts))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_token_multiple_validation(bad):
+    with pytest.raises(ValueError, match="token_multiple"):
+        JiTConfig.preset("4x", token_multiple=bad)

@@ -241,3 +241,9 @@ def test_strided_latents_accepted_and_untouched():
     y1, _ = jit_sample(Recorder(), lat, H, W, beta_sigmas(11), cfg, torch.Generator().manual_seed(1))
     y2, _ = jit_sample(Recorder(), strided, H, W, beta_sigmas(11), cfg, torch.Generator().manual_seed(1))
     assert torch.equal(y1, y2) and torch.equal(strided, lat)
+
+
+def test_token_multiple_run():
+    y, rep, rec = _run(JiTConfig.preset("7x", token_multiple=8), b=2)
+    assert sorted(set(rep.active_tokens)) == [40, 72, N] and torch.isfinite(y).all()
+    assert all(c[0].shape[1] % 8 == 0 for c in rec.calls)
