@@ -10,6 +10,8 @@ with the same model and conditioning, and is scored against the dense 50-step sa
 - prompt adherence: accuracy of the project's digit classifier on the generated digits;
 - distribution: Frechet distance of the classifier's 128-d features to the real held-out
   digits (with 100 images the covariance is rank-deficient: compare rows, not to FID);
+- guidance: true CFG (``--cfg-scale``, default 3, null label as the negative prompt) for
+  every method, as FLUX is always run guided;
 - cost: model calls, transformer FLOPs counted block by block (:class:`BlockWorkCounter`,
   so cache hooks that skip work are costed by what actually ran), and wall time: the
   seed-0 batch runs ``--repeats`` times for every method, interleaved, and the speed-up is
@@ -48,16 +50,16 @@ REF = "dense-50"
 class Method:
     name: str
     family: str  # dense | dense-beta | jit | ras | cache | jit+cache | diagnostic
-    run: Callable[..., Any]  # (model, labels, noise, seed) -> (tokens, steps)
+    run: Callable[..., Any]  # (model, labels, noise, seed, cfg_scale) -> (tokens, steps)
     cache: Any = None  # a diffusers cache config, enabled around the run
     note: str = ""
     extra: dict = field(default_factory=dict)
 
 
 def _jit_runner(cfg: JiTConfig, sigmas=None, oracle: bool = False):
-    def run(model, labels, noise, seed):
+    def run(model, labels, noise, seed, cfg_scale):
         sig = sigmas if sigmas is not None else beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta)
-        fn = (_OracleVelocity if oracle else TinyVelocity)(model, labels, backend=cfg.backend)
+        fn = (_OracleVelocity if oracle else TinyVelocity)(model, labels, cfg_scale, backend=cfg.backend)
         if oracle:
             fn.start(noise)
         y, rep = jit_sample(fn, noise, model.height, model.width, sig, cfg, torch.Generator().manual_seed(1000 + seed),
@@ -85,8 +87,8 @@ class _OracleVelocity(TinyVelocity):
 
 
 def _ras_runner(steps: int, ratio: float, warmup: int = 2, refresh_every: int = 5):
-    def run(model, labels, noise, seed):
-        fn = TinyVelocity(model, labels)
+    def run(model, labels, noise, seed, cfg_scale):
+        fn = TinyVelocity(model, labels, cfg_scale)
         y, _ = ras_sample(fn, noise, model.height, model.width, linear_sigmas(steps), ratio=ratio, warmup=warmup,
                           refresh_every=refresh_every)
         return y, steps
@@ -146,7 +148,7 @@ def _noise(seed: int, labels: int, device="cpu") -> torch.Tensor:
 
 
 def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool = False, model=None,
-                classifier=None, methods: list[Method] | None = None, log=print) -> dict:
+                classifier=None, methods: list[Method] | None = None, cfg_scale: float = 3.0, log=print) -> dict:
     from jit_sampler.tiny_flux import load_mnist, load_tiny_flux, unpack_tokens
     from jit_sampler.tiny_flux.classifier import load_classifier
 
@@ -165,7 +167,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
     def execute(m: Method, seed: int):
         with cache_hook(tr, m.cache), BlockWorkCounter(tr) as counter:
             t0 = time.perf_counter()
-            y, steps = m.run(model, lab, _noise(seed, labels), seed)
+            y, steps = m.run(model, lab, _noise(seed, labels), seed, cfg_scale)
             dt = time.perf_counter() - t0
         return unpack_tokens(y).clamp(-1, 1), steps, counter, dt
 
@@ -221,7 +223,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
     rows.append(dict(method=f"real digits ({len(pick)} from the train split)", family="data", fd=round(floor_fd, 2),
                      accuracy=round(float((classifier.predict(train_digits[pick]) == train_labels[pick]).float().mean()) * 100, 1),
                      note="feature-distance floor at this sample size"))
-    return dict(rows=rows, images=len(want), seeds=seeds, labels=labels, repeats=repeats,
+    return dict(rows=rows, images=len(want), seeds=seeds, labels=labels, repeats=repeats, cfg_scale=cfg_scale,
                 verdicts=verdicts(rows), grid=_grid(images, methods))
 
 
@@ -338,16 +340,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a few methods only (smoke run)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cfg-scale", type=float, default=3.0,
+                   help="true CFG scale of every method (null label as the negative prompt; 1 = unguided)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="quality_cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = run_quality(args.seeds, args.labels, args.repeats, args.quick)
+    res = run_quality(args.seeds, args.labels, args.repeats, args.quick, cfg_scale=args.cfg_scale)
     env = environment()
     env["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     stem = os.path.join(args.out, args.name)
     caption = (f"{res['images']} images ({res['labels']} digits x {res['seeds']} seeds) per method, same noise and "
-               f"labels; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "
+               f"labels, CFG scale {res['cfg_scale']}; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "
                f"seed-0 batch; flop_ratio counts the transformer blocks that actually ran; fd = Frechet distance of "
                f"classifier features to the 2500 real held-out digits.\n\nVerdicts:\n\n"
                + "\n".join(f"- {v}" for v in res["verdicts"]))

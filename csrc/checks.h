@@ -115,6 +115,49 @@ inline void check_weights(const char* op, const at::Tensor& w) {
 // Row stride of an index tensor viewed as [B, M]: 0 when shared by the batch.
 inline int64_t index_batch_stride(const at::Tensor& idx) { return idx.dim() == 1 ? 0 : idx.size(-1); }
 
+// --- Metadata checks shared by the CPU and CUDA kernels of one op -----------------------
+// (shapes, dtypes, devices; index *values* are checked afterwards on the tensors' device).
+
+// scatter_tokens / scatter_tokens_: base [B, N, C], idx [M] | [B, M], src [B, M, C].
+inline void check_scatter_meta(const char* op, const at::Tensor& base, const at::Tensor& idx, const at::Tensor& src) {
+  check_tokens(op, "base", base);
+  check_tokens(op, "src", src);
+  check_index_meta(op, "idx", idx, base.size(0));
+  check_same_device(op, base, "base", idx, "idx");
+  check_same_device(op, base, "base", src, "src");
+  TORCH_CHECK_VALUE(src.size(0) == base.size(0) && src.size(1) == idx.size(-1) && src.size(2) == base.size(2), op,
+                    ": src must be [B, M, C] = [", base.size(0), ", ", idx.size(-1), ", ", base.size(2), "], got ",
+                    src.sizes());
+}
+
+// lift_field / lift_euler_: values [B, M, C], anchor_idx [M] | [B, M], nearest [N] | [B, N], odd weights [K].
+inline void check_lift_meta(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
+                            const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width) {
+  check_tokens(op, "values", values);
+  check_grid(op, height, width, -1);
+  const int64_t b = values.size(0), m = values.size(1), n = height * width;
+  check_index_meta(op, "anchor_idx", anchor_idx, b);
+  check_index_meta(op, "nearest", nearest, b);
+  check_weights(op, weights);
+  check_same_device(op, values, "values", anchor_idx, "anchor_idx");
+  check_same_device(op, values, "values", nearest, "nearest");
+  check_same_device(op, values, "values", weights, "weights");
+  TORCH_CHECK_VALUE(m > 0, op, ": anchor_idx is empty; at least one anchor is required");
+  TORCH_CHECK_VALUE(anchor_idx.size(-1) == m, op, ": values has ", m, " rows but anchor_idx has ",
+                    anchor_idx.size(-1), " anchors");
+  TORCH_CHECK_VALUE(nearest.size(-1) == n, op, ": nearest has ", nearest.size(-1), " entries, expected N = ", n);
+  TORCH_CHECK_VALUE(nearest.dim() == anchor_idx.dim(), op,
+                    ": nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])");
+}
+
+// The in-place target of lift_euler_: y [B, H*W, C] matching values, contiguous.
+inline void check_euler_target(const char* op, const at::Tensor& y, const at::Tensor& values, int64_t n) {
+  const int64_t c = values.size(2);
+  TORCH_CHECK_VALUE(y.size(0) == values.size(0) && y.size(1) == n && y.size(2) == c, op,
+                    ": y must be [B, H*W, C] = [", values.size(0), ", ", n, ", ", c, "], got ", y.sizes());
+  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+}
+
 // CUDA tensors must pass every check on their own device (defined in csrc/cuda/tokens.cu).
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());

@@ -66,7 +66,7 @@ def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTCon
     return jit_sample(fn, noise, model.height, model.width, sigmas, config, gen)
 
 
-def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 3, cfg_scale: float = 1.0,
+def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 3, cfg_scale: float = 3.0,
              model=None, dense_steps: int = 50, device: str = "cpu", log=print) -> dict:
     from .tiny_flux import load_tiny_flux, unpack_tokens
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["4x", "7x"])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="true CFG scale (null label as negative; 1 = off)")
     args = p.parse_args(argv)
     run_demo(args.out, tuple(args.presets), args.seeds, args.repeats, args.cfg_scale)
     return 0

@@ -100,21 +100,8 @@ struct LiftArgs {
 
 LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
                      const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width) {
-  check_tokens(op, "values", values);
-  check_grid(op, height, width, -1);
-  const int64_t b = values.size(0), m = values.size(1), n = height * width;
-  check_index_meta(op, "anchor_idx", anchor_idx, b);
-  check_index_meta(op, "nearest", nearest, b);
-  check_weights(op, weights);
-  check_same_device(op, values, "values", anchor_idx, "anchor_idx");
-  check_same_device(op, values, "values", nearest, "nearest");
-  check_same_device(op, values, "values", weights, "weights");
-  TORCH_CHECK_VALUE(m > 0, op, ": anchor_idx is empty; at least one anchor is required");
-  TORCH_CHECK_VALUE(anchor_idx.size(-1) == m, op, ": values has ", m, " rows but anchor_idx has ",
-                    anchor_idx.size(-1), " anchors");
-  TORCH_CHECK_VALUE(nearest.size(-1) == n, op, ": nearest has ", nearest.size(-1), " entries, expected N = ", n);
-  TORCH_CHECK_VALUE(nearest.dim() == anchor_idx.dim(), op,
-                    ": nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])");
+  check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
+  const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous(),
              height, width};
   check_index_values(op, "anchor_idx", a.anchors, n, /*unique=*/false);
@@ -231,9 +218,7 @@ void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& a
   const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
   check_same_device(op, y, "y", values, "values");
   const int64_t c = values.size(2), n = height * width;
-  TORCH_CHECK_VALUE(y.size(0) == values.size(0) && y.size(1) == n && y.size(2) == c, op,
-                    ": y must be [B, H*W, C] = [", values.size(0), ", ", n, ", ", c, "], got ", y.sizes());
-  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  check_euler_target(op, y, values, n);
   const float fdt = static_cast<float>(dt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lift_euler_cpu", [&] {
     scalar_t* yo = y.data_ptr<scalar_t>();

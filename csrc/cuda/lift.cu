@@ -130,22 +130,9 @@ struct LiftArgs {
 
 LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
                      const at::Tensor& weights, int64_t height, int64_t width) {
-  check_tokens(op, "values", values);
+  check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_cuda(op, "values", values);
-  check_grid(op, height, width, -1);
   const int64_t b = values.size(0), m = values.size(1), n = height * width;
-  check_index_meta(op, "anchor_idx", anchor_idx, b);
-  check_index_meta(op, "nearest", nearest, b);
-  check_weights(op, weights);
-  check_same_device(op, values, "values", anchor_idx, "anchor_idx");
-  check_same_device(op, values, "values", nearest, "nearest");
-  check_same_device(op, values, "values", weights, "weights");
-  TORCH_CHECK_VALUE(m > 0, op, ": anchor_idx is empty; at least one anchor is required");
-  TORCH_CHECK_VALUE(anchor_idx.size(-1) == m, op, ": values has ", m, " rows but anchor_idx has ",
-                    anchor_idx.size(-1), " anchors");
-  TORCH_CHECK_VALUE(nearest.size(-1) == n, op, ": nearest has ", nearest.size(-1), " entries, expected N = ", n);
-  TORCH_CHECK_VALUE(nearest.dim() == anchor_idx.dim(), op,
-                    ": nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])");
   TORCH_CHECK_VALUE(b <= 65535, op, ": batch ", b, " exceeds the CUDA grid limit of 65535");
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous()};
   check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
@@ -191,10 +178,7 @@ void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& 
   check_same_device(op, y, "y", values, "values");
   const c10::cuda::CUDAGuard guard(y.device());
   const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
-  const int64_t c = values.size(2), n = height * width;
-  TORCH_CHECK_VALUE(y.size(0) == values.size(0) && y.size(1) == n && y.size(2) == c, op,
-                    ": y must be [B, H*W, C] = [", values.size(0), ", ", n, ", ", c, "], got ", y.sizes());
-  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  check_euler_target(op, y, values, height * width);
   launch_lift<true>(a, y, height, width, static_cast<float>(dt));
 }
 

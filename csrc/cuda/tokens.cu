@@ -125,15 +125,8 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx_in) {
 }
 
 void scatter_checks(const char* op, const at::Tensor& base, const at::Tensor& idx, const at::Tensor& src) {
-  check_tokens(op, "base", base);
-  check_tokens(op, "src", src);
+  check_scatter_meta(op, base, idx, src);
   check_cuda(op, "base", base);
-  check_index_meta(op, "idx", idx, base.size(0));
-  check_same_device(op, base, "base", idx, "idx");
-  check_same_device(op, base, "base", src, "src");
-  TORCH_CHECK_VALUE(src.size(0) == base.size(0) && src.size(1) == idx.size(-1) && src.size(2) == base.size(2), op,
-                    ": src must be [B, M, C] = [", base.size(0), ", ", idx.size(-1), ", ", base.size(2), "], got ",
-                    src.sizes());
 }
 
 void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src_in) {
