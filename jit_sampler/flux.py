@@ -396,14 +396,26 @@ class JiTFluxPipeline(FluxPipeline):
         return image_embeds, negative_image_embeds
 
 
-def enable_jit(pipe: FluxPipeline, jit: Any = "4x") -> JiTFluxPipeline:
-    """A :class:`JiTFluxPipeline` sharing ``pipe``'s components whose calls default to ``jit``.
+def enable_jit(pipe, jit: Any = "4x"):
+    """A JiT pipeline sharing ``pipe``'s components whose calls default to ``jit``.
 
-    ``enable_jit(pipe, "4x")(prompt)`` runs the 4x preset; ``(..., jit=None)`` still runs
-    the dense FluxPipeline. ``pipe`` itself is not changed (unless it already is a
-    ``JiTFluxPipeline``, whose default is then updated and which is returned).
+    ``pipe`` is a ``FluxPipeline`` (-> :class:`JiTFluxPipeline`) or a ``Flux2KleinPipeline``
+    (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`). ``enable_jit(pipe, "4x")(prompt)`` runs
+    the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is not
+    changed (unless it already is a JiT pipeline, whose default is then updated and which is
+    returned).
     """
     cfg = JiTConfig.coerce(jit)
-    out = pipe if isinstance(pipe, JiTFluxPipeline) else JiTFluxPipeline.from_pipe(pipe)
+    from diffusers import Flux2KleinPipeline
+
+    if isinstance(pipe, Flux2KleinPipeline):
+        from .flux2 import JiTFlux2KleinPipeline
+
+        cls = JiTFlux2KleinPipeline
+    elif isinstance(pipe, FluxPipeline):
+        cls = JiTFluxPipeline
+    else:
+        raise TypeError(f"enable_jit needs a FluxPipeline or Flux2KleinPipeline, got {type(pipe).__name__}")
+    out = pipe if isinstance(pipe, cls) else cls.from_pipe(pipe)
     out._default_jit = cfg
     return out

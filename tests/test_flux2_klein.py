@@ -116,3 +116,49 @@ def test_refuses_reference_images_and_bad_presets(pipe):
         pipe(jit="4x", image=Image.new("RGB", (64, 64)), **kw())
     with pytest.raises(ValueError, match="unknown preset"):
         pipe(jit="9x", **kw())
+
+
+def test_per_sample_batch_matches_single_runs(pipe):
+    cfg = JiTConfig.preset("7x", anchor_policy="per_sample")
+    e = embeds(2)
+    both = pipe(jit=cfg, **kw(2, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                              prompt_embeds=e, negative_prompt_embeds=embeds(2, seed=2))).images
+    one = pipe(jit=cfg, **kw(1, generator=[torch.Generator().manual_seed(2)], prompt_embeds=e[1:],
+                             negative_prompt_embeds=embeds(2, seed=2)[1:])).images
+    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(160, 224), (96, 96)])
+def test_non_square_sizes_decode_to_images(pipe, hw):
+    h, w = hw
+    out = pipe(jit="7x", **kw(height=h, width=w, output_type="pt")).images
+    assert out.shape == (1, 3, h, w) and torch.isfinite(out).all()
+    assert pipe.last_jit_report.active_tokens[-1] == (h // 16) * (w // 16)
+
+
+def test_callback_and_interrupt(pipe):
+    seen = []
+
+    def cb(p, i, t, kwargs):
+        seen.append((i, float(t), kwargs["latents"].shape))
+        if i == 2:
+            p._interrupt = True
+        return {}
+
+    pipe(jit="7x", callback_on_step_end=cb, **kw())
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][1] == pytest.approx(1000.0)
+    assert len(pipe.last_jit_report.active_tokens) == 3
+
+
+def test_enable_jit_picks_the_klein_pipeline(base):
+    from jit_sampler import enable_jit
+
+    e = enable_jit(base, "7x")
+    e.set_progress_bar_config(disable=True)
+    assert isinstance(e, JiTFlux2KleinPipeline) and e.transformer is base.transformer
+    e(**kw())
+    assert len(e.last_jit_report.active_tokens) == 11
+    e(jit=None, num_inference_steps=2, **kw())
+    assert e.last_jit_report is None
+    with pytest.raises(TypeError, match="FluxPipeline or Flux2KleinPipeline"):
+        enable_jit(object(), "4x")
