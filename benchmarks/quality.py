@@ -344,6 +344,8 @@ def main(argv=None) -> int:
                    help="true CFG scale of every method (null label as the negative prompt; 1 = unguided)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="quality_cpu")
+    p.add_argument("--no-e2e", action="store_true",
+                   help="skip the speed run at the FLUX 1024^2 token count (benchmarks.bench_e2e, 64 x 64 grid)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = run_quality(args.seeds, args.labels, args.repeats, args.quick, cfg_scale=args.cfg_scale)
@@ -360,6 +362,13 @@ def main(argv=None) -> int:
     save_png(stem + ".png", res["grid"])
     for v in res["verdicts"]:
         print(v)
+    if not args.no_e2e:
+        # Same architecture at 4096 image tokens, where attention and linear costs have FLUX's
+        # proportions: wall-clock vs FLOP vs transformer-time ratios (results/e2e_cpu.md).
+        from . import bench_e2e
+
+        bench_e2e.main(["--grid", "64", "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                       + (["--out", os.path.join(args.out, "e2e_cpu")] if args.out else []))
     return 0
 
 

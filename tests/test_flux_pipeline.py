@@ -201,3 +201,23 @@ def test_dense_config_on_pipeline_schedule_matches_flux_pipeline(base, pipe, cfg
     ref = base(generator=gen(), num_inference_steps=5, **kw).images
     got = pipe(generator=gen(), jit=JiTConfig.dense(5, sigma_schedule="pipeline"), **kw).images
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_hook_composes_with_jit(pipe):
+    """diffusers' First-Block Cache under JiT: the hook is reset at each stage transition, so no
+    shape clash between token sets, and afterwards the pipeline runs without hooks again."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    kw = dict(height=128, width=128, jit="7x", output_type="latent", **prompt_inputs())
+    plain = pipe(generator=gen(), **kw).images
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    try:
+        with CallLog(pipe.transformer) as log:
+            cached = pipe(generator=gen(), **kw).images
+    finally:
+        pipe.transformer.disable_cache()
+    assert torch.isfinite(cached).all() and len(log.calls) == 11
+    assert not torch.equal(cached, plain)  # the hook did skip work
+    assert pipe.last_jit_report.active_tokens == JiTConfig.preset("7x").token_counts(64)[:1] * 4 + \
+        JiTConfig.preset("7x").token_counts(64)[1:2] * 3 + [64] * 4
+    torch.testing.assert_close(pipe(generator=gen(), **kw).images, plain, rtol=0, atol=0)
