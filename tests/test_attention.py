@@ -43,12 +43,16 @@ def _gen(seed=0):
 
 def _tables(text: int, anchors: int, d: int, grid: int = 64, seed: int = 0):
     """FluxPosEmbed tables of ``text`` text tokens (ids 0) then ``anchors`` scattered grid tokens."""
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-
     ids = torch.zeros(text + anchors, 3)
     cells = torch.randperm(grid * grid, generator=_gen(seed))[:anchors]
     ids[text:, 1] = (cells // grid).float()
     ids[text:, 2] = (cells % grid).float()
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+    except ImportError:  # a GPU machine without diffusers: the same tables
+        from benchmarks.bench_attention import rope_tables
+
+        return rope_tables(ids, AXES[d])
     cos, sin = FluxPosEmbed(theta=10000, axes_dim=list(AXES[d]))(ids)
     return cos, sin
 
