@@ -89,22 +89,28 @@ class AnchorAttnProcessor:
         backend: the ``jit_kernels`` backend (``None``: the global default, ``auto``).
         fallback: the processor used for inputs the op does not take (an arbitrary mask, no
             rotary embedding, context parallelism); default a fresh ``FluxAttnProcessor``.
+        devices: device types on which the fused op runs; tensors elsewhere take the
+            fallback. Default CPU only: on an H100 the Triton kernel measured 0.1 - 0.25x the
+            speed of rotary + PyTorch's flash SDPA at FLUX shapes (24 x 128 heads, bf16; see
+            benchmarks/NOTES.md), so CUDA is opt-in (``devices=("cpu", "cuda")``).
     """
 
     # diffusers' set_attention_backend / context parallelism set these on processors.
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, backend: str | None = None, fallback=None):
+    def __init__(self, backend: str | None = None, fallback=None, devices=("cpu",)):
         if fallback is None:
             fallback = _flux_classes()[1]()
         self.backend = backend
         self.fallback = fallback
+        self.devices = tuple(devices)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         lengths = None
         joint = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-        usable = image_rotary_emb is not None and self._parallel_config is None
+        usable = (image_rotary_emb is not None and self._parallel_config is None
+                  and hidden_states.device.type in self.devices)
         if usable and attention_mask is not None:
             lengths = key_lengths_from_mask(attention_mask, hidden_states.shape[0], joint)
             usable = lengths is not None
@@ -141,11 +147,12 @@ class AnchorAttnProcessor:
         return hidden_states
 
 
-def install_anchor_attention(transformer, backend: str | None = None) -> int:
+def install_anchor_attention(transformer, backend: str | None = None, devices=("cpu",)) -> int:
     """Swap every stock ``FluxAttnProcessor`` of ``transformer`` for an :class:`AnchorAttnProcessor`.
 
-    Returns the number of processors swapped. The replaced objects are kept on the model
-    and restored by :func:`remove_anchor_attention`. Installing twice swaps nothing more.
+    ``backend`` and ``devices`` are passed to the processors. Returns the number swapped. The
+    replaced objects are kept on the model and restored by :func:`remove_anchor_attention`.
+    Installing twice swaps nothing more.
     """
     flux_attention, flux_processor = _flux_classes()
     previous = getattr(transformer, _PREVIOUS, None)
@@ -156,7 +163,7 @@ def install_anchor_attention(transformer, backend: str | None = None) -> int:
     for name, module in transformer.named_modules():
         if isinstance(module, flux_attention) and type(module.processor) is flux_processor:
             previous[name] = module.processor
-            module.set_processor(AnchorAttnProcessor(backend=backend, fallback=module.processor))
+            module.set_processor(AnchorAttnProcessor(backend=backend, fallback=module.processor, devices=devices))
             swapped += 1
     return swapped
 
@@ -180,7 +187,7 @@ def remove_anchor_attention(transformer) -> int:
 
 
 @contextlib.contextmanager
-def use_anchor_attention(transformer, backend: str | None = None, enabled: bool = True):
+def use_anchor_attention(transformer, backend: str | None = None, enabled: bool = True, devices=("cpu",)):
     """``with use_anchor_attention(transformer): ...`` installs the processor for the block only.
 
     Only the processors this call swapped are restored, so an outer installation survives.
@@ -189,7 +196,7 @@ def use_anchor_attention(transformer, backend: str | None = None, enabled: bool 
         yield transformer
         return
     before = dict(getattr(transformer, _PREVIOUS, None) or {})
-    install_anchor_attention(transformer, backend=backend)
+    install_anchor_attention(transformer, backend=backend, devices=devices)
     try:
         yield transformer
     finally:

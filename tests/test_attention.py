@@ -462,6 +462,20 @@ def test_other_masks_fall_back_to_stock(tiny):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_devices_gate_falls_back_to_stock(tiny):
+    # devices=() keeps the fused op off everywhere: the fallback (the stock processor) runs.
+    from jit_sampler.attention import use_anchor_attention
+
+    x, lab = _inputs(64, 2)
+    from jit_sampler.tiny_flux import image_ids
+
+    ids = image_ids(8, 8)
+    want = tiny.velocity(x, 0.5, lab, ids)
+    with use_anchor_attention(tiny.transformer, devices=()):
+        got = tiny.velocity(x, 0.5, lab, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_pipeline_switch():
     from _flux_fixtures import build_pipe, prompt_inputs
 
@@ -502,7 +516,7 @@ def test_gpu_processor_matches_stock(tiny):
     try:
         x, lab = (t.cuda() for t in _inputs())
         want = m.velocity(x, 0.6, lab)
-        with use_anchor_attention(m.transformer):
+        with use_anchor_attention(m.transformer, devices=("cuda",)):
             got = m.velocity(x, 0.6, lab)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     finally:
