@@ -144,8 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--flux-rounds", type=int, default=3, help="rounds for the 24 x 128 shapes (CPU)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-flux", action="store_true", help="skip the 24 x 128 op rows")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/attention_<device>)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     configs = [(4, 32, 1, args.rounds)] + ([] if args.no_flux else [(24, 128, 1, args.flux_rounds)])
     with torch.no_grad():
