@@ -90,9 +90,10 @@ class AnchorAttnProcessor:
         fallback: the processor used for inputs the op does not take (an arbitrary mask, no
             rotary embedding, context parallelism); default a fresh ``FluxAttnProcessor``.
         devices: device types on which the fused op runs; tensors elsewhere take the
-            fallback. Default CPU only: on an H100 the Triton kernel measured 0.1 - 0.25x the
-            speed of rotary + PyTorch's flash SDPA at FLUX shapes (24 x 128 heads, bf16; see
-            benchmarks/NOTES.md), so CUDA is opt-in (``devices=("cpu", "cuda")``).
+            fallback. Default CPU only: on an H100 the Triton kernel measured 1.1-1.5x
+            rotary + PyTorch's flash SDPA at 512 + 1310 tokens but 0.61x at 512 + 4096 with
+            FLUX's 24 x 128 heads (bf16; benchmarks/NOTES.md), so CUDA is opt-in
+            (``devices=("cpu", "cuda")``).
     """
 
     # diffusers' set_attention_backend / context parallelism set these on processors.

@@ -260,8 +260,11 @@ def compile_all(arch: int = 90) -> list[Row]:
             continue
         seen.add(key)
         num_warps = int(kwargs.get("num_warps", 4))
+        opts = {"num_warps": num_warps}
+        if "num_stages" in kwargs:  # launchers that choose their pipelining depth
+            opts["num_stages"] = int(kwargs["num_stages"])
         try:
-            options = backend.parse_options({"num_warps": num_warps})
+            options = backend.parse_options(opts)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options=options.__dict__)
             regs, spills = _ptxas_usage(compiled.asm["ptx"], ptxas)

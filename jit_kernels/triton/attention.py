@@ -38,19 +38,26 @@ __all__ = ["anchor_attention_triton", "anchor_attention_launch", "attention_bloc
 _LOG2E = 1.4426950408889634
 
 
-def attention_blocks(d: int, dtype: torch.dtype = torch.bfloat16, interpret: bool = INTERPRET) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` for head dim ``d`` and input ``dtype``.
+def attention_blocks(d: int, dtype: torch.dtype = torch.bfloat16, interpret: bool = INTERPRET) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for head dim ``d`` and input ``dtype``.
 
-    GPU, fp16/bf16: 128 x 64 tiles (FlashAttention-2's forward shape for D <= 128), 8 warps
-    from D = 128. GPU, fp32 (full-precision dots, twice the registers per operand): 64 x 32,
-    which keeps the spills of the sm_90 lowering small. Interpreter: every program instance
-    costs ~0.6 ms of Python, so big tiles.
+    Measured on an H100 (bf16, 512 text + 1310..4096 anchors, benchmarks/NOTES.md): with
+    software pipelining (``num_stages`` 2-3) the kernel ran at 13-25 TFLOP/s whatever the
+    tile; with ``num_stages=1`` it reached 140 TFLOP/s at 24 x 128 heads (128 x 64 tiles,
+    8 warps) and 74 at 4 x 32 (64 x 64 tiles, 4 warps). The k tile is rotated in registers
+    before the dot, so it cannot be streamed into shared memory by the pipeliner anyway;
+    single-stage tiles leave room for more resident programs. fp32 (full-precision dots,
+    twice the registers per operand) takes 64 x 32 tiles, which keeps the spills of the
+    sm_90 lowering small. Interpreter: every program instance costs ~0.6 ms of Python, so
+    big tiles.
     """
     if interpret:
-        return 128, 128, 4
+        return 128, 128, 4, 1
     if dtype == torch.float32:
-        return 64, 32, (8 if d >= 128 else 4)
-    return 128, 64, (8 if d >= 128 else 4)
+        return 64, 32, (8 if d >= 128 else 4), 1
+    if d >= 128:
+        return 128, 64, 8, 1
+    return 64, 64, 4, 1
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def anchor_attention_launch(
     cs = cos.to(torch.float32).contiguous()
     sn = sin.to(torch.float32).contiguous()
     lens = key_lengths.to(torch.int64).contiguous() if key_lengths is not None else None
-    bm, bn, warps = attention_blocks(d, q.dtype)
+    bm, bn, warps, stages = attention_blocks(d, q.dtype)
     half = d // 2
     dot = _dot_dtype(q.dtype)
     grid = (triton.cdiv(n, bm), b * h)
@@ -181,7 +188,7 @@ def anchor_attention_launch(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         HAS_LENS=lens is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32 and not INTERPRET,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
