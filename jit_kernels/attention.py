@@ -32,13 +32,14 @@ def _check_qkv(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_table(op: str, name: str, t, n: int, d: int) -> None:
+def _check_table(op: str, name: str, t, b: int, n: int, d: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in C.FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if tuple(t.shape) != (n, d):
-        raise ValueError(f"{op}: {name} must be [L, D] = [{n}, {d}], got shape {tuple(t.shape)}")
+    if tuple(t.shape) not in ((n, d), (b, n, d)):
+        raise ValueError(f"{op}: {name} must be [L, D] = [{n}, {d}] or [B, L, D] = [{b}, {n}, {d}], "
+                         f"got shape {tuple(t.shape)}")
 
 
 def anchor_attention(
@@ -58,8 +59,9 @@ def anchor_attention(
         q, k, v: ``[B, L, H, D]`` (fp32, fp16 or bf16, one dtype) for the joint sequence
             (text tokens first, then the anchors), as diffusers' FLUX attention holds them.
         cos, sin: ``[L, D]`` rotary tables of those ``L`` tokens as ``FluxPosEmbed`` returns
-            them (interleaved channel pairs, ``use_real_unbind_dim=-1``). Any float dtype;
-            the rotation is done in fp32.
+            them (interleaved channel pairs, ``use_real_unbind_dim=-1``), or ``[B, L, D]``
+            when every sample has its own token positions (per-sample anchor sets). Any
+            float dtype; the rotation is done in fp32.
         key_lengths: optional int32/int64 ``[B]`` with values in ``[1, L]``: in sample ``b``
             only the first ``key_lengths[b]`` tokens are real; later keys are ignored and
             the output rows of those padded positions are zero.
@@ -81,8 +83,11 @@ def anchor_attention(
     b, n, _, d = q.shape
     if d % 2:
         raise ValueError(f"{op}: the head dim D must be even (rotary works on channel pairs), got D = {d}")
-    _check_table(op, "cos", cos, n, d)
-    _check_table(op, "sin", sin, n, d)
+    _check_table(op, "cos", cos, b, n, d)
+    _check_table(op, "sin", sin, b, n, d)
+    if cos.dim() != sin.dim():
+        raise ValueError(f"{op}: cos and sin must both be [L, D] or both [B, L, D], got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
     else:

@@ -202,20 +202,46 @@ def test_padded_batch_equals_each_sample_alone(backend, dtype):
                                jk.anchor_attention(q2, k2, v2, cos, sin, backend=backend), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_sample_tables_and_lengths(backend):
+    # Per-sample anchor sets: each sample has its own positions ([B, L, D] tables) and size.
+    b, h, d, text = 3, 2, 32, 4
+    counts = [140, 57, 96]
+    n = text + max(counts)
+    tabs = [_tables(text, n - text, d, seed=10 + i) for i in range(b)]
+    cos = torch.stack([t[0] for t in tabs])
+    sin = torch.stack([t[1] for t in tabs])
+    lens = torch.tensor([text + c for c in counts])
+    q, k, v = _qkv(b, n, h, d, seed=11)
+    out = jk.anchor_attention(q, k, v, cos, sin, lens, backend=backend)
+    _close(out, anchor_attention_ref(q, k, v, cos, sin, lens), torch.float32)
+    for i, ln in enumerate(lens.tolist()):
+        alone = anchor_attention_ref(q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln], cos[i, :ln], sin[i, :ln])
+        _close(out[i:i + 1, :ln], alone, torch.float32)
+        _close(out[i:i + 1, :ln], _stock(q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln], cos[i, :ln], sin[i, :ln]),
+               torch.float32)
+        assert bool((out[i, ln:] == 0).all())
+    # A [B, L, D] table with identical rows is the shared [L, D] table.
+    shared = jk.anchor_attention(q, k, v, cos[0], sin[0], backend=backend)
+    torch.testing.assert_close(jk.anchor_attention(q, k, v, cos[:1].expand(b, -1, -1), sin[:1].expand(b, -1, -1),
+                                                   backend=backend), shared, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- opcheck and errors
 
 
-def _op_args(lengths: bool):
+def _op_args(lengths: bool, per_sample: bool = False):
     q, k, v = _qkv(2, 19, 2, 16)
-    cos, sin = torch.rand(19, 16), torch.rand(19, 16)
+    shape = (2, 19, 16) if per_sample else (19, 16)
+    cos, sin = torch.rand(*shape), torch.rand(*shape)
     return (q, k, v, cos, sin, torch.tensor([19, 7]) if lengths else None, 0.25)
 
 
-@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("lengths,per_sample", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_opcheck(backend, lengths):
+def test_opcheck(backend, lengths, per_sample):
     op = torch.ops.jit_kernels.anchor_attention_triton if backend == "triton" else torch.ops.jit_kernels.anchor_attention
-    torch.library.opcheck(op.default, _op_args(lengths))
+    torch.library.opcheck(op.default, _op_args(lengths, per_sample))
 
 
 def test_schema_and_triton_twin():
@@ -246,6 +272,10 @@ def _bad_cases():
         ("odd D", lambda be: jk.anchor_attention(q[..., :7], k[..., :7], v[..., :7], cos[:, :7], sin[:, :7], backend=be),
          ValueError, r"D must be even"),
         ("cos shape", lambda be: jk.anchor_attention(q, k, v, cos[:9], sin, backend=be), ValueError, r"cos must be \[L, D\]"),
+        ("cos batch", lambda be: jk.anchor_attention(q, k, v, cos.expand(3, 10, 8), sin, backend=be), ValueError,
+         r"or \[B, L, D\] = \[2, 10, 8\]"),
+        ("cos/sin rank", lambda be: jk.anchor_attention(q, k, v, cos.expand(2, 10, 8), sin, backend=be), ValueError,
+         r"cos and sin must both be"),
         ("sin dtype", lambda be: jk.anchor_attention(q, k, v, cos, sin.long(), backend=be), TypeError,
          r"sin must be a floating tensor"),
         ("lengths dtype", lambda be: jk.anchor_attention(q, k, v, cos, sin, lens.float(), backend=be), TypeError,
@@ -291,6 +321,8 @@ def test_cpp_kernel_checks_its_own_inputs():
         (lambda: ops.anchor_attention(q[..., :15], k[..., :15], v[..., :15], cos[:, :15], sin[:, :15], lens, s),
          ValueError, r"D must be even"),
         (lambda: ops.anchor_attention(q, k, v, cos[:3], sin, lens, s), ValueError, r"cos must be \[L, D\]"),
+        (lambda: ops.anchor_attention(q, k, v, cos.expand(2, 19, 16), sin, lens, s), ValueError,
+         r"cos and sin must both be"),
         (lambda: ops.anchor_attention(q, k, v, cos, sin.long(), lens, s), TypeError, r"sin must be a floating"),
         (lambda: ops.anchor_attention(q, k, v, cos, sin, lens.int(), s), TypeError, r"key_lengths must be int64"),
         (lambda: ops.anchor_attention(q, k, v, cos, sin, lens[:1], s), ValueError, r"key_lengths must be \[B\]"),

@@ -1,7 +1,8 @@
 // CPU kernel of anchor_attention: rotary + online-softmax attention in one pass.
 //
 // q, k, v [B, L, H, D] (fp32/fp16/bf16, any strides with unit channel stride), cos, sin [L, D]
-// (FluxPosEmbed tables, interleaved channel pairs), key_lengths int64 [B] or none -> out
+// (FluxPosEmbed tables, interleaved channel pairs; or [B, L, D] per sample, for per-sample
+// anchor sets), key_lengths int64 [B] or none -> out
 // [B, L, H, D] contiguous in q's dtype. All arithmetic is fp32.
 //
 // Work unit = (b, h, block of QS query rows); at::parallel_for over B * H * ceil(L / QS).
@@ -114,10 +115,10 @@ struct Job {
   const T* k;
   const T* v;
   T* out;
-  const float* cos;
+  const float* cos;  // [L, D] or [B, L, D] (tb = L * D)
   const float* sin;
   const int64_t* lens;  // nullptr: every key valid
-  int64_t L, H, D, nq;
+  int64_t L, H, D, nq, tb;  // tb: batch stride of the tables (0: shared)
   int64_t sq[3], sk[3], sv[3];  // batch, token, head strides (channel stride 1)
   float qmul;                   // scale * log2(e), folded into q
 };
@@ -214,10 +215,12 @@ JK_INLINE void attention_unit(const Job<T>& J, int64_t u, float* ws) {
   float* row = S + KB * SW;
 
   const T* qb = J.q + b * J.sq[0] + h * J.sq[2];
+  const float* cosb = J.cos + b * J.tb;
+  const float* sinb = J.sin + b * J.tb;
   for (int64_t r = 0; r < cols; ++r) {
     if (r < qv) {
       const int64_t i = i0 + r;
-      rotate_row(qb + i * J.sq[1], J.cos + i * D, J.sin + i * D, row, D, J.qmul);
+      rotate_row(qb + i * J.sq[1], cosb + i * D, sinb + i * D, row, D, J.qmul);
       for (int64_t c = 0; c < D; ++c) Qt[c * QS + r] = row[c];
     } else {
       for (int64_t c = 0; c < D; ++c) Qt[c * QS + r] = 0.f;
@@ -233,7 +236,7 @@ JK_INLINE void attention_unit(const Job<T>& J, int64_t u, float* ws) {
     const int64_t kn = std::min(KB, len - k0), kt = (kn + RJ - 1) / RJ * RJ;
     for (int64_t j = 0; j < kn; ++j) {
       const int64_t t = k0 + j;
-      rotate_row(kbase + t * J.sk[1], J.cos + t * D, J.sin + t * D, Kb + j * D, D, 1.f);
+      rotate_row(kbase + t * J.sk[1], cosb + t * D, sinb + t * D, Kb + j * D, D, 1.f);
       const T* vr = vbase + t * J.sv[1];
       float* vd = Vb + j * D;
       for (int64_t c = 0; c < D; ++c) vd[c] = static_cast<float>(vr[c]);
@@ -347,8 +350,10 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   for (auto [t, name] : {std::pair{&cos_in, "cos"}, std::pair{&sin_in, "sin"}}) {
     TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be a floating tensor, got ",
                      t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == L && t->size(1) == D, op, ": ", name, " must be [L, D] = [", L,
-                      ", ", D, "], got ", t->sizes());
+    const bool shared = t->dim() == 2 && t->size(0) == L && t->size(1) == D;
+    const bool per_sample = t->dim() == 3 && t->size(0) == B && t->size(1) == L && t->size(2) == D;
+    TORCH_CHECK_VALUE(shared || per_sample, op, ": ", name, " must be [L, D] = [", L, ", ", D, "] or [B, L, D] = [", B,
+                      ", ", L, ", ", D, "], got ", t->sizes());
     check_same_device(op, q_in, "q", *t, name);
   }
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, op, ": scale must be finite and > 0, got ", scale);
@@ -366,7 +371,10 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   auto unit_stride = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   const at::Tensor q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
+  TORCH_CHECK_VALUE(cos_in.dim() == sin_in.dim(), op, ": cos and sin must both be [L, D] or both [B, L, D], got ",
+                    cos_in.sizes(), " and ", sin_in.sizes());
   const at::Tensor cs = cos_in.to(at::kFloat).contiguous(), sn = sin_in.to(at::kFloat).contiguous();
+  const int64_t tb = cs.dim() == 3 ? L * D : 0;
   at::Tensor out = at::empty({B, L, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const int64_t nq = (L + QS - 1) / QS, units = B * H * nq;
@@ -374,7 +382,7 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "anchor_attention_cpu", [&] {
     Job<scalar_t> J{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                     cs.data_ptr<float>(), sn.data_ptr<float>(), lens.defined() ? lens.data_ptr<int64_t>() : nullptr,
-                    L, H, D, nq,
+                    L, H, D, nq, tb,
                     {q.stride(0), q.stride(1), q.stride(2)},
                     {k.stride(0), k.stride(1), k.stride(2)},
                     {v.stride(0), v.stride(1), v.stride(2)},

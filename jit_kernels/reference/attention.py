@@ -25,12 +25,14 @@ __all__ = ["anchor_attention_ref", "rotary_ref"]
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' ``apply_rotary_emb(x, (cos, sin), sequence_dim=1)`` in fp32.
 
-    ``x [B, L, H, D]``, ``cos, sin [L, D]`` -> ``[B, L, H, D]`` fp32.
+    ``x [B, L, H, D]``, ``cos, sin [L, D]`` (or ``[B, L, D]`` per sample) -> ``[B, L, H, D]`` fp32.
     """
     x = x.float()
     xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-xi, xr], dim=-1).flatten(3)
-    return x * cos.float()[None, :, None, :] + rotated * sin.float()[None, :, None, :]
+    cos, sin = cos.float(), sin.float()
+    cos, sin = (cos[:, :, None, :], sin[:, :, None, :]) if cos.dim() == 3 else (cos[None, :, None], sin[None, :, None])
+    return x * cos + rotated * sin
 
 
 def anchor_attention_ref(
@@ -44,7 +46,7 @@ def anchor_attention_ref(
 ) -> torch.Tensor:
     """Rotary on q and k, then softmax attention; ``[B, L, H, D]`` in ``q.dtype``.
 
-    ``q, k, v [B, L, H, D]``, ``cos, sin [L, D]``, ``key_lengths`` int ``[B]`` or ``None``
+    ``q, k, v [B, L, H, D]``, ``cos, sin [L, D]`` or ``[B, L, D]``, ``key_lengths`` int ``[B]`` or ``None``
     (every key valid). Keys at positions ``>= key_lengths[b]`` are ignored; query rows at
     those positions are zero. ``scale`` defaults to ``1 / sqrt(D)``.
     """

@@ -131,13 +131,13 @@ def _record_case(case: str, h: int, w: int, c: int, m: int, r: int, b: int, dtyp
 
 
 def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths: bool) -> list:
-    """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths)."""
+    """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables)."""
     import torch
 
     from jit_kernels.triton import attention
 
     out = []
-    cs = torch.zeros(n, d)
+    cs = torch.zeros(b, n, d) if lengths else torch.zeros(n, d)
     lens = torch.full((b,), n, dtype=torch.int64) if lengths else None
     for dtype in dtypes:
         calls: list = []

@@ -67,7 +67,7 @@ def _anchor_attention_fwd_kernel(
     sq_b, sq_l, sq_h,
     sk_b, sk_l, sk_h,
     sv_b, sv_l, sv_h,
-    sc_l,
+    sc_b, sc_l,
     so_b, so_l, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
@@ -92,6 +92,8 @@ def _anchor_attention_fwd_kernel(
     q_rows = q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_l
     qe = _f32(tl.load(q_rows + 2 * half[None, :], mask=qm, other=0.0))
     qo = _f32(tl.load(q_rows + 2 * half[None, :] + 1, mask=qm, other=0.0))
+    cos_ptr += b * sc_b  # per-sample tables ([B, L, D]); sc_b = 0 when shared
+    sin_ptr += b * sc_b
     t_rows = rows[:, None] * sc_l + 2 * half[None, :]
     ce = tl.load(cos_ptr + t_rows, mask=qm, other=0.0)
     co = tl.load(cos_ptr + t_rows + 1, mask=qm, other=0.0)
@@ -164,7 +166,7 @@ def anchor_attention_launch(
     key_lengths: Optional[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    """``[B, L, H, D]`` attention of rotated q, k (``cos, sin [L, D]``), keys limited to ``key_lengths [B]``."""
+    """``[B, L, H, D]`` attention of rotated q, k (``cos, sin [L, D] | [B, L, D]``), keys limited to ``key_lengths [B]``."""
     b, n, h, d = q.shape
     out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -183,7 +185,7 @@ def anchor_attention_launch(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        cs.stride(0),
+        cs.stride(0) if cs.dim() == 3 else 0, cs.stride(-2),
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
