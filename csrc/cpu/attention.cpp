@@ -5,7 +5,8 @@
 // anchor sets), key_lengths int64 [B] or none -> out
 // [B, L, H, D] contiguous in q's dtype. All arithmetic is fp32.
 //
-// Work unit = (b, h, block of QS query rows); at::parallel_for over B * H * ceil(L / QS).
+// Work unit = (b, h, block of QS query rows); B * H * ceil(L / QS) units handed to the
+// at::parallel_for threads from an atomic counter.
 // Everything is laid out so that the vector lanes run over *queries*:
 //   Qt [D, QS]   rotated q * scale * log2(e), transposed once per unit;
 //   Ot [D, QS]   the output accumulator, transposed; m, l [QS] the softmax state;
@@ -23,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -388,7 +390,15 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
                     {v.stride(0), v.stride(1), v.stride(2)},
                     static_cast<float>(scale * 1.4426950408889634)};
     const RangeFn<scalar_t> fn = pick_kernel<scalar_t>();
-    at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) { fn(J, lo, hi, scratch_floats(0, wsz)); });
+    // Units are handed out from a shared counter rather than split statically: on a shared
+    // machine a thread that is descheduled for a while no longer holds the whole op back
+    // (every unit is computed the same way, so results do not depend on who runs it).
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(units, std::max<int64_t>(1, at::get_num_threads()));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      float* ws = scratch_floats(0, wsz);
+      for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(J, u, u + 1, ws);
+    });
   });
   return out;
 }
