@@ -16,7 +16,7 @@ import torch
 
 from . import _checks as C
 from ._backends import backend_op, checks_values, resolve
-from .reference import anchor_attention_ref
+from .reference.attention import anchor_attention_ref
 
 __all__ = ["anchor_attention"]
 

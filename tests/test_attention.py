@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import jit_kernels as jk
-from jit_kernels.reference import anchor_attention_ref, rotary_ref
+from jit_kernels.reference.attention import anchor_attention_ref, rotary_ref
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if b in jk.available_backends("cpu")]
 COMPILED = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]

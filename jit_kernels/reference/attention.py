@@ -1,5 +1,7 @@
 """Plain-PyTorch reference of ``anchor_attention``: diffusers' FLUX attention math in fp32.
 
+Import it from ``jit_kernels.reference.attention`` (tests and benchmarks do).
+
 diffusers' ``FluxAttnProcessor`` rotates q and k with ``apply_rotary_emb(x, (cos, sin),
 sequence_dim=1)`` (``use_real=True, use_real_unbind_dim=-1``: channels form interleaved
 pairs ``(x[2i], x[2i+1])``) and then calls ``scaled_dot_product_attention``. For each
