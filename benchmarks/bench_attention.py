@@ -119,7 +119,7 @@ def forward_rows(device, dtype, backend, rounds) -> list[dict]:
             return model.velocity(x, 0.7, lab, ids)
 
         def ours():
-            install_anchor_attention(tr, backend=backend)
+            install_anchor_attention(tr, backend=backend, devices=(torch.device(device).type,))
             try:
                 return model.velocity(x, 0.7, lab, ids)
             finally:

@@ -160,7 +160,8 @@ class JiTFluxPipeline(FluxPipeline):
     After a JiT call ``pipe.last_jit_report`` holds a :class:`~jit_sampler.JiTReport`
     (FLOPs are per sample). ``anchor_attention=True`` runs the call (JiT or dense) with the
     fused rotary + attention processor of :mod:`jit_sampler.attention` and restores the
-    previous processors afterwards.
+    previous processors afterwards (the processor fuses on CPU tensors; on CUDA it keeps the
+    stock math unless installed with ``devices=("cpu", "cuda")``, see its docstring).
     """
 
     _default_jit = None
