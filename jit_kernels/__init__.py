@@ -17,6 +17,7 @@ from ._backends import (
     set_backend,
     use_backend,
 )
+from .attention import anchor_attention
 from .blur import blur_params, gaussian_weights
 from .importance import select_new_tokens, token_importance
 from .lift import lift_euler_, lift_field, lift_weights, nearest_anchor_map
@@ -29,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "MICROFLOW_MODES",
+    "anchor_attention",
     "available_backends",
     "blur_params",
     "extension_error",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCHEMAS", "NAMESPACE"]
+__all__ = ["SCHEMAS", "ATTENTION_SCHEMAS", "NAMESPACE"]
 
 NAMESPACE = "jit_kernels"
 
@@ -38,8 +38,17 @@ SCHEMAS: dict[str, str] = {
     ),
 }
 
+# Attention ops: kept apart from SCHEMAS because the token-op test suites enumerate
+# SCHEMAS (samples, Triton twins, CUDA routing) and pin that set; tests/test_attention.py
+# covers these the same way.
+ATTENTION_SCHEMAS: dict[str, str] = {
+    # q, k, v [B, L, H, D]; cos, sin [L, D] (FluxPosEmbed, interleaved pairs); key_lengths int64 [B]
+    # or None; scale: the softmax scale (the public wrapper resolves the 1/sqrt(D) default).
+    "anchor_attention": "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_lengths, float scale) -> Tensor",
+}
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **ATTENTION_SCHEMAS}.items():
     _lib.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
@@ -92,3 +101,8 @@ def _(y, new_idx, target, weight):
 @torch.library.register_fake(f"{NAMESPACE}::microflow_target")
 def _(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
     return y_prev.new_empty((y_prev.shape[0], new_idx.shape[-1], y_prev.shape[2]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::anchor_attention")
+def _(q, k, v, cos, sin, key_lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

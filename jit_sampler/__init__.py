@@ -26,10 +26,15 @@ def __getattr__(name):
         from . import flux2
 
         return flux2.JiTFlux2KleinPipeline
+    if name in ("AnchorAttnProcessor", "install_anchor_attention", "remove_anchor_attention", "use_anchor_attention"):
+        from . import attention
+
+        return getattr(attention, name)
     raise AttributeError(f"module 'jit_sampler' has no attribute {name!r}")
 
 
 __all__ = [
+    "AnchorAttnProcessor",
     "FLUX1_DEV_CONFIG",
     "FluxFlops",
     "FluxVelocity",
@@ -51,9 +56,12 @@ __all__ = [
     "flux_run_flops",
     "flux_transformer_flops",
     "initial_anchors",
+    "install_anchor_attention",
     "jit_sample",
     "linear_sigmas",
     "make_plan",
+    "remove_anchor_attention",
     "stage_layout",
     "stride_lattice",
+    "use_anchor_attention",
 ]

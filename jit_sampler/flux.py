@@ -203,13 +203,23 @@ class JiTFluxPipeline(FluxPipeline):
     is passed explicitly (an explicit value overrides the config's steps; ``sigmas`` or
     ``sigma_schedule="pipeline"`` use the scheduler's own, resolution-shifted schedule).
     After a JiT call ``pipe.last_jit_report`` holds a :class:`~jit_sampler.JiTReport`
-    (FLOPs are per sample).
+    (FLOPs are per sample). ``anchor_attention=True`` runs the call (JiT or dense) with the
+    fused rotary + attention processor of :mod:`jit_sampler.attention` and restores the
+    previous processors afterwards (the processor fuses on CPU tensors; on CUDA it keeps the
+    stock math unless installed with ``devices=("cpu", "cuda")``, see its docstring).
     """
 
     _default_jit = None
     last_jit_report = None
 
-    def __call__(self, *args, jit=_UNSET, **kwargs):
+    def __call__(self, *args, jit=_UNSET, anchor_attention: bool = False, **kwargs):
+        # anchor_attention=True: the transformer's stock FLUX attention processors are swapped
+        # for jit_sampler.attention.AnchorAttnProcessor (fused rotary + attention) for this call only.
+        if anchor_attention:
+            from .attention import use_anchor_attention
+
+            with use_anchor_attention(self.transformer):
+                return self.__call__(*args, jit=jit, **kwargs)
         if jit is _UNSET:
             jit = self._default_jit
         cfg = JiTConfig.coerce(jit)

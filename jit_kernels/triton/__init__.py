@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from . import importance, lift, microflow, tokens  # noqa: F401  (importing registers the ops)
+from . import attention, importance, lift, microflow, tokens  # noqa: F401  (importing registers the ops)
+from .attention import anchor_attention_launch, anchor_attention_triton
 from .importance import (
     select_new_tokens_launch,
     select_new_tokens_triton,
@@ -35,6 +36,9 @@ from .microflow import (
 from .tokens import gather_tokens_triton, scatter_tokens__triton, scatter_tokens_triton
 
 __all__ = [
+    "anchor_attention_triton",
+    "ATTENTION_CUDA_ROUTABLE",
+    "ATTENTION_ROUTED_TO_TRITON",
     "gather_tokens_triton",
     "scatter_tokens_triton",
     "scatter_tokens__triton",
@@ -82,3 +86,8 @@ def route_to_cuda(
 
 
 ROUTED_TO_TRITON: tuple[str, ...] = route_to_cuda(CUDA_ROUTABLE)
+
+# anchor_attention has no CUDA C++ kernel: Triton is its CUDA implementation (see the docstring
+# of jit_kernels.triton.attention). Kept apart from CUDA_ROUTABLE, which lists the token ops.
+ATTENTION_CUDA_ROUTABLE: dict[str, Callable] = {"anchor_attention": anchor_attention_launch}
+ATTENTION_ROUTED_TO_TRITON: tuple[str, ...] = route_to_cuda(ATTENTION_CUDA_ROUTABLE)

@@ -39,6 +39,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "lift": ("_nearest_anchor_map_fwd_kernel", "_lift_field_fwd_kernel", "_lift_euler_fwd_kernel"),
     "importance": ("_token_importance_fwd_kernel", "_select_new_tokens_fwd_kernel", "_select_mask_active_kernel"),
     "microflow": ("_microflow_update_fwd_kernel", "_microflow_target_fwd_kernel"),
+    "attention": ("_anchor_attention_fwd_kernel",),
 }
 
 
@@ -129,6 +130,24 @@ def _record_case(case: str, h: int, w: int, c: int, m: int, r: int, b: int, dtyp
     return out
 
 
+def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths: bool) -> list:
+    """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables)."""
+    import torch
+
+    from jit_kernels.triton import attention
+
+    out = []
+    cs = torch.zeros(b, n, d) if lengths else torch.zeros(n, d)
+    lens = torch.full((b,), n, dtype=torch.int64) if lengths else None
+    for dtype in dtypes:
+        calls: list = []
+        x = torch.zeros(b, n, h, d, dtype=dtype)
+        with _recording(calls):
+            attention.anchor_attention_launch(x, x, x, cs, cs, lens, d ** -0.5)
+        out += [(case, str(dtype).replace("torch.", ""), fn, args, kwargs) for fn, args, kwargs in calls]
+    return out
+
+
 def _record_launches() -> list[tuple[str, str, object, tuple, dict]]:
     """Run every launcher on representative inputs; (case, dtype label, kernel, args, kwargs) per launch.
 
@@ -139,7 +158,12 @@ def _record_launches() -> list[tuple[str, str, object, tuple, dict]]:
     import torch
 
     return (_record_case("flux", 64, 64, 64, 1310, 1147, 2, (torch.float32, torch.bfloat16))
-            + _record_case("edge", 1, 17, 1, 1, 1, 1, (torch.float32,)))
+            + _record_case("edge", 1, 17, 1, 1, 1, 1, (torch.float32,))
+            # attention: FLUX (512 text + 1310 anchors, 24 x 128, per-sample lengths), the tiny
+            # model (4 x 32), and D = 2 on one token.
+            + _record_attention("flux", 2, 512 + 1310, 24, 128, (torch.float32, torch.bfloat16, torch.float16), True)
+            + _record_attention("tiny", 1, 4 + 1310, 4, 32, (torch.float32, torch.bfloat16), False)
+            + _record_attention("edge", 1, 1, 1, 2, (torch.float32,), False))
 
 
 _TORCH_TO_TRITON = {
@@ -236,8 +260,11 @@ def compile_all(arch: int = 90) -> list[Row]:
             continue
         seen.add(key)
         num_warps = int(kwargs.get("num_warps", 4))
+        opts = {"num_warps": num_warps}
+        if "num_stages" in kwargs:  # launchers that choose their pipelining depth
+            opts["num_stages"] = int(kwargs["num_stages"])
         try:
-            options = backend.parse_options({"num_warps": num_warps})
+            options = backend.parse_options(opts)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options=options.__dict__)
             regs, spills = _ptxas_usage(compiled.asm["ptx"], ptxas)

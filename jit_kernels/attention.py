@@ -1,0 +1,114 @@
+"""Public op: ``anchor_attention``, rotary + softmax attention over the text and anchor tokens in one kernel.
+
+In every JiT step the transformer attends over the text tokens plus the active anchor
+tokens, which sit at scattered grid positions: only their rotary tables (``cos, sin``
+rows gathered by position) say where. diffusers' stock FLUX processor writes rotated
+copies of q and k and then calls SDPA (with per-sample anchor sets: padding plus a mask).
+This op applies the rotation inside the attention kernel and takes per-sample key
+lengths instead of a mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks as C
+from ._backends import backend_op, checks_values, resolve
+from .reference.attention import anchor_attention_ref
+
+__all__ = ["anchor_attention"]
+
+_LENGTH_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_qkv(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be [B, L, H, D], got shape {tuple(t.shape)}")
+    if t.dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_table(op: str, name: str, t, b: int, n: int, d: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in C.FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if tuple(t.shape) not in ((n, d), (b, n, d)):
+        raise ValueError(f"{op}: {name} must be [L, D] = [{n}, {d}] or [B, L, D] = [{b}, {n}, {d}], "
+                         f"got shape {tuple(t.shape)}")
+
+
+def anchor_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rotary-embedded softmax attention: ``softmax(scale * rot(q) rot(k)^T) v``.
+
+    Args:
+        q, k, v: ``[B, L, H, D]`` (fp32, fp16 or bf16, one dtype) for the joint sequence
+            (text tokens first, then the anchors), as diffusers' FLUX attention holds them.
+        cos, sin: ``[L, D]`` rotary tables of those ``L`` tokens as ``FluxPosEmbed`` returns
+            them (interleaved channel pairs, ``use_real_unbind_dim=-1``), or ``[B, L, D]``
+            when every sample has its own token positions (per-sample anchor sets). Any
+            float dtype; the rotation is done in fp32.
+        key_lengths: optional int32/int64 ``[B]`` with values in ``[1, L]``: in sample ``b``
+            only the first ``key_lengths[b]`` tokens are real; later keys are ignored and
+            the output rows of those padded positions are zero.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``auto | cuda | triton | cpp | reference`` (see :mod:`jit_kernels`).
+
+    Returns ``[B, L, H, D]`` contiguous in ``q.dtype``; the arithmetic is fp32 (online
+    softmax). Equals diffusers' ``FluxAttnProcessor`` math (rotary + SDPA) within the
+    attention tolerances, per valid row exactly what a batch of one unpadded sample gives.
+    """
+    op = "anchor_attention"
+    _check_qkv(op, "q", q)
+    for name, t in (("k", k), ("v", v)):
+        _check_qkv(op, name, t)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must match q {tuple(q.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but q is {q.dtype}; q, k and v must share one dtype")
+    b, n, _, d = q.shape
+    if d % 2:
+        raise ValueError(f"{op}: the head dim D must be even (rotary works on channel pairs), got D = {d}")
+    _check_table(op, "cos", cos, b, n, d)
+    _check_table(op, "sin", sin, b, n, d)
+    if cos.dim() != sin.dim():
+        raise ValueError(f"{op}: cos and sin must both be [L, D] or both [B, L, D], got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d else 1.0
+    else:
+        scale = C.check_float(op, "scale", scale)
+        if scale <= 0.0:
+            raise ValueError(f"{op}: scale must be > 0, got {scale}")
+    be = resolve(op, q.device, backend)
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor):
+            raise TypeError(f"{op}: key_lengths must be a torch.Tensor or None, got {type(key_lengths).__name__}")
+        if key_lengths.dtype not in _LENGTH_DTYPES:
+            raise TypeError(f"{op}: key_lengths must be int32 or int64, got {key_lengths.dtype}")
+        if tuple(key_lengths.shape) != (b,):
+            raise ValueError(f"{op}: key_lengths must be [B] = [{b}], got shape {tuple(key_lengths.shape)}")
+        C.check_same_device(op, q=q, key_lengths=key_lengths)
+        key_lengths = key_lengths.to(torch.int64)
+        if checks_values(be) and not C._tracing() and b > 0:
+            lo, hi = int(key_lengths.min()), int(key_lengths.max())
+            if lo < 1 or hi > n:
+                raise IndexError(f"{op}: key_lengths has values in [{lo}, {hi}], outside [1, {n}]")
+    C.check_same_device(op, q=q, k=k, v=v, cos=cos, sin=sin)
+    if be == "reference":
+        return anchor_attention_ref(q, k, v, cos, sin, key_lengths, scale)
+    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale)
