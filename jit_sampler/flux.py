@@ -194,7 +194,74 @@ class _nullctx:
         return False
 
 
-class JiTFluxPipeline(FluxPipeline):
+class _JiTPipelineMixin:
+    """What every JiT pipeline shares around :func:`jit_sample`: the ``jit=`` dispatch, the batch
+    size, the step override and the denoising call with diffusers' callbacks. Subclasses set
+    ``_stock_call`` (the stock ``__call__`` signature) and implement ``_jit_call``."""
+
+    _default_jit = None
+    last_jit_report = None
+    _stock_call: inspect.Signature
+
+    def _dispatch(self, stock_call, args, kwargs, jit):
+        if jit is _UNSET:
+            jit = self._default_jit
+        cfg = JiTConfig.coerce(jit)
+        if cfg is None:
+            self.last_jit_report = None
+            return stock_call(*args, **kwargs)
+        bound = self._stock_call.bind(self, *args, **kwargs)
+        explicit = set(bound.arguments)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        a.pop("self")
+        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+
+    def _refuse_newer(self, newer: dict) -> None:
+        """Arguments a later diffusers adds to the stock ``__call__`` are refused unless left at their default."""
+        unsupported = sorted(k for k, v in newer.items() if v is not self._stock_call.parameters[k].default)
+        if unsupported:
+            raise NotImplementedError(f"{type(self).__name__}: {unsupported} not supported with jit=...; use jit=None")
+
+    @staticmethod
+    def _batch_size(prompt, prompt_embeds) -> int:
+        if prompt is not None and isinstance(prompt, str):
+            return 1
+        if prompt is not None and isinstance(prompt, list):
+            return len(prompt)
+        return prompt_embeds.shape[0]
+
+    @staticmethod
+    def _steps_config(cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps) -> JiTConfig:
+        """The config's steps, unless the caller chose ``sigmas`` or ``num_inference_steps`` explicitly."""
+        if sigmas is not None:
+            return cfg.replace(total_steps=len(sigmas))
+        if explicit_steps and num_inference_steps != cfg.total_steps:
+            return cfg.replace(total_steps=int(num_inference_steps))
+        return cfg
+
+    def _denoise(self, velocity: FluxVelocity, latents, grid_h: int, grid_w: int, sig, cfg: JiTConfig, generator,
+                 timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """:func:`jit_sample` under the pipeline's progress bar, ``interrupt`` and ``callback_on_step_end``
+        (which may replace ``latents`` and ``prompt_embeds``)."""
+        with self.progress_bar(total=cfg.total_steps) as progress_bar:
+            def on_step(i: int, sigma: float, y: torch.Tensor):
+                new_latents = None
+                if callback_on_step_end is not None:
+                    avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
+                    callback_kwargs = {k: avail[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs) or {}
+                    new_latents = outputs.pop("latents", None)
+                    if "prompt_embeds" in outputs:
+                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
+                progress_bar.update()
+                return new_latents
+
+            return jit_sample(velocity, latents, grid_h, grid_w, sig, cfg, generator,
+                              step_callback=on_step, interrupt=lambda: self.interrupt)
+
+
+class JiTFluxPipeline(_JiTPipelineMixin, FluxPipeline):
     """``FluxPipeline`` with a ``jit=`` argument (``None``, a preset name or a :class:`JiTConfig`).
 
     ``jit=None`` calls ``FluxPipeline.__call__`` unchanged. Otherwise every FluxPipeline
@@ -209,8 +276,7 @@ class JiTFluxPipeline(FluxPipeline):
     stock math unless installed with ``devices=("cpu", "cuda")``, see its docstring).
     """
 
-    _default_jit = None
-    last_jit_report = None
+    _stock_call = _FLUX_CALL
 
     def __call__(self, *args, jit=_UNSET, anchor_attention: bool = False, **kwargs):
         # anchor_attention=True: the transformer's stock FLUX attention processors are swapped
@@ -220,18 +286,7 @@ class JiTFluxPipeline(FluxPipeline):
 
             with use_anchor_attention(self.transformer):
                 return self.__call__(*args, jit=jit, **kwargs)
-        if jit is _UNSET:
-            jit = self._default_jit
-        cfg = JiTConfig.coerce(jit)
-        if cfg is None:
-            self.last_jit_report = None
-            return super().__call__(*args, **kwargs)
-        bound = _FLUX_CALL.bind(self, *args, **kwargs)
-        explicit = set(bound.arguments)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        a.pop("self")
-        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+        return self._dispatch(super().__call__, args, kwargs, jit)
 
     @torch.no_grad()
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, prompt, prompt_2, negative_prompt, negative_prompt_2,
@@ -240,10 +295,7 @@ class JiTFluxPipeline(FluxPipeline):
                   negative_ip_adapter_image, negative_ip_adapter_image_embeds, negative_prompt_embeds,
                   negative_pooled_prompt_embeds, output_type, return_dict, joint_attention_kwargs,
                   callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, **newer):
-        # Arguments a later diffusers adds to FluxPipeline.__call__ are refused unless left at their default.
-        unsupported = sorted(k for k, v in newer.items() if v is not _FLUX_CALL.parameters[k].default)
-        if unsupported:
-            raise NotImplementedError(f"JiTFluxPipeline: {unsupported} not supported with jit=...; use jit=None")
+        self._refuse_newer(newer)
         t0 = time.perf_counter()
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -258,12 +310,7 @@ class JiTFluxPipeline(FluxPipeline):
         self._current_timestep = None
         self._interrupt = False
 
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
         has_neg_prompt = negative_prompt is not None or (
@@ -300,11 +347,7 @@ class JiTFluxPipeline(FluxPipeline):
         grid_h = int(height) // (self.vae_scale_factor * 2)
         grid_w = int(width) // (self.vae_scale_factor * 2)
 
-        # Steps and sigmas: the config's, unless the caller chose them explicitly.
-        if sigmas is not None:
-            cfg = cfg.replace(total_steps=len(sigmas))
-        elif explicit_steps and num_inference_steps != cfg.total_steps:
-            cfg = cfg.replace(total_steps=int(num_inference_steps))
+        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
         steps = cfg.total_steps
         if cfg.sigma_schedule == "beta" and sigmas is None:
             sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
@@ -335,22 +378,8 @@ class JiTFluxPipeline(FluxPipeline):
                                 pre_call=set_timestep, backend=cfg.backend,
                                 token_bucket=cfg.token_bucket)
 
-        with self.progress_bar(total=steps) as progress_bar:
-            def on_step(i: int, sigma: float, y: torch.Tensor):
-                new_latents = None
-                if callback_on_step_end is not None:
-                    t = timesteps[i]
-                    avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
-                    callback_kwargs = {k: avail[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    new_latents = outputs.pop("latents", None)
-                    if "prompt_embeds" in outputs:
-                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
-                progress_bar.update()
-                return new_latents
-
-            latents, report = jit_sample(velocity, latents, grid_h, grid_w, sig, cfg, generator,
-                                         step_callback=on_step, interrupt=lambda: self.interrupt)
+        latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
+                                        callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._current_timestep = None
         t_sampled = time.perf_counter()
 

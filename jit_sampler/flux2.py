@@ -27,17 +27,15 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
 from .config import JiTConfig
-from .core import jit_sample
-from .flux import FluxVelocity, _execution_device, _per_image
+from .flux import _UNSET, FluxVelocity, _execution_device, _JiTPipelineMixin, _per_image
 from .report import flop_summary
 
 __all__ = ["JiTFlux2KleinPipeline"]
 
 _KLEIN_CALL = inspect.signature(Flux2KleinPipeline.__call__)
-_UNSET = object()
 
 
-class JiTFlux2KleinPipeline(Flux2KleinPipeline):
+class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
     """``Flux2KleinPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
 
     ``num_inference_steps`` or ``sigmas``, when passed, override the config's step count; the
@@ -45,22 +43,10 @@ class JiTFlux2KleinPipeline(Flux2KleinPipeline):
     :class:`~jit_sampler.JiTReport` of the last JiT call (FLOPs per sample).
     """
 
-    _default_jit = None
-    last_jit_report = None
+    _stock_call = _KLEIN_CALL
 
     def __call__(self, *args, jit=_UNSET, **kwargs):
-        if jit is _UNSET:
-            jit = self._default_jit
-        cfg = JiTConfig.coerce(jit)
-        if cfg is None:
-            self.last_jit_report = None
-            return super().__call__(*args, **kwargs)
-        bound = _KLEIN_CALL.bind(self, *args, **kwargs)
-        explicit = set(bound.arguments)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        a.pop("self")
-        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+        return self._dispatch(super().__call__, args, kwargs, jit)
 
     def _schedule(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
         """The sigmas Flux2KleinPipeline would integrate: ``steps + 1`` floats ending at 0."""
@@ -79,9 +65,7 @@ class JiTFlux2KleinPipeline(Flux2KleinPipeline):
                   sigmas, guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds,
                   negative_prompt_embeds, output_type, return_dict, attention_kwargs, callback_on_step_end,
                   callback_on_step_end_tensor_inputs, max_sequence_length, text_encoder_out_layers, **newer):
-        unsupported = sorted(k for k, v in newer.items() if v is not _KLEIN_CALL.parameters[k].default)
-        if unsupported:
-            raise NotImplementedError(f"JiTFlux2KleinPipeline: {unsupported} not supported with jit=...; use jit=None")
+        self._refuse_newer(newer)
         if image is not None:
             raise NotImplementedError("JiTFlux2KleinPipeline: reference images (image=...) are not supported with "
                                       "jit=...; use jit=None")
@@ -93,12 +77,7 @@ class JiTFlux2KleinPipeline(Flux2KleinPipeline):
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
@@ -122,10 +101,7 @@ class JiTFlux2KleinPipeline(Flux2KleinPipeline):
         grid_h = int(height) // (self.vae_scale_factor * 2)
         grid_w = int(width) // (self.vae_scale_factor * 2)
 
-        if sigmas is not None:
-            cfg = cfg.replace(total_steps=len(sigmas))
-        elif explicit_steps and num_inference_steps != cfg.total_steps:
-            cfg = cfg.replace(total_steps=int(num_inference_steps))
+        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
         steps = cfg.total_steps
         sig = self._schedule(steps, sigmas, latents.shape[1], device)
         self._num_timesteps = steps
@@ -139,21 +115,8 @@ class JiTFlux2KleinPipeline(Flux2KleinPipeline):
                                 joint_attention_kwargs=attention_kwargs or {}, pre_call=set_timestep,
                                 backend=cfg.backend, token_bucket=cfg.token_bucket)
 
-        with self.progress_bar(total=steps) as progress_bar:
-            def on_step(i: int, sigma: float, y: torch.Tensor):
-                new_latents = None
-                if callback_on_step_end is not None:
-                    avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
-                    outputs = callback_on_step_end(self, i, timesteps[i],
-                                                   {k: avail[k] for k in callback_on_step_end_tensor_inputs}) or {}
-                    new_latents = outputs.pop("latents", None)
-                    if "prompt_embeds" in outputs:
-                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
-                progress_bar.update()
-                return new_latents
-
-            latents, report = jit_sample(velocity, latents, grid_h, grid_w, sig, cfg, generator,
-                                         step_callback=on_step, interrupt=lambda: self.interrupt)
+        latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
+                                        callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._current_timestep = None
         t_sampled = time.perf_counter()
 
