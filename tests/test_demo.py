@@ -10,7 +10,8 @@ from jit_sampler.demo import run_demo
 def test_demo_end_to_end(tmp_path):
     res = run_demo(str(tmp_path), presets=("7x",), seeds=1, repeats=1, dense_steps=6, log=lambda *_: None)
     rows = {r["method"]: r for r in res["rows"]}
-    assert rows["JiT 7x"]["model_calls"] == 11 and rows["dense-6"]["model_calls"] == 6
+    # CFG 3 by default: two passes per step
+    assert rows["JiT 7x"]["model_calls"] == 22 and rows["dense-6"]["model_calls"] == 12
     # 4 steps at 81/256 + 3 at 153/256 + 4 full steps
     assert rows["JiT 7x"]["full_step_equivalents"] == pytest.approx(7.06, abs=0.01)
     assert 0 < rows["JiT 7x"]["psnr_db"] < 100 and -1 <= rows["JiT 7x"]["ssim"] <= 1
