@@ -36,6 +36,11 @@ _POLICIES = ("shared", "per_sample")
 _BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
 
+def is_int_at_least(value, lowest: int) -> bool:
+    """``value`` is a real ``int`` (not a bool) and ``>= lowest``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
 def _err(name: str, msg: str) -> ValueError:
     return ValueError(f"JiTConfig.{name}: {msg}")
 
@@ -141,11 +146,11 @@ class JiTConfig:
             set_(self, name, float(v))
         for name in ("relax_steps", "dmf_substeps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int_at_least(v, 1):
                 raise _err(name, f"must be an int >= 1, got {v!r}")
-        if isinstance(self.token_multiple, bool) or not isinstance(self.token_multiple, int) or self.token_multiple < 1:
+        if not is_int_at_least(self.token_multiple, 1):
             raise _err("token_multiple", f"must be an int >= 1, got {self.token_multiple!r}")
-        if isinstance(self.token_bucket, bool) or not isinstance(self.token_bucket, int) or self.token_bucket < 0:
+        if not is_int_at_least(self.token_bucket, 0):
             raise _err("token_bucket", f"must be an int >= 0 (0 = off), got {self.token_bucket!r}")
         if isinstance(self.dmf_noise, torch.Tensor):
             if self.dmf_noise.dim() != 3 or not self.dmf_noise.is_floating_point():

@@ -53,7 +53,6 @@ class TinyVelocity(FluxVelocity):
         super().__init__(model.transformer, enc, pooled, tids, image_ids(model.height, model.width, labels.device),
                          negative=negative, true_cfg_scale=cfg_scale, backend=backend,
                          token_bucket=token_bucket)
-        self.model, self.labels, self.cfg_scale = model, labels, float(cfg_scale)
 
 
 def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTConfig, *, sigmas=None,

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older diffusers
     def _execution_device(module):
         return module.device
 
-from .config import JiTConfig
+from .config import JiTConfig, is_int_at_least
 from .core import jit_sample
 from .report import flop_summary
 from .schedule import beta_sigmas
@@ -71,7 +71,7 @@ class FluxVelocity:
                  negative=None, true_cfg_scale: float = 1.0, joint_attention_kwargs: dict | None = None,
                  image_embeds=None, negative_image_embeds=None, pre_call=None, backend: str = "auto",
                  token_bucket: int = 0):
-        if isinstance(token_bucket, bool) or not isinstance(token_bucket, int) or token_bucket < 0:
+        if not is_int_at_least(token_bucket, 0):
             raise ValueError(f"token_bucket must be an int >= 0 (0 = off), got {token_bucket!r}")
         if token_bucket and "attention_mask" in (joint_attention_kwargs or {}):
             raise ValueError("token_bucket pads with its own attention mask; it cannot be combined with a "
@@ -108,17 +108,12 @@ class FluxVelocity:
     def _ids_for(self, active_idx: torch.Tensor):
         """``img_ids`` rows of the active tokens: ``[M, 3]`` or a list of ``B`` of them; cached per stage."""
         if self._ids_key is not active_idx:
-            if not self.img_ids.is_floating_point():  # FLUX.2's integer ids: a plain row gather
-                rows = active_idx if active_idx.dim() == 1 else list(active_idx)
-                self._ids = (self.img_ids.index_select(0, rows) if active_idx.dim() == 1
-                             else [self.img_ids.index_select(0, r) for r in rows])
-                self._ids_key = active_idx
-                return self._ids
-            full = self.img_ids.unsqueeze(0)  # [1, N, 3]
-            if active_idx.dim() == 1:
-                self._ids = jk.gather_tokens(full, active_idx, backend=self.backend)[0]
-            else:
-                self._ids = [jk.gather_tokens(full, row, backend=self.backend)[0] for row in active_idx]
+            def rows(idx):
+                if self.img_ids.is_floating_point():
+                    return jk.gather_tokens(self.img_ids.unsqueeze(0), idx, backend=self.backend)[0]
+                return self.img_ids.index_select(0, idx)  # FLUX.2's integer ids
+
+            self._ids = rows(active_idx) if active_idx.dim() == 1 else [rows(r) for r in active_idx]
             self._ids_key = active_idx  # the loop keeps one tensor object per stage
         return self._ids
 

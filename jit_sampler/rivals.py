@@ -21,6 +21,7 @@ tokens are.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,18 +33,17 @@ from .report import flux_transformer_flops
 __all__ = ["ras_sample", "RASReport", "BlockWorkCounter", "cache_hook"]
 
 
+@dataclass
 class RASReport:
-    """What :func:`ras_sample` did: tokens computed per step and model calls."""
+    """What :func:`ras_sample` did: tokens computed per step (of ``num_tokens``) and model calls."""
 
-    def __init__(self):
-        self.active_tokens: list[int] = []
-        self.model_calls = 0
+    num_tokens: int
+    active_tokens: list[int] = field(default_factory=list)
+    model_calls: int = 0
 
     @property
     def full_step_equivalents(self) -> float:
-        return sum(self.active_tokens) / max(1, self._n)
-
-    _n = 1
+        return sum(self.active_tokens) / self.num_tokens
 
 
 @torch.no_grad()
@@ -64,14 +64,13 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
     b, n, c = latents.shape
     sig = [float(s) for s in sigmas]
     m = max(1, int(n * ratio))
-    y = latents.to(torch.float32, copy=True)
+    y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     device = y.device
     all_idx = torch.arange(n, device=device)
     v_cache = torch.zeros_like(y)
     rate = torch.zeros(n, device=device)
     age = torch.zeros(n, device=device)
-    report = RASReport()
-    report._n = n
+    report = RASReport(n)
     calls0 = getattr(velocity_fn, "calls", None)
     for i in range(len(sig) - 1):
         dense = m >= n or i < warmup or (refresh_every > 0 and (i - warmup) % refresh_every == refresh_every - 1)

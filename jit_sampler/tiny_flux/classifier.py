@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import load_mnist
+from .data import load_mnist, random_shift
 from .model import WEIGHTS_DIR
 
 __all__ = ["DigitClassifier", "load_classifier", "train_classifier", "CLASSIFIER_FILE"]
@@ -60,14 +60,6 @@ class DigitClassifier(nn.Module):
         return self(x).argmax(-1)
 
 
-def _shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    b, _, h, w = x.shape
-    pad = F.pad(x, (max_px,) * 4, value=-1.0)
-    dx = torch.randint(0, 2 * max_px + 1, (b,), generator=g).tolist()
-    dy = torch.randint(0, 2 * max_px + 1, (b,), generator=g).tolist()
-    return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-
-
 def train_classifier(steps: int = 3000, seed: int = 0, batch: int = 64, lr: float = 2e-3, log=print) -> tuple[DigitClassifier, dict]:
     """Train on the held-out split (deterministic from ``seed``); returns ``(model, info)`` with the
     accuracy on the generator's training split."""
@@ -84,7 +76,7 @@ def train_classifier(steps: int = 3000, seed: int = 0, batch: int = 64, lr: floa
         t0 = time.time()
         for step in range(1, steps + 1):
             idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-            xb = _shift(x[idx], g)
+            xb = random_shift(x[idx], g)
             xb = xb + 0.1 * torch.randn(xb.shape, generator=g)  # robustness to sampler noise
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)

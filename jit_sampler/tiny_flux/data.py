@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["load_mnist", "mnist_path"]
+__all__ = ["load_mnist", "mnist_path", "random_shift"]
 
 _PER_CLASS = 250
 
@@ -44,3 +44,13 @@ def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     img = torch.from_numpy(pixels[keep]).view(-1, 1, 28, 28) / 127.5 - 1.0
     img = torch.nn.functional.pad(img, (2, 2, 2, 2), value=-1.0)
     return img.contiguous(), torch.from_numpy(labels[keep])
+
+
+def random_shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
+    """Translate each image ``[B, 1, H, W]`` by up to ``max_px`` pixels (background fill), drawn from ``g``."""
+    b = x.shape[0]
+    pad = torch.nn.functional.pad(x, (max_px,) * 4, value=-1.0)
+    dx = torch.randint(0, 2 * max_px + 1, (b,), generator=g)
+    dy = torch.randint(0, 2 * max_px + 1, (b,), generator=g)
+    h, w = x.shape[-2:]
+    return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])

@@ -20,17 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import load_mnist
+from .data import load_mnist, random_shift
 from .model import DEFAULT_CONFIG, build_tiny_flux, pack_images, save_tiny_flux
-
-
-def _shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
-    b = x.shape[0]
-    pad = F.pad(x, (max_px,) * 4, value=-1.0)
-    dx = torch.randint(0, 2 * max_px + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * max_px + 1, (b,), generator=g)
-    h, w = x.shape[-2:]
-    return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
 def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3, warmup: int = 50,
@@ -64,7 +55,7 @@ def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, l
         run = 0.0
         for step in range(1, steps + 1):
             idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-            x0 = pack_images(_shift(images[idx], g))
+            x0 = pack_images(random_shift(images[idx], g))
             lab = labels[idx].clone()
             lab[torch.rand(batch, generator=g) < 0.1] = model.null_label
             sigma = torch.sigmoid(torch.randn(batch, generator=g))
