@@ -6,6 +6,13 @@ x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma ~ logit-normal,
 MSE, AdamW with warm-up and cosine decay, batch 32, labels dropped to the null
 label with probability 0.1 (for CFG), +-2 px random shifts. Every draw comes
 from one torch.Generator seeded by --seed; the EMA weights are saved.
+
+``--subset-share p`` (default 0: the first checkpoint's recipe, unchanged) shows the
+model partial grids, the way large DiTs see many resolutions and aspect ratios: with
+probability p a batch keeps only a random share ``U(--subset-min, 1)`` of the 256 image
+tokens, with their own position ids, and the loss is taken on the kept tokens. Half of
+those subsets are uniform draws, half a strided lattice (stride 2 or 3, random offset)
+filled up with uniform draws, the shape of JiT's anchor sets.
 """
 
 from __future__ import annotations
@@ -21,27 +28,58 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_mnist, random_shift
-from .model import DEFAULT_CONFIG, build_tiny_flux, pack_images, save_tiny_flux
+from .model import DEFAULT_CONFIG, build_tiny_flux, image_ids, pack_images, save_tiny_flux
 
 
 def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3, warmup: int = 50,
           ema_decay: float = 0.995, save_every: int = 100, threads: int = 1, config: dict | None = None,
-          log=print) -> dict:
+          log=print, subset_share: float = 0.0, subset_min: float = 0.25) -> dict:
+    if not 0.0 <= subset_share <= 1.0:
+        raise ValueError(f"subset_share must be in [0, 1], got {subset_share}")
+    if not 0.0 < subset_min <= 1.0:
+        raise ValueError(f"subset_min must be in (0, 1], got {subset_min}")
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config or DEFAULT_CONFIG, log)
+        return _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config or DEFAULT_CONFIG, log,
+                      subset_share, subset_min)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
 
 
-def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, log) -> dict:
+def draw_token_subset(height: int, width: int, share: float, g: torch.Generator) -> torch.Tensor:
+    """Sorted int64 token indices: ``round(share * H * W)`` of them (at least 1), drawn from ``g``.
+
+    A coin picks a uniform draw or a strided lattice (stride 2 or 3, random offset,
+    thinned at random when it exceeds the count) filled up with uniform draws.
+    """
+    n = height * width
+    m = max(1, min(n, round(share * n)))
+    if torch.rand((), generator=g) < 0.5:
+        return torch.randperm(n, generator=g)[:m].sort().values
+    s = int(torch.randint(2, 4, (), generator=g))
+    r0, c0 = (int(v) for v in torch.randint(0, s, (2,), generator=g))
+    rr = torch.arange(r0, height, s)[:, None]
+    cc = torch.arange(c0, width, s)[None, :]
+    lattice = (rr * width + cc).flatten()
+    if lattice.numel() >= m:
+        return lattice[torch.randperm(lattice.numel(), generator=g)[:m]].sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[lattice] = False
+    rest = mask.nonzero().flatten()
+    fill = rest[torch.randperm(rest.numel(), generator=g)[: m - lattice.numel()]]
+    return torch.cat([lattice, fill]).sort().values
+
+
+def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, log,
+           subset_share=0.0, subset_min=0.25) -> dict:
     g = torch.Generator().manual_seed(seed)
     images, labels = load_mnist("train")
     model = build_tiny_flux(config, seed=seed).train()
+    full_ids = image_ids(model.height, model.width)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -61,7 +99,13 @@ def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, l
             sigma = torch.sigmoid(torch.randn(batch, generator=g))
             eps = torch.randn(x0.shape, generator=g)
             xs = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * eps
-            loss = F.mse_loss(model.velocity(xs, sigma, lab), eps - x0)
+            target = eps - x0
+            if subset_share > 0 and torch.rand((), generator=g) < subset_share:
+                share = subset_min + (1.0 - subset_min) * float(torch.rand((), generator=g))
+                keep = draw_token_subset(model.height, model.width, share, g)
+                loss = F.mse_loss(model.velocity(xs[:, keep], sigma, lab, full_ids[keep]), target[:, keep])
+            else:
+                loss = F.mse_loss(model.velocity(xs, sigma, lab), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,9 +155,12 @@ def main(argv=None) -> int:
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--subset-share", type=float, default=0.0,
+                   help="probability that a batch keeps only a random subset of the image tokens (0: dense only)")
+    p.add_argument("--subset-min", type=float, default=0.25, help="smallest kept share of the tokens in a subset batch")
     args = p.parse_args(argv)
     res = train(args.out, args.steps, args.seed, args.batch, args.lr, args.warmup, args.ema, args.save_every,
-                threads=args.threads)
+                threads=args.threads, subset_share=args.subset_share, subset_min=args.subset_min)
     print(res)
     return 0
 
