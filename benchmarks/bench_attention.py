@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import jit_kernels as jk
 from benchmarks.bench_ops import time_interleaved
-from benchmarks.env import environment, write_results
+from benchmarks.env import command_line, environment, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXT = 512
@@ -101,8 +101,8 @@ def op_rows(device, dtype, configs, backend, rounds) -> list[dict]:
 
 def forward_rows(device, dtype, backend, rounds) -> list[dict]:
     try:
-        from jit_sampler.attention import install_anchor_attention, remove_anchor_attention
-        from jit_sampler.tiny_flux import image_ids, load_tiny_flux
+        from jit_sampler.pipelines.attention_processor import install_anchor_attention, remove_anchor_attention
+        from jit_eval.tiny_flux import image_ids, load_tiny_flux
     except ImportError as exc:  # no diffusers on this machine
         print(f"skipping the tiny-Flux forwards: {exc}")
         return []
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         rows = op_rows(args.device, dtype, configs, args.backend, args.rounds)
         rows += forward_rows(args.device, dtype, args.backend, args.rounds)
     env = environment()
-    env.update(command="python -m benchmarks.bench_attention " + " ".join(argv if argv is not None else sys.argv[1:]),
+    env.update(command=command_line("benchmarks.bench_attention", argv if argv is not None else sys.argv[1:]),
                backend=args.backend,
                resolved_backend=jk._backends.resolve("anchor_attention", torch.device(args.device), args.backend))
     stem = Path(args.out) if args.out else RESULTS / f"attention_{args.device}"

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import environment, write_results
-from jit_sampler import JiTConfig, beta_sigmas, jit_sample, linear_sigmas
-from jit_sampler.attention import use_anchor_attention
-from jit_sampler.flux import FluxVelocity
+from benchmarks.env import command_line, environment, write_results
+from jit_eval.tiny_flux import TinyVelocity, build_tiny_flux
+from jit_sampler import JiTConfig, beta_sigmas, jit_sample, linear_sigmas, use_anchor_attention
 from jit_sampler.report import flux_run_flops
-from jit_sampler.tiny_flux import build_tiny_flux, image_ids, text_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,8 +49,8 @@ def main(argv=None) -> int:
 
     model = build_tiny_flux(seed=0).eval().requires_grad_(False)
     h = w = args.grid
-    pe, pooled = model.encode(torch.tensor([3]))
-    vel = FluxVelocity(model.transformer, pe, pooled, text_ids(pe.shape[1]), image_ids(h, w))
+    text_tokens = model.config["cond_tokens"]
+    vel = TinyVelocity(model, torch.tensor([3]), grid=(h, w))
     x = torch.randn(1, h * w, 4, generator=torch.Generator().manual_seed(0))
     runs = {
         "dense-50": (JiTConfig.dense(50, backend=args.backend), linear_sigmas(50)),
@@ -82,7 +80,7 @@ def main(argv=None) -> int:
 
     med = {k: {q: statistics.median(v[q]) for q in v} for k, v in samples.items()}
     tcfg = model.transformer.config
-    flops = {k: flux_run_flops(tcfg, reports[k].active_tokens, pe.shape[1]) for k in runs}
+    flops = {k: flux_run_flops(tcfg, reports[k].active_tokens, text_tokens) for k in runs}
     rows = []
     for name in runs:
         m = med[name]
@@ -108,9 +106,9 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     env = environment()
-    env.update(command="python -m benchmarks.bench_e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
+    env.update(command=command_line("benchmarks.bench_e2e", argv if argv is not None else sys.argv[1:]),
                model="tiny FLUX architecture, random weights (speed does not depend on weights)",
-               grid=f"{h} x {w} = {h * w} image tokens + {pe.shape[1]} text tokens")
+               grid=f"{h} x {w} = {h * w} image tokens + {text_tokens} text tokens")
     stem = Path(args.out) if args.out else RESULTS / "e2e_cpu"
     cols = ["method", "steps", "wall_s", "model_s", "sampler_overhead", "speedup_vs_dense50", "flop_ratio_vs_dense50",
             "model_time_ratio_vs_dense50", "realised_vs_dense50", "speedup_vs_dense_same_steps",

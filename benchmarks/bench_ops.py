@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import SIZES, make_cases
-from benchmarks.env import environment, write_results
+from benchmarks.env import command_line, environment, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     env = environment()
-    env.update(command="python -m benchmarks.bench_ops " + " ".join(argv if argv is not None else sys.argv[1:]),
+    env.update(command=command_line("benchmarks.bench_ops", argv if argv is not None else sys.argv[1:]),
                copy_bandwidth_GBps=round(bw, 2), backend=args.backend)
     stem = Path(args.out) if args.out else RESULTS / f"ops_{args.device}"
     cols = ["op", "size", "dtype", "ours_us", "torch_us", "published_us", "x_vs_torch", "x_vs_published", "GB/s", "of_copy_bw"]

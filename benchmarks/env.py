@@ -21,6 +21,20 @@ def _git_sha() -> str:
         return "unknown"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def command_line(module: str, argv) -> str:
+    """``python -m <module> <args>`` as recorded in results: paths inside the checkout are written
+    relative to its root, so a result never stores a machine-local absolute path."""
+    def rel(a: str) -> str:
+        if os.path.isabs(a) and os.path.commonpath([os.path.abspath(a), ROOT]) == ROOT:
+            return os.path.relpath(a, ROOT)
+        return a
+
+    return " ".join(["python", "-m", module] + [rel(str(a)) for a in argv])
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

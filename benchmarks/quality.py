@@ -35,13 +35,13 @@ from typing import Any, Callable
 import torch
 
 from jit_sampler.config import JiTConfig
-from jit_sampler.core import jit_sample
-from jit_sampler.demo import TinyVelocity
-from jit_sampler.metrics import feature_stats, frechet_distance, psnr, ssim
-from jit_sampler.rivals import BlockWorkCounter, cache_hook, ras_sample
+from jit_sampler.sampler import jit_sample
+from jit_eval.tiny_flux import TinyVelocity
+from jit_eval.metrics import feature_stats, frechet_distance, psnr, ssim
+from jit_eval.rivals import BlockWorkCounter, cache_hook, ras_sample
 from jit_sampler.schedule import beta_sigmas, linear_sigmas
 
-from .env import environment, write_results
+from .env import command_line, environment, write_results
 
 REF = "dense-50"
 
@@ -149,8 +149,8 @@ def _noise(seed: int, labels: int, device="cpu") -> torch.Tensor:
 
 def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool = False, model=None,
                 classifier=None, methods: list[Method] | None = None, cfg_scale: float = 3.0, log=print) -> dict:
-    from jit_sampler.tiny_flux import load_mnist, load_tiny_flux, unpack_tokens
-    from jit_sampler.tiny_flux.classifier import load_classifier
+    from jit_eval.tiny_flux import load_mnist, load_tiny_flux, unpack_tokens
+    from jit_eval.tiny_flux.classifier import load_classifier
 
     if not 1 <= labels <= 10:
         raise ValueError(f"labels must be in [1, 10], got {labels}")
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     res = run_quality(args.seeds, args.labels, args.repeats, args.quick, cfg_scale=args.cfg_scale)
     env = environment()
-    env["command"] = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    env["command"] = command_line("benchmarks.quality", sys.argv[1:] if argv is None else argv)
     stem = os.path.join(args.out, args.name)
     caption = (f"{res['images']} images ({res['labels']} digits x {res['seeds']} seeds) per method, same noise and "
                f"labels, CFG scale {res['cfg_scale']}; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "

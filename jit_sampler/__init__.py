@@ -1,67 +1,64 @@
 """jit_sampler: the JiT (Just-in-Time) sampler for diffusion transformers.
 
-Training-free spatial acceleration (arXiv 2603.10744): early steps run the transformer on
-a growing subset of image tokens and integrate the whole latent with an interpolated
-("lifted") velocity; new tokens enter through a deterministic micro-flow.
+Training-free spatial acceleration (arXiv 2603.10744, ``docs/method.md``): early steps run
+the transformer on a growing subset of image tokens and integrate the whole latent with an
+interpolated ("lifted") velocity; new tokens enter through a deterministic micro-flow.
 
-Main entry points: :class:`JiTConfig` (presets ``"4x"``, ``"7x"``, ``"reference"``),
-:func:`jit_sample` (the model-agnostic loop), :class:`JiTFluxPipeline` / :func:`enable_jit`
-(diffusers FLUX.1 integration), :class:`JiTFlux2KleinPipeline` (FLUX.2-klein) and :class:`JiTReport`.
+The public surface:
+
+- configuration: :class:`JiTConfig` (presets ``"4x"``, ``"7x"``, ``"reference"``,
+  ``"7x-reference"``; :func:`available_presets`, :data:`PRESETS`);
+- the model-agnostic loop: :func:`jit_sample` driving any :data:`VelocityFn`, the static
+  stage layout :func:`make_plan` / :class:`JiTPlan`, the per-run :class:`JiTReport`, and the
+  sigma schedules :func:`beta_sigmas` / :func:`linear_sigmas`;
+- diffusers integration (:mod:`jit_sampler.pipelines`, imported on first use):
+  :class:`JiTFluxPipeline`, :class:`JiTFlux2KleinPipeline`, :func:`enable_jit`,
+  :class:`FluxVelocity`, and the fused attention processor :class:`AnchorAttnProcessor`
+  with :func:`install_anchor_attention` / :func:`remove_anchor_attention` /
+  :func:`use_anchor_attention`.
+
+Building blocks (anchor lattices, FLOP counting, ...) stay importable from their modules:
+:mod:`jit_sampler.anchors`, :mod:`jit_sampler.schedule`, :mod:`jit_sampler.report`.
 """
 
-from .anchors import activate_tokens, checkerboard_lattice, fit_to_budget, initial_anchors, stride_lattice
 from .config import PRESETS, JiTConfig, available_presets
-from .core import JiTPlan, draw_normal, jit_sample, make_plan
-from .report import FLUX1_DEV_CONFIG, FluxFlops, JiTReport, flop_summary, flux_run_flops, flux_transformer_flops
-from .schedule import beta_ppf, beta_sigmas, linear_sigmas, stage_layout
+from .report import JiTReport
+from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan
+from .schedule import beta_sigmas, linear_sigmas
+
+_PIPELINE_NAMES = (
+    "AnchorAttnProcessor",
+    "FluxVelocity",
+    "JiTFlux2KleinPipeline",
+    "JiTFluxPipeline",
+    "enable_jit",
+    "install_anchor_attention",
+    "remove_anchor_attention",
+    "use_anchor_attention",
+)
 
 
 def __getattr__(name):
     # The diffusers integration imports diffusers + transformers (slow); load it on first use.
-    if name in ("JiTFluxPipeline", "enable_jit", "FluxVelocity"):
-        from . import flux
+    if name in _PIPELINE_NAMES:
+        from . import pipelines
 
-        return getattr(flux, name)
-    if name == "JiTFlux2KleinPipeline":
-        from . import flux2
-
-        return flux2.JiTFlux2KleinPipeline
-    if name in ("AnchorAttnProcessor", "install_anchor_attention", "remove_anchor_attention", "use_anchor_attention"):
-        from . import attention
-
-        return getattr(attention, name)
+        return getattr(pipelines, name)
     raise AttributeError(f"module 'jit_sampler' has no attribute {name!r}")
 
 
-__all__ = [
-    "AnchorAttnProcessor",
-    "FLUX1_DEV_CONFIG",
-    "FluxFlops",
-    "FluxVelocity",
-    "JiTConfig",
-    "JiTFlux2KleinPipeline",
-    "JiTFluxPipeline",
-    "JiTPlan",
-    "JiTReport",
-    "PRESETS",
-    "activate_tokens",
-    "available_presets",
-    "beta_ppf",
-    "beta_sigmas",
-    "checkerboard_lattice",
-    "draw_normal",
-    "enable_jit",
-    "fit_to_budget",
-    "flop_summary",
-    "flux_run_flops",
-    "flux_transformer_flops",
-    "initial_anchors",
-    "install_anchor_attention",
-    "jit_sample",
-    "linear_sigmas",
-    "make_plan",
-    "remove_anchor_attention",
-    "stage_layout",
-    "stride_lattice",
-    "use_anchor_attention",
-]
+__all__ = sorted(
+    [
+        "JiTConfig",
+        "JiTPlan",
+        "JiTReport",
+        "PRESETS",
+        "VelocityFn",
+        "available_presets",
+        "beta_sigmas",
+        "jit_sample",
+        "linear_sigmas",
+        "make_plan",
+        *_PIPELINE_NAMES,
+    ]
+)

@@ -2,7 +2,7 @@
 
 With ``--model`` (a local diffusers folder or a hub id, e.g. ``black-forest-labs/FLUX.1-dev``)
 it drives :class:`~jit_sampler.JiTFluxPipeline`; ``--prompt`` is text. Without ``--model``
-it runs the embedded tiny class-conditional FLUX (:mod:`jit_sampler.tiny_flux`, 32 x 32
+it runs the embedded tiny class-conditional FLUX (:mod:`jit_eval.tiny_flux`, 32 x 32
 MNIST digits, a 16 x 16 token grid) through the same sampler core; ``--prompt`` is then a
 digit 0-9. ``--model tiny:random`` uses a randomly initialised tiny model (smoke tests).
 
@@ -86,54 +86,43 @@ def _tiny_image(tokens: torch.Tensor, unpack, scale: int = 4):
 
 
 def _run_tiny(args, device, dtype) -> dict:
+    # The embedded model belongs to the evaluation bench (jit_eval), which ships in the source
+    # tree, not in the wheel: the one place the library reaches it, lazily.
     try:
-        from .tiny_flux import build_tiny_flux, image_ids, load_tiny_flux, pack_images, text_ids, unpack_tokens
-    except Exception as exc:  # the embedded model ships with its own issue
-        print(f"jit-flux: the embedded default model (jit_sampler.tiny_flux) is not available ({exc}); "
-              f"pass --model <FLUX.1 folder or hub id>", file=sys.stderr)
-        raise SystemExit(2)
+        from jit_eval.tiny_flux import TinyVelocity, build_tiny_flux, config_sigmas, load_tiny_flux, pack_images, unpack_tokens
+    except ImportError as exc:
+        raise SystemExit(f"jit-flux: the embedded default model lives in the evaluation bench (jit_eval/ in a "
+                         f"source checkout), which is not installed here ({exc}); run from a checkout of "
+                         f"jit-diffusion or pass --model <FLUX.1 folder or hub id>")
     if args.model == "tiny:random":
         m = build_tiny_flux().to(device=device, dtype=dtype).eval().requires_grad_(False)
     else:
         try:
             m = load_tiny_flux(device=device, dtype=dtype)
         except (FileNotFoundError, OSError) as exc:
-            print(f"jit-flux: the embedded default model has no trained checkpoint yet ({exc}); "
-                  f"pass --model <FLUX.1 folder or hub id> or --model tiny:random", file=sys.stderr)
-            raise SystemExit(2)
+            raise SystemExit(f"jit-flux: the embedded default model has no trained checkpoint ({exc}); "
+                             f"pass --model <FLUX.1 folder or hub id> or --model tiny:random")
     prompt = "7" if args.prompt is None else args.prompt
     if not (len(prompt) == 1 and prompt.isdigit()):
         raise SystemExit(f"jit-flux: the tiny model's --prompt is a digit 0-9, got {prompt!r}")
     if args.height not in (None, 32) or args.width not in (None, 32):
         raise SystemExit("jit-flux: the tiny model generates 32 x 32 images only")
-    from .core import jit_sample
-    from .flux import FluxVelocity
     from .report import flop_summary
-    from .schedule import beta_sigmas, linear_sigmas
+    from .sampler import jit_sample
 
     labels = torch.tensor([int(prompt)], device=device)
-    pe, pooled = m.encode(labels)
-    negative = None
-    if args.cfg_scale > 1:
-        npe, npooled = m.encode(torch.tensor([m.null_label], device=device))
-        negative = (npe.to(dtype), npooled.to(dtype), text_ids(npe.shape[1], device).to(dtype))
-    ids = image_ids(m.height, m.width, device).to(dtype)
+    cfg_scale = args.cfg_scale if args.cfg_scale > 1 else 1.0  # true CFG only above 1
 
     def sample(cfg: JiTConfig):
         gen = torch.Generator().manual_seed(args.seed)
         noise = torch.randn(1, 1, 32, 32, generator=gen).to(device=device, dtype=dtype)
-        x = pack_images(noise)
-        sig = (beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta) if cfg.sigma_schedule == "beta"
-               else linear_sigmas(cfg.total_steps))
-        vel = FluxVelocity(m.transformer, pe.to(dtype), pooled.to(dtype), text_ids(pe.shape[1], device).to(dtype), ids,
-                           negative=negative, true_cfg_scale=args.cfg_scale, backend=cfg.backend,
-                           token_bucket=cfg.token_bucket)
+        vel = TinyVelocity(m, labels, cfg_scale, backend=cfg.backend, token_bucket=cfg.token_bucket)
         t = time.perf_counter()
         with torch.no_grad():
-            y, rep = jit_sample(vel, x, m.height, m.width, sig, cfg, gen)
+            y, rep = jit_sample(vel, pack_images(noise), m.height, m.width, config_sigmas(cfg), cfg, gen)
         secs = time.perf_counter() - t
         rep.flops = flop_summary(m.transformer.config, rep.active_tokens, m.height * m.width,
-                                 text_tokens=int(pe.shape[1]), calls_per_step=2 if negative is not None else 1)
+                                 text_tokens=m.config["cond_tokens"], calls_per_step=2 if cfg_scale != 1 else 1)
         return y, rep, secs
 
     cfg = _config(args)
@@ -155,7 +144,7 @@ def _run_tiny(args, device, dtype) -> dict:
 
 # ----------------------------------------------------------------------------- FLUX
 def _run_flux(args, device, dtype) -> dict:
-    from .flux import JiTFluxPipeline
+    from .pipelines import JiTFluxPipeline
 
     # Check the cheap things before loading a multi-GB model.
     if args.prompt is None:

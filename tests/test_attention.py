@@ -347,7 +347,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from jit_sampler.tiny_flux import load_tiny_flux
+    from jit_eval.tiny_flux import load_tiny_flux
 
     return load_tiny_flux()
 
@@ -362,8 +362,8 @@ def _processors(tr):
 
 
 def test_tiny_flux_forward_matches_stock(tiny):
-    from jit_sampler.attention import AnchorAttnProcessor, use_anchor_attention
-    from jit_sampler.tiny_flux import image_ids
+    from jit_sampler.pipelines.attention_processor import AnchorAttnProcessor, use_anchor_attention
+    from jit_eval.tiny_flux import image_ids
 
     x, lab = _inputs()
     ids = image_ids(16, 16)
@@ -381,7 +381,7 @@ def test_tiny_flux_forward_matches_stock(tiny):
 
 
 def test_install_remove_restores_exact_processors(tiny):
-    from jit_sampler.attention import (AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention,
+    from jit_sampler.pipelines.attention_processor import (AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention,
                                        use_anchor_attention)
 
     tr = tiny.transformer
@@ -406,7 +406,7 @@ def test_lora_scale_and_wrapped_projections(tiny):
     # LoRA (PEFT) wraps the projection layers and scales them from joint_attention_kwargs["scale"]
     # at the model level; the processor calls the same layers, so a wrapped to_q / add_k_proj
     # must change both processors' outputs identically, and "scale" must be accepted.
-    from jit_sampler.attention import use_anchor_attention
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
 
     class LowRank(torch.nn.Module):
         def __init__(self, base, seed):
@@ -426,7 +426,7 @@ def test_lora_scale_and_wrapped_projections(tiny):
         blk.to_q, blk.add_k_proj, single.to_v = LowRank(blk.to_q, 1), LowRank(blk.add_k_proj, 2), LowRank(single.to_v, 3)
         x, lab = _inputs()
         enc, pooled = tiny.encode(lab)
-        from jit_sampler.tiny_flux import image_ids, text_ids
+        from jit_eval.tiny_flux import image_ids, text_ids
 
         kw = dict(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=torch.full((2,), 0.5),
                   img_ids=image_ids(16, 16), txt_ids=text_ids(enc.shape[1]), return_dict=False,
@@ -440,7 +440,7 @@ def test_lora_scale_and_wrapped_projections(tiny):
 
 
 def _transformer_kwargs(tiny, x, lab, ids, mask=None):
-    from jit_sampler.tiny_flux import text_ids
+    from jit_eval.tiny_flux import text_ids
 
     enc, pooled = tiny.encode(lab)
     kw = dict(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
@@ -453,8 +453,8 @@ def _transformer_kwargs(tiny, x, lab, ids, mask=None):
 def test_key_padding_mask_becomes_lengths(tiny):
     # A batch padded to one length with a key-padding mask: every valid row equals running the
     # sample alone without padding (the stock processor gives the same valid rows).
-    from jit_sampler.attention import key_lengths_from_mask, use_anchor_attention
-    from jit_sampler.tiny_flux import image_ids
+    from jit_sampler.pipelines.attention_processor import key_lengths_from_mask, use_anchor_attention
+    from jit_eval.tiny_flux import image_ids
 
     tr = tiny.transformer
     n, text = 200, 4
@@ -476,8 +476,8 @@ def test_key_padding_mask_becomes_lengths(tiny):
 
 
 def test_other_masks_fall_back_to_stock(tiny):
-    from jit_sampler.attention import key_lengths_from_mask, use_anchor_attention
-    from jit_sampler.tiny_flux import image_ids
+    from jit_sampler.pipelines.attention_processor import key_lengths_from_mask, use_anchor_attention
+    from jit_eval.tiny_flux import image_ids
 
     tr = tiny.transformer
     x, lab = _inputs(64, 2)
@@ -496,10 +496,10 @@ def test_other_masks_fall_back_to_stock(tiny):
 
 def test_devices_gate_falls_back_to_stock(tiny):
     # devices=() keeps the fused op off everywhere: the fallback (the stock processor) runs.
-    from jit_sampler.attention import use_anchor_attention
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
 
     x, lab = _inputs(64, 2)
-    from jit_sampler.tiny_flux import image_ids
+    from jit_eval.tiny_flux import image_ids
 
     ids = image_ids(8, 8)
     want = tiny.velocity(x, 0.5, lab, ids)
@@ -542,7 +542,7 @@ def test_gpu_matches_reference(dtype, d):
 
 @pytest.mark.gpu
 def test_gpu_processor_matches_stock(tiny):
-    from jit_sampler.attention import use_anchor_attention
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
 
     m = tiny.to("cuda")
     try:

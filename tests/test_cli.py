@@ -37,7 +37,7 @@ def test_tiny_same_seed_same_image(tmp_path):
 
 
 def test_default_model_unavailable_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "jit_sampler.tiny_flux", None)  # not importable
+    monkeypatch.setitem(sys.modules, "jit_eval.tiny_flux", None)  # not importable
     assert cli.main(["--out", str(tmp_path / "x.png")]) == 2
     assert "embedded default model" in capsys.readouterr().err
 
@@ -52,7 +52,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 
 
 def test_flux_path_with_compare(tmp_path, monkeypatch):
-    from jit_sampler.flux import JiTFluxPipeline
+    from jit_sampler.pipelines.flux import JiTFluxPipeline
 
     def fake_from_pretrained(model, torch_dtype=None):
         assert model == "some/flux"

@@ -8,8 +8,8 @@ import torch
 
 import _flux_fixtures  # noqa: F401  (one torch thread)
 from jit_sampler.config import JiTConfig
-from jit_sampler.demo import TinyVelocity, sample_tiny
-from jit_sampler.tiny_flux import load_tiny_flux
+from jit_eval.tiny_flux import TinyVelocity, sample_tiny
+from jit_eval.tiny_flux import load_tiny_flux
 
 
 def _noise(b=2):
@@ -84,7 +84,7 @@ def test_token_bucket_validation(bad):
 
 
 def test_token_bucket_refuses_user_mask():
-    from jit_sampler.flux import FluxVelocity
+    from jit_sampler import FluxVelocity
 
     m = load_tiny_flux()
     with pytest.raises(ValueError, match="attention_mask"):

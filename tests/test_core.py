@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import jit_kernels as jk
-from jit_sampler import FLUX1_DEV_CONFIG, JiTConfig, beta_sigmas, flop_summary, flux_transformer_flops, jit_sample
-from jit_sampler.core import make_plan
+from jit_sampler import JiTConfig, beta_sigmas, jit_sample
+from jit_sampler.report import FLUX1_DEV_CONFIG, flop_summary, flux_transformer_flops
+from jit_sampler.sampler import make_plan
 
 H, W, C = 12, 10, 4
 N = H * W

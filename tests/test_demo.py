@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jit_sampler.demo import run_demo
+from jit_eval.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path):

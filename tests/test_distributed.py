@@ -13,8 +13,9 @@ import torch
 
 import _flux_fixtures  # noqa: F401  (one torch thread, as the launched ranks use)
 from jit_sampler.config import JiTConfig
-from jit_sampler.distributed import generate_tiny, init_distributed, run_sharded, shard_indices
-from jit_sampler.tiny_flux import load_tiny_flux
+from jit_eval.distributed import generate_tiny
+from jit_sampler.distributed import init_distributed, run_sharded, shard_indices
+from jit_eval.tiny_flux import load_tiny_flux
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     out = tmp_path / "dp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "jit_sampler.distributed", "--digits", *map(str, digits), "--seeds", *map(str, seeds),
+           "-m", "jit_eval.distributed", "--digits", *map(str, digits), "--seeds", *map(str, seeds),
            "--preset", "7x", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

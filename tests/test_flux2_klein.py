@@ -8,7 +8,7 @@ import torch
 import _flux_fixtures  # noqa: F401  (one torch thread)
 from _flux2_fixtures import build_klein, embeds
 from jit_sampler import JiTConfig
-from jit_sampler.flux2 import JiTFlux2KleinPipeline
+from jit_sampler.pipelines.flux2_klein import JiTFlux2KleinPipeline
 from jit_sampler.report import flux_run_flops
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jit_sampler.metrics import feature_stats, frechet_distance, psnr, ssim
+from jit_eval.metrics import feature_stats, frechet_distance, psnr, ssim
 
 
 def test_psnr_known_value_and_identity():

@@ -10,13 +10,13 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 import _flux_fixtures  # noqa: F401  (one torch thread)
 from jit_sampler.config import JiTConfig
-from jit_sampler.core import jit_sample
-from jit_sampler.demo import TinyVelocity, sample_tiny
+from jit_sampler.sampler import jit_sample
+from jit_eval.tiny_flux import TinyVelocity, sample_tiny
 from jit_sampler.report import flux_run_flops
-from jit_sampler.rivals import BlockWorkCounter, cache_hook, ras_sample
+from jit_eval.rivals import BlockWorkCounter, cache_hook, ras_sample
 from jit_sampler.schedule import beta_sigmas, linear_sigmas
-from jit_sampler.tiny_flux import load_mnist, load_tiny_flux
-from jit_sampler.tiny_flux.classifier import DigitClassifier, load_classifier, train_classifier
+from jit_eval.tiny_flux import load_mnist, load_tiny_flux
+from jit_eval.tiny_flux.classifier import DigitClassifier, load_classifier, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_embedded_model_draws_the_requested_digits(model, clf):
     labels = torch.arange(10).repeat(2)
     noise = torch.cat([_noise(10, seed=s) for s in (0, 1)])
     y, _ = sample_tiny(model, labels, noise, JiTConfig.dense(20), sigmas=linear_sigmas(20), cfg_scale=3.0)
-    from jit_sampler.tiny_flux import unpack_tokens
+    from jit_eval.tiny_flux import unpack_tokens
 
     acc = float((clf.predict(unpack_tokens(y).clamp(-1, 1)) == labels).float().mean())
     assert acc >= 0.8, acc

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from jit_sampler import beta_ppf, beta_sigmas, checkerboard_lattice, fit_to_budget, initial_anchors, stride_lattice
-from jit_sampler.anchors import activate_tokens, complement, merge_active
-from jit_sampler.schedule import beta_cdf, linear_sigmas, stage_layout
+from jit_sampler.anchors import (activate_tokens, checkerboard_lattice, complement, fit_to_budget, initial_anchors,
+                                 merge_active, stride_lattice)
+from jit_sampler.schedule import beta_cdf, beta_ppf, beta_sigmas, linear_sigmas, stage_layout
 
 TABLE_11 = [1.0000, .9973, .9863, .9643, .9290, .8779, .8081, .7149, .5907, .4184, .0909, 0.0]
 TABLE_18 = [1.0000, .9992, .9959, .9894, .9792, .9646, .9454, .9209, .8906, .8540, .8103, .7584, .6972, .6247,

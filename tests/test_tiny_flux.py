@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from jit_sampler.tiny_flux import (
+from jit_eval.tiny_flux import (
     WEIGHTS_DIR,
     build_tiny_flux,
     image_ids,
@@ -18,7 +18,7 @@ from jit_sampler.tiny_flux import (
     unpack_tokens,
 )
 
-# recorded in jit_sampler/tiny_flux/weights/README.md
+# recorded in jit_eval/tiny_flux/weights/README.md
 RECORDED_PARAMS = 1_802_308
 
 
@@ -112,7 +112,7 @@ def test_velocity_on_token_subset_matches_ids(committed):
 
 
 def test_training_script_is_deterministic(tmp_path):
-    from jit_sampler.tiny_flux.train import train
+    from jit_eval.tiny_flux.train import train
 
     kw = dict(steps=2, seed=3, batch=4, save_every=2, log=lambda *_: None)
     r1 = train(str(tmp_path / "a"), **kw)

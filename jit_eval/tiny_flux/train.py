@@ -1,6 +1,6 @@
 """Deterministic rectified-flow training of the tiny FLUX on MNIST digits.
 
-    python -m jit_sampler.tiny_flux.train --out jit_sampler/tiny_flux/weights --steps 650 --seed 0
+    python -m jit_eval.tiny_flux.train --out jit_eval/tiny_flux/weights --steps 650 --seed 0
 
 x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma ~ logit-normal,
 MSE, AdamW with warm-up and cosine decay, batch 32, labels dropped to the null

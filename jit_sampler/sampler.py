@@ -1,4 +1,4 @@
-"""The model-agnostic JiT loop on packed latents (method.md sections 2-5).
+"""The model-agnostic JiT loop on packed latents (docs/method.md sections 2-5).
 
 The loop only needs a velocity callable
 
@@ -9,7 +9,7 @@ that runs the model on the active tokens (each with its own position), the full 
 Everything model-specific (text conditioning, guidance, CFG, position ids, per-sample
 calls) lives in the callable, so FLUX.1, FLUX.2-klein and the tiny model share this loop.
 
-Order inside step ``i`` (method.md section 5):
+Order inside step ``i`` (docs/method.md section 5):
 
 1. at the first step of a new stage: ITA from the cached lifted ``v_prev`` -> DMF target
    from the cached ``y_prev``, ``v_prev`` and the OLD anchors -> update ``y_R`` -> enlarge the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -40,7 +40,26 @@ from .schedule import stage_layout
 
 __all__ = ["VelocityFn", "JiTPlan", "make_plan", "jit_sample", "draw_normal"]
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+class VelocityFn(Protocol):
+    """What :func:`jit_sample` calls once per step: the model's velocity on the active tokens.
+
+    ``velocity_fn(x, active_idx, sigma, step) -> v`` with
+
+    - ``x [B, M, C]``: the active tokens of the working latent (float32), gathered in the
+      order of ``active_idx``;
+    - ``active_idx``: int64 ``[M]`` (one set for the batch) or ``[B, M]`` (one per sample,
+      ``anchor_policy="per_sample"``): the tokens' row-major positions ``row * W + col`` on
+      the ``H x W`` grid; the same tensor object is passed for every step of a stage, so an
+      implementation may cache per-stage work (position ids) keyed on it;
+    - ``sigma``: the current noise level (Python float), ``step``: the step index;
+    - returns ``v [B, M, C]`` (any floating dtype; rectified flow: ``eps - x0``).
+
+    The callable owns everything model-specific: conditioning, guidance, CFG, position ids.
+    A plain function with this signature works; :class:`~jit_sampler.FluxVelocity` is the
+    implementation for diffusers' FLUX transformers.
+    """
+
+    def __call__(self, x: torch.Tensor, active_idx: torch.Tensor, sigma: float, step: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ It plays two roles:
 - distribution quality (FID's role): its penultimate-layer features (``features``, 128-d)
   feed the Frechet distance between generated and real held-out digits.
 
-    python -m jit_sampler.tiny_flux.classifier --out jit_sampler/tiny_flux/weights --steps 3000
+    python -m jit_eval.tiny_flux.classifier --out jit_eval/tiny_flux/weights --steps 3000
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def load_classifier(path: str | None = None, device="cpu") -> DigitClassifier:
     file = os.path.join(path, CLASSIFIER_FILE)
     if not os.path.exists(file):
         raise FileNotFoundError(f"no digit classifier at {file}; train one with "
-                                f"python -m jit_sampler.tiny_flux.classifier --out {path}")
+                                f"python -m jit_eval.tiny_flux.classifier --out {path}")
     model = DigitClassifier()
     model.load_state_dict(load_file(file))
     return model.eval().requires_grad_(False).to(device)

@@ -1,7 +1,7 @@
 """JiT for diffusers' FLUX.2-klein: ``JiTFlux2KleinPipeline``.
 
 Same ``jit=`` argument, presets, sampler core (:func:`jit_sampler.jit_sample`) and report as
-:class:`~jit_sampler.JiTFluxPipeline`; what differs is FLUX.2's side of the call (method.md
+:class:`~jit_sampler.JiTFluxPipeline`; what differs is FLUX.2's side of the call (docs/method.md
 section 6):
 
 - 4-axis position ids ``(t, h, w, l)``; the anchors run with their own rows of them;
@@ -20,22 +20,18 @@ from __future__ import annotations
 import inspect
 import time
 
-import numpy as np
 import torch
 from diffusers import Flux2KleinPipeline
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
-from .config import JiTConfig
-from .flux import _UNSET, FluxVelocity, _execution_device, _JiTPipelineMixin, _per_image
-from .report import flop_summary
+from ..config import JiTConfig
+from .base import UNSET, JiTPipelineMixin, execution_device, per_image
+from .velocity import FluxVelocity
 
 __all__ = ["JiTFlux2KleinPipeline"]
 
-_KLEIN_CALL = inspect.signature(Flux2KleinPipeline.__call__)
-
-
-class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
+class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
     """``Flux2KleinPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
 
     ``num_inference_steps`` or ``sigmas``, when passed, override the config's step count; the
@@ -43,22 +39,14 @@ class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
     :class:`~jit_sampler.JiTReport` of the last JiT call (FLOPs per sample).
     """
 
-    _stock_call = _KLEIN_CALL
+    _stock_class = Flux2KleinPipeline
+    _stock_call = inspect.signature(Flux2KleinPipeline.__call__)
 
-    def __call__(self, *args, jit=_UNSET, **kwargs):
+    def __call__(self, *args, jit=UNSET, **kwargs):
         return self._dispatch(super().__call__, args, kwargs, jit)
 
-    def _schedule(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
-        """The sigmas Flux2KleinPipeline would integrate: ``steps + 1`` floats ending at 0."""
-        s = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):
-            s = None
-        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
-        retrieve_timesteps(self.scheduler, steps, device, sigmas=s, mu=mu)
-        out = [float(v) for v in self.scheduler.sigmas.cpu().tolist()]
-        if len(out) == steps:
-            out.append(0.0)
-        return out[: steps + 1]
+    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
+        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
 
     @torch.no_grad()
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, image, prompt, height, width, num_inference_steps,
@@ -90,7 +78,7 @@ class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
                 num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
                 text_encoder_out_layers=text_encoder_out_layers)
             total = batch_size * num_images_per_prompt
-            negative = (_per_image(neg_embeds, total), None, neg_ids[0])
+            negative = (per_image(neg_embeds, total), None, neg_ids[0])
         t_encoded = time.perf_counter()
 
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -103,12 +91,9 @@ class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
 
         cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
         steps = cfg.total_steps
-        sig = self._schedule(steps, sigmas, latents.shape[1], device)
+        sig = self._scheduler_sigmas(steps, sigmas, latents.shape[1], device)
         self._num_timesteps = steps
-        timesteps = torch.tensor([1000.0 * s for s in sig[:-1]], device=device)
-
-        def set_timestep(step: int, sigma: float):
-            self._current_timestep = timesteps[step]
+        timesteps, set_timestep = self._timesteps(sig, device)
 
         velocity = FluxVelocity(self.transformer, prompt_embeds, None, text_ids[0], latent_ids[0], guidance=None,
                                 negative=negative, true_cfg_scale=guidance_scale,
@@ -117,7 +102,6 @@ class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
 
         latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
                                         callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self._current_timestep = None
         t_sampled = time.perf_counter()
 
         latents = self._unpack_latents_with_ids(latents, latent_ids, grid_h, grid_w)
@@ -128,17 +112,13 @@ class JiTFlux2KleinPipeline(_JiTPipelineMixin, Flux2KleinPipeline):
         if output_type == "latent":
             image = latents
         else:
-            image = self.vae.decode(latents.to(_execution_device(self.vae)), return_dict=False)[0]
+            image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         t_end = time.perf_counter()
 
-        report.phase_times = {"encode": t_encoded - t0, "sample": t_sampled - t_encoded, "decode": t_end - t_sampled,
-                              "total": t_end - t0}
-        report.flops = flop_summary(self.transformer.config, report.active_tokens, grid_h * grid_w,
-                                    text_tokens=int(prompt_embeds.shape[1]),
-                                    calls_per_step=2 if negative is not None else 1)
-        self.last_jit_report = report
+        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
+                            calls_per_step=2 if negative is not None else 1)
         if not return_dict:
             return (image,)
         return Flux2PipelineOutput(images=image)

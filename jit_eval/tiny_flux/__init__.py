@@ -1,4 +1,8 @@
-"""The embedded default model: a tiny class-conditional FLUX trained on MNIST digits."""
+"""The embedded default model: a tiny class-conditional FLUX trained on MNIST digits.
+
+Part of the evaluation bench (:mod:`jit_eval`), not of the library: the weights, data
+loader, training script and classifier live here.
+"""
 
 from .data import load_mnist
 from .model import (
@@ -15,6 +19,7 @@ from .model import (
     text_ids,
     unpack_tokens,
 )
+from .velocity import TinyVelocity, config_sigmas, sample_tiny
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -30,4 +35,7 @@ __all__ = [
     "save_tiny_flux",
     "text_ids",
     "unpack_tokens",
+    "TinyVelocity",
+    "config_sigmas",
+    "sample_tiny",
 ]

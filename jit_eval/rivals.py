@@ -28,7 +28,7 @@ import torch
 
 import jit_kernels as jk
 
-from .report import flux_transformer_flops
+from jit_sampler.report import flux_transformer_flops
 
 __all__ = ["ras_sample", "RASReport", "BlockWorkCounter", "cache_hook"]
 

@@ -1,7 +1,7 @@
 """The main job on the embedded tiny FLUX: dense 50 steps vs JiT presets, same seeds.
 
     jit-flux --out out                     (what README's first command runs)
-    python -m jit_sampler.demo --out out --seeds 3 --repeats 3
+    python -m jit_eval.demo --out out --seeds 3 --repeats 3
 
 For each digit 0-9 and each seed, the same initial noise is integrated by the
 dense 50-step Euler sampler (the reference output) and by JiT with each preset.
@@ -22,53 +22,17 @@ import time
 
 import torch
 
-from .config import JiTConfig
-from .core import jit_sample
-from .flux import FluxVelocity
+from jit_sampler import JiTConfig, linear_sigmas
+from jit_sampler.report import flux_run_flops
+
 from .metrics import psnr, ssim
-from .report import flux_run_flops
-from .schedule import beta_sigmas, linear_sigmas
+from .tiny_flux import load_tiny_flux, sample_tiny, unpack_tokens
 
-__all__ = ["TinyVelocity", "sample_tiny", "run_demo", "main"]
-
-
-class TinyVelocity(FluxVelocity):
-    """``velocity_fn`` of :func:`jit_sample` for the tiny FLUX: :class:`~jit_sampler.flux.FluxVelocity`
-    (the FLUX.1 code path: ``cache_context``, per-stage ``img_ids`` rows, per-sample sets run one
-    forward per sample) with the class label as the prompt and the null label as the negative
-    prompt of true CFG (``cfg_scale != 1``: two passes per step). ``calls`` counts forwards.
-    """
-
-    def __init__(self, model, labels: torch.Tensor, cfg_scale: float = 1.0, backend: str = "auto",
-                 token_bucket: int = 0):
-        from .tiny_flux import image_ids, text_ids
-
-        with torch.no_grad():
-            enc, pooled = model.encode(labels)
-            tids = text_ids(enc.shape[1], labels.device)
-            negative = None
-            if float(cfg_scale) != 1.0:
-                n_enc, n_pooled = model.encode(torch.full_like(labels, model.null_label))
-                negative = (n_enc, n_pooled, tids)
-        super().__init__(model.transformer, enc, pooled, tids, image_ids(model.height, model.width, labels.device),
-                         negative=negative, true_cfg_scale=cfg_scale, backend=backend,
-                         token_bucket=token_bucket)
-
-
-def sample_tiny(model, labels: torch.Tensor, noise: torch.Tensor, config: JiTConfig, *, sigmas=None,
-                seed: int = 0, cfg_scale: float = 1.0):
-    """Integrate ``noise [B, 256, 4]`` for ``labels [B]`` with ``config``; returns ``(tokens, report)``."""
-    if sigmas is None:
-        sigmas = beta_sigmas(config.total_steps, config.beta_alpha, config.beta_beta)
-    gen = torch.Generator(device=noise.device).manual_seed(seed)
-    fn = TinyVelocity(model, labels, cfg_scale, backend=config.backend, token_bucket=config.token_bucket)
-    return jit_sample(fn, noise, model.height, model.width, sigmas, config, gen)
+__all__ = ["run_demo", "main"]
 
 
 def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 3, cfg_scale: float = 3.0,
              model=None, dense_steps: int = 50, device: str = "cpu", log=print) -> dict:
-    from .tiny_flux import load_tiny_flux, unpack_tokens
-
     os.makedirs(out_dir, exist_ok=True)
     model = model or load_tiny_flux(device=device)
     labels = torch.arange(10, device=device).repeat(seeds)  # digit-major within each seed

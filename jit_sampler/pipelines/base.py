@@ -1,0 +1,194 @@
+"""What every JiT pipeline shares: the ``jit=`` dispatch, the schedule, the denoising call, the report.
+
+A JiT pipeline is a diffusers pipeline class with :class:`JiTPipelineMixin` in front of it.
+The mixin owns everything that is not specific to one model family:
+
+- ``jit=None`` calls the stock ``__call__`` untouched; a preset name or a
+  :class:`~jit_sampler.JiTConfig` goes to the subclass's ``_jit_call`` with every stock
+  argument bound to its name (``_dispatch``);
+- the step count (the config's, unless the caller passed ``num_inference_steps`` or
+  ``sigmas``) and the scheduler's own shifted sigmas (``_scheduler_sigmas``);
+- :func:`~jit_sampler.jit_sample` under the progress bar with ``interrupt`` and
+  ``callback_on_step_end`` (``_denoise``);
+- the report's phase times and FLOPs (``_finish_report``).
+
+Subclasses set ``_stock_class`` (the diffusers pipeline they extend); that registers them
+for :func:`enable_jit`, which picks the most specific registered class for a pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import JiTConfig
+from ..report import JiTReport, flop_summary
+from ..sampler import jit_sample
+from .velocity import FluxVelocity
+
+try:  # diffusers >= 0.36: the device a (possibly offloaded) module runs on
+    from diffusers.utils.torch_utils import get_module_execution_device as execution_device
+except ImportError:  # pragma: no cover - older diffusers
+    def execution_device(module):
+        return module.device
+
+__all__ = ["JiTPipelineMixin", "enable_jit", "execution_device", "per_image", "UNSET"]
+
+UNSET = object()
+_REGISTRY: list[type] = []  # JiT pipeline classes, in definition order
+
+
+def per_image(t: torch.Tensor, total: int) -> torch.Tensor:
+    """``[B, ...] -> [total, ...]`` by repeating each prompt's row ``total / B`` times (no-op when equal)."""
+    if t.shape[0] == total or total % t.shape[0]:
+        return t
+    return t.repeat_interleave(total // t.shape[0], dim=0)
+
+
+class JiTPipelineMixin:
+    """The shared half of every JiT pipeline (see the module docstring).
+
+    Subclasses set ``_stock_class`` and ``_stock_call`` (the stock ``__call__`` signature),
+    and implement ``_jit_call(cfg, *, explicit_steps, **stock_arguments)`` and, when they use
+    the scheduler's schedule, ``_shift_mu(image_seq_len, steps)``.
+    """
+
+    _default_jit = None
+    last_jit_report = None
+    _stock_class: type | None = None
+    _stock_call: inspect.Signature
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_stock_class") is not None:
+            _REGISTRY.append(cls)
+
+    def _dispatch(self, stock_call, args, kwargs, jit):
+        if jit is UNSET:
+            jit = self._default_jit
+        cfg = JiTConfig.coerce(jit)
+        if cfg is None:
+            self.last_jit_report = None
+            return stock_call(*args, **kwargs)
+        bound = self._stock_call.bind(self, *args, **kwargs)
+        explicit = set(bound.arguments)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        a.pop("self")
+        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+
+    def _refuse_newer(self, newer: dict) -> None:
+        """Arguments a later diffusers adds to the stock ``__call__`` are refused unless left at their default."""
+        unsupported = sorted(k for k, v in newer.items() if v is not self._stock_call.parameters[k].default)
+        if unsupported:
+            raise NotImplementedError(f"{type(self).__name__}: {unsupported} not supported with jit=...; use jit=None")
+
+    @staticmethod
+    def _batch_size(prompt, prompt_embeds) -> int:
+        if prompt is not None and isinstance(prompt, str):
+            return 1
+        if prompt is not None and isinstance(prompt, list):
+            return len(prompt)
+        return prompt_embeds.shape[0]
+
+    @staticmethod
+    def _steps_config(cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps) -> JiTConfig:
+        """The config's steps, unless the caller chose ``sigmas`` or ``num_inference_steps`` explicitly."""
+        if sigmas is not None:
+            return cfg.replace(total_steps=len(sigmas))
+        if explicit_steps and num_inference_steps != cfg.total_steps:
+            return cfg.replace(total_steps=int(num_inference_steps))
+        return cfg
+
+    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
+        raise NotImplementedError
+
+    def _scheduler_sigmas(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
+        """The sigmas the stock pipeline would integrate (its scheduler, shifted by ``_shift_mu``):
+        ``steps + 1`` floats ending at 0."""
+        s = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
+        mu = self._shift_mu(image_seq_len, steps)
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):  # the scheduler makes its own sigmas
+            self.scheduler.set_timesteps(steps, device=device, mu=mu)
+        else:  # as diffusers' retrieve_timesteps(scheduler, sigmas=s, mu=mu)
+            self.scheduler.set_timesteps(sigmas=s, device=device, mu=mu)
+        out = [float(v) for v in self.scheduler.sigmas.cpu().tolist()]
+        if len(out) == steps:  # schedulers that do not append the terminal sigma
+            out.append(0.0)
+        return out[: steps + 1]
+
+    def _timesteps(self, sig, device):
+        """``1000 * sigma`` per step for ``current_timestep`` and callbacks (one transfer, not one per step),
+        and the ``pre_call`` hook that sets ``current_timestep``."""
+        timesteps = torch.tensor([1000.0 * s for s in sig[:-1]], device=device)
+
+        def set_timestep(step: int, sigma: float):
+            self._current_timestep = timesteps[step]
+
+        return timesteps, set_timestep
+
+    def _denoise(self, velocity: FluxVelocity, latents, grid_h: int, grid_w: int, sig, cfg: JiTConfig, generator,
+                 timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """:func:`jit_sample` under the pipeline's progress bar, ``interrupt`` and ``callback_on_step_end``
+        (which may replace ``latents`` and ``prompt_embeds``)."""
+        with self.progress_bar(total=cfg.total_steps) as progress_bar:
+            def on_step(i: int, sigma: float, y: torch.Tensor):
+                new_latents = None
+                if callback_on_step_end is not None:
+                    avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
+                    callback_kwargs = {k: avail[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs) or {}
+                    new_latents = outputs.pop("latents", None)
+                    if "prompt_embeds" in outputs:
+                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
+                progress_bar.update()
+                return new_latents
+
+            latents, report = jit_sample(velocity, latents, grid_h, grid_w, sig, cfg, generator,
+                                         step_callback=on_step, interrupt=lambda: self.interrupt)
+        self._current_timestep = None
+        return latents, report
+
+    def _finish_report(self, report: JiTReport, times: tuple[float, float, float, float], num_tokens: int,
+                       text_tokens: int, calls_per_step: int) -> None:
+        """Phase times from ``(start, encoded, sampled, end)``, FLOPs per sample; stored as ``last_jit_report``."""
+        t0, t_encoded, t_sampled, t_end = times
+        report.phase_times = {"encode": t_encoded - t0, "sample": t_sampled - t_encoded, "decode": t_end - t_sampled,
+                              "total": t_end - t0}
+        try:
+            report.flops = flop_summary(self.transformer.config, report.active_tokens, num_tokens,
+                                        text_tokens=int(text_tokens), calls_per_step=calls_per_step)
+        except (TypeError, KeyError, AttributeError):  # a transformer without FLUX's config keys
+            report.flops = {}
+        self.last_jit_report = report
+
+
+def enable_jit(pipe, jit: Any = "4x"):
+    """A JiT pipeline sharing ``pipe``'s components whose calls default to ``jit``.
+
+    ``pipe`` is a ``FluxPipeline`` (-> :class:`~jit_sampler.JiTFluxPipeline`) or a
+    ``Flux2KleinPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`); the most specific
+    registered JiT pipeline for ``type(pipe)`` is chosen. ``enable_jit(pipe, "4x")(prompt)``
+    runs the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is
+    not changed (unless it already is a JiT pipeline, whose default is then updated and which
+    is returned).
+    """
+    cfg = JiTConfig.coerce(jit)
+    from . import _MODULES, _load_all  # every JiT pipeline module registers its class on import
+
+    _load_all()
+    order = {f"{__package__}.{m}": k for k, m in enumerate(_MODULES)}  # the package's own classes first
+    known = sorted(_REGISTRY, key=lambda c: order.get(c.__module__, len(order)))
+    mro = type(pipe).__mro__
+    candidates = [c for c in known if isinstance(pipe, c._stock_class)]
+    if not candidates:
+        names = " or ".join(c._stock_class.__name__ for c in known)
+        raise TypeError(f"enable_jit needs a {names}, got {type(pipe).__name__}")
+    cls = min(candidates, key=lambda c: mro.index(c._stock_class))
+    out = pipe if isinstance(pipe, cls) else cls.from_pipe(pipe)
+    out._default_jit = cfg
+    return out
