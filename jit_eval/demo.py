@@ -7,8 +7,9 @@ For each digit 0-9 and each seed, the same initial noise is integrated by the
 dense 50-step Euler sampler (the reference output) and by JiT with each preset.
 Wall times are medians over interleaved repeats in one process; fidelity is
 PSNR / SSIM of each JiT image against the dense-50 image of the same seed and
-digit. Writes ``<out>/jit_demo.png`` (rows: dense 50, then each preset; columns:
-digits x seeds), ``jit_demo.json`` and ``jit_demo.md``.
+digit. Writes ``<out>/jit_demo.png`` (one row per method, named on the left: dense-50,
+then each preset; columns: digits x seeds), ``jit_demo.json`` and ``jit_demo.md``.
+``--model tiny-subsets`` runs the checkpoint that also saw token subsets in training.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ from jit_sampler import JiTConfig, linear_sigmas
 from jit_sampler.report import flux_run_flops
 
 from .metrics import psnr, ssim
-from .tiny_flux import load_tiny_flux, sample_tiny, unpack_tokens
+from .tiny_flux import CHECKPOINTS, load_tiny_flux, sample_tiny, unpack_tokens
 
 __all__ = ["run_demo", "main"]
 
 
 def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 3, cfg_scale: float = 3.0,
-             model=None, dense_steps: int = 50, device: str = "cpu", log=print) -> dict:
+             model=None, dense_steps: int = 50, device: str = "cpu", log=print, checkpoint: str = "tiny") -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    model = model or load_tiny_flux(device=device)
+    model_name = checkpoint if model is None else "custom"
+    model = model or load_tiny_flux(checkpoint, device=device)
     labels = torch.arange(10, device=device).repeat(seeds)  # digit-major within each seed
     noise = torch.cat([torch.randn(10, 256, 4, generator=torch.Generator().manual_seed(s)) for s in range(seeds)])
     noise = noise.to(device)
@@ -75,10 +77,11 @@ def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 
             row["psnr_db"] = round(float(psnr(img, ref_img).mean()), 2)
             row["ssim"] = round(float(ssim(img, ref_img).mean()), 4)
         rows.append(row)
-    _save_grid(os.path.join(out_dir, "jit_demo.png"), [unpack_tokens(outputs[k]) for k in runs], seeds)
+    _save_grid(os.path.join(out_dir, "jit_demo.png"), [unpack_tokens(outputs[k]) for k in runs], list(runs))
     result = {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "images": f"{len(labels)} (digits 0-9 x {seeds} seeds)",
+        "model": model_name,
         "cfg_scale": cfg_scale,
         "repeats": repeats,
         "rows": rows,
@@ -104,21 +107,27 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_grid(path: str, images: list[torch.Tensor], seeds: int) -> None:
-    from PIL import Image
+def _save_grid(path: str, images: list[torch.Tensor], names: list[str]) -> None:
+    """One row per method (its name in a strip on the left), one column per image."""
+    from PIL import Image, ImageDraw
 
-    pad = 2
-    rows = len(images)
+    pad, scale, label_w = 2, 2, 84
     n = images[0].shape[0]
     h = w = images[0].shape[-1]
-    canvas = torch.ones(rows * (h + pad) + pad, n * (w + pad) + pad)
+    canvas = torch.ones(len(images) * (h + pad) + pad, n * (w + pad) + pad)
     for r, img in enumerate(images):
         img = ((img.clamp(-1, 1) + 1) / 2)[:, 0]
         for j in range(n):
             y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
             canvas[y0:y0 + h, x0:x0 + w] = img[j]
     arr = (canvas * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(arr, mode="L").resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+    grid = Image.fromarray(arr, mode="L").resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    out = Image.new("L", (label_w + grid.width, grid.height), 255)
+    out.paste(grid, (label_w, 0))
+    draw = ImageDraw.Draw(out)
+    for r, name in enumerate(names):
+        draw.text((4, scale * (pad + r * (h + pad)) + scale * h // 2 - 5), name, fill=0)
+    out.save(path)
 
 
 def main(argv=None) -> int:
@@ -128,8 +137,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cfg-scale", type=float, default=3.0, help="true CFG scale (null label as negative; 1 = off)")
+    p.add_argument("--model", default="tiny", choices=sorted(CHECKPOINTS),
+                   help="committed checkpoint: 'tiny' (full grids only) or 'tiny-subsets' (also token subsets)")
     args = p.parse_args(argv)
-    run_demo(args.out, tuple(args.presets), args.seeds, args.repeats, args.cfg_scale)
+    run_demo(args.out, tuple(args.presets), args.seeds, args.repeats, args.cfg_scale, checkpoint=args.model)
     return 0
 
 

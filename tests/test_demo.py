@@ -18,3 +18,9 @@ def test_demo_end_to_end(tmp_path):
     for f in ("jit_demo.png", "jit_demo.json", "jit_demo.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert json.loads((tmp_path / "jit_demo.json").read_text())["rows"] == res["rows"]
+    assert res["model"] == "tiny"
+    # one row per method (dense-6, JiT 7x) of 10 digits, 32 px + 2 px padding, x2, a name strip on the left
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "jit_demo.png").size
+    assert (w, h) == (84 + 2 * (10 * 34 + 2), 2 * (2 * 34 + 2))

@@ -6,6 +6,7 @@ loader, training script and classifier live here.
 
 from .data import load_mnist
 from .model import (
+    CHECKPOINTS,
     DEFAULT_CONFIG,
     WEIGHTS_DIR,
     LabelConditioner,
@@ -22,6 +23,7 @@ from .model import (
 from .velocity import TinyVelocity, config_sigmas, sample_tiny
 
 __all__ = [
+    "CHECKPOINTS",
     "DEFAULT_CONFIG",
     "WEIGHTS_DIR",
     "LabelConditioner",

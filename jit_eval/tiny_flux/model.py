@@ -30,9 +30,14 @@ __all__ = [
     "text_ids",
     "sample_dense",
     "WEIGHTS_DIR",
+    "CHECKPOINTS",
 ]
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+WEIGHTS_DIR = os.path.join(_HERE, "weights")
+# The committed checkpoints by name: "tiny" trained on full 16 x 16 grids only; "tiny-subsets"
+# also on random token subsets with their own position ids (train.py --subset-share).
+CHECKPOINTS = {"tiny": WEIGHTS_DIR, "tiny-subsets": os.path.join(_HERE, "weights_subsets")}
 
 DEFAULT_CONFIG = {
     "transformer": {
@@ -148,8 +153,9 @@ def save_tiny_flux(model: TinyFlux, path: str) -> None:
 
 
 def load_tiny_flux(path: str | None = None, device="cpu", dtype=torch.float32) -> TinyFlux:
-    """Load the committed checkpoint (offline) or one saved by the training script."""
-    path = path or WEIGHTS_DIR
+    """Load a committed checkpoint by name (:data:`CHECKPOINTS`; default ``"tiny"``) or a folder
+    saved by the training script."""
+    path = CHECKPOINTS.get(path, path) if path else WEIGHTS_DIR
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"no tiny FLUX checkpoint at {path} (config.json missing)")
