@@ -280,6 +280,9 @@ def _op_samples():
         "select_new_tokens": (x[:, :, 0].contiguous(), a, 5),
         "microflow_update_": (x.clone(), new, eps, 0.5),
         "microflow_target": (x, x, a, near, wts, new, eps, 0.8, 0.6, h, w),
+        "anchor_attention": (*(_tokens(b, n, 8, torch.float32, seed=6 + i).view(b, n, 2, 4) for i in range(3)),
+                             torch.rand(n, 4, generator=_gen(9)), torch.rand(n, 4, generator=_gen(10)),
+                             torch.tensor([n, 7]), 0.25),
     }
 
 

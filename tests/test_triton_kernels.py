@@ -19,9 +19,9 @@ from jit_kernels import reference as ref
 
 triton = pytest.importorskip("triton")
 T = importlib.import_module("jit_kernels.triton")
-from jit_kernels.triton import aot, importance, lift, tokens  # noqa: E402
+from jit_kernels.triton import aot, common, importance, lift  # noqa: E402
 
-INTERP = tokens.INTERPRET
+INTERP = common.INTERPRET
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=2e-3),
@@ -53,10 +53,10 @@ def tiny_tiles(monkeypatch):
     channel block, N not a multiple of the row block) that the default big
     interpreter tiles would cover in a single program.
     """
-    monkeypatch.setattr(tokens, "_TILE_INTERP", 32)
-    monkeypatch.setattr(tokens, "_TILE_GPU", 32)
-    monkeypatch.setattr(tokens, "_MAX_BLOCK_C_INTERP", 4)
-    monkeypatch.setattr(tokens, "_MAX_BLOCK_C_GPU", 4)
+    monkeypatch.setattr(common, "_TILE_INTERP", 32)
+    monkeypatch.setattr(common, "_TILE_GPU", 32)
+    monkeypatch.setattr(common, "_MAX_BLOCK_C_INTERP", 4)
+    monkeypatch.setattr(common, "_MAX_BLOCK_C_GPU", 4)
     monkeypatch.setattr(lift, "_ANCHOR_CHUNK_INTERP", 4)
     monkeypatch.setattr(lift, "_ANCHOR_CHUNK_GPU", 4)
     monkeypatch.setattr(lift, "_LIFT_TILE_GPU", 32)
@@ -76,7 +76,18 @@ def test_every_schema_has_a_triton_op_with_the_same_arguments():
         assert [str(a.type) for a in tri.arguments] == [str(a.type) for a in main.arguments], name
         assert [a.is_write for a in tri.arguments if a.alias_info] == [a.is_write for a in main.arguments if a.alias_info], name
         assert len(tri.returns) == len(main.returns), name
-    assert set(T.__all__) >= {n + "_triton" for n in jk._library.SCHEMAS}
+    assert set(T.TRITON_OPS) == set(jk._library.OPS)
+
+
+def test_launchers_follow_the_naming_rule():
+    # Every op's Triton launcher is launch_<op> in the module of its family, and nothing else is called launch_*.
+    for name, op in jk._library.OPS.items():
+        mod = importlib.import_module(f"jit_kernels.triton.{op.family}")
+        assert T.LAUNCHERS[name] is getattr(mod, "launch_" + name), name
+    named = {(op.family, "launch_" + n) for n, op in jk._library.OPS.items()}
+    for fam in jk._library.FAMILIES:
+        mod = importlib.import_module(f"jit_kernels.triton.{fam}")
+        assert {(fam, k) for k in vars(mod) if k.startswith("launch_")} <= named, fam
 
 
 def test_aot_registry_lists_every_kernel():
@@ -99,7 +110,9 @@ def test_cuda_routing_decision():
 
 def test_cuda_routing_state():
     # Only the ops without a CUDA C++ kernel are routable, and each of them now has a CUDA kernel.
-    assert set(T.CUDA_ROUTABLE) == {"token_importance", "select_new_tokens", "microflow_update_", "microflow_target"}
+    assert set(T.CUDA_ROUTABLE) == {"token_importance", "select_new_tokens", "microflow_update_", "microflow_target",
+                                    "anchor_attention"}
+    assert set(T.CUDA_ROUTABLE) == {n for n, op in jk._library.OPS.items() if op.cuda_via_triton}
     assert set(T.ROUTED_TO_TRITON) <= set(T.CUDA_ROUTABLE)
     for op in T.CUDA_ROUTABLE:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", "CUDA"), op
@@ -155,12 +168,12 @@ def test_aot_specialisation_matches_the_jit():
 def test_tile_shapes_are_powers_of_two_and_bounded():
     for rows, cols in ((1, 1), (3, 5), (91, 37), (4096, 64), (10, 3000)):
         for interp in (False, True):
-            r, c = tokens.tile_shape(rows, cols, interpret=interp)
+            r, c = common.tile_shape(rows, cols, interpret=interp)
             assert r & (r - 1) == 0 and c & (c - 1) == 0
             assert c <= (1024 if interp else 128) and r <= triton.next_power_of_2(rows)
             assert r * c <= (1 << 16 if interp else 4096) or r == 1
     # GPU shapes of the FLUX size: one 64-channel tile, 4096-element fp32 tiles
-    assert tokens.tile_shape(4096, 64, interpret=False) == (64, 64)
+    assert common.tile_shape(4096, 64, interpret=False) == (64, 64)
     assert lift.lift_tile_shape(2 * 4096, 64, interpret=False) == (32, 64)
 
 
