@@ -192,22 +192,3 @@ def backend_op(op: str, backend: str):
         name = OPS[op].triton_op if backend == "triton" else op
         fn = _OPS[key] = getattr(torch.ops.jit_kernels, name).default
     return fn
-
-
-COMPILED = ("cpp", "cuda")
-
-
-def checks_values(backend: str) -> bool:
-    """Whether the Python layer must check index values itself.
-
-    The compiled kernels check ranges and duplicates with TORCH_CHECK_INDEX /
-    TORCH_CHECK_VALUE before any work (in a pass far cheaper than the Python
-    reductions), so for them Python checks only shapes, dtypes and devices.
-    """
-    return backend not in COMPILED
-
-
-def device_of(op: str, name: str, t) -> torch.device:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t.device

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._backends import backend_op, checks_values, resolve
-from .lift import _prepare
+from ._backends import backend_op, resolve
+from .lift import lift_plan
 from .reference import microflow_target_ref, microflow_update_ref_
 
 __all__ = ["microflow_update", "microflow_target", "MICROFLOW_MODES"]
@@ -49,7 +49,7 @@ def microflow_update(
     C.check_tokens(op, "y", y)
     be = resolve("microflow_update_", y.device, backend)
     C.check_tokens(op, "target", target, channels=y.shape[2])
-    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=checks_values(be))
+    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=C.checks_values(be))
     C.check_same_device(op, y=y, new_idx=new_idx, target=target)
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
@@ -98,13 +98,13 @@ def microflow_target(
     sigma = C.check_float(op, "sigma", sigma)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
-    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=checks_values(be))
+    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=C.checks_values(be))
     C.check_tokens(op, "eps", eps, channels=c)
     if eps.shape[:2] != (b, new_idx.shape[-1]):
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
-    # The anchor values are x0_hat rows; _prepare only needs their shape.
-    fake_vals = y_prev.new_empty((b, anchor_idx.shape[-1] if isinstance(anchor_idx, torch.Tensor) else 0, c))
-    nearest, w = _prepare(op, fake_vals, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale, backend, be)
+    # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
+    nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
+                           backend, be)
     C.check_same_device(op, y_prev=y_prev, v_prev=v_prev, new_idx=new_idx, eps=eps, anchor_idx=anchor_idx)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
