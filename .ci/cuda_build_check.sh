@@ -63,13 +63,13 @@ from jit_kernels import _backends
 
 assert _backends._C is not None, f"jit_kernels._C did not load: {jit_kernels.extension_error()}"
 print("loaded", _backends._C.__file__)
-cuda_ops = ["gather_tokens", "scatter_tokens", "scatter_tokens_", "nearest_anchor_map", "lift_field", "lift_euler_"]
+# Every op of the table needs a CPU kernel, and a CUDA C++ kernel unless its row routes CUDA to Triton.
 missing = []
-for op in sorted(jit_kernels._library.SCHEMAS):
+for op, row in sorted(jit_kernels._library.OPS.items()):
     cpu = torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", "CPU")
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", "CUDA")
-    print(f"  {op:20s} CPU={cpu} CUDA={cuda}")
-    if not cpu or (op in cuda_ops and not cuda):
+    print(f"  {op:20s} CPU={cpu} CUDA={cuda}{' (Triton)' if row.cuda_via_triton else ''}")
+    if not cpu or (not row.cuda_via_triton and not cuda):
         missing.append(op)
 assert not missing, f"kernels missing: {missing}"
 assert torch._C._dispatch_has_kernel_for_dispatch_key("jit_kernels::lift_field", "CUDA")

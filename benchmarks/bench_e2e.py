@@ -15,7 +15,7 @@ of steps, beside the FLOP ratio (linear + attention, text tokens included) and t
 transformer-time ratio (dense model time / JiT model time); ``realised`` is the wall
 speed-up as a fraction of the transformer-time ratio (what the sampler's own work and
 Python overhead cost). ``sampler_overhead`` is the share of loop time spent outside the
-transformer (issue 3 asks < 3 %). Results: benchmarks/results/e2e_cpu.{json,md}.
+transformer (the sampler's target: under 3 % of loop time). Results: benchmarks/results/e2e_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         "dense-11": (JiTConfig.dense(11, backend=args.backend), linear_sigmas(11)),
         "JiT 4x": (JiTConfig.preset("4x", backend=args.backend), beta_sigmas(18)),
         "JiT 7x": (JiTConfig.preset("7x", backend=args.backend), beta_sigmas(11)),
-        # The same presets with the fused rotary + attention processor (issue 5).
+        # The same presets with the fused rotary + attention processor (jit_kernels.anchor_attention via AnchorAttnProcessor).
         "JiT 4x + anchor attn": (JiTConfig.preset("4x", backend=args.backend), beta_sigmas(18)),
         "JiT 7x + anchor attn": (JiTConfig.preset("7x", backend=args.backend), beta_sigmas(11)),
     }

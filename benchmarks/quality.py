@@ -1,4 +1,4 @@
-"""Speed / fidelity suite on the embedded tiny FLUX (evaluation.md sections 2-3).
+"""Speed / fidelity suite on the embedded tiny FLUX (docs/evaluation.md sections 2-3).
 
     python -m benchmarks.quality                       # 10 digits x 10 seeds, every method
     python -m benchmarks.quality --seeds 2 --quick     # a smoke run
@@ -17,7 +17,7 @@ with the same model and conditioning, and is scored against the dense 50-step sa
   seed-0 batch runs ``--repeats`` times for every method, interleaved, and the speed-up is
   the ratio of medians to dense-50 in this process.
 
-Writes ``quality_cpu.{json,md}`` (table, verdicts on the issue's criteria, command line,
+Writes ``quality_cpu.{json,md}`` (table, verdicts on the suite's acceptance criteria, command line,
 versions) and ``quality_cpu.svg`` (speed-up vs PSNR, accuracy and feature distance).
 """
 
@@ -231,7 +231,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """The issue's criteria, stated as measured (win or lose)."""
+    """The suite's acceptance criteria (JiT 4x vs dense-12 on PSNR to dense-50; JiT 4x accuracy within 1 point of dense-50; JiT 7x vs dense-7 on PSNR, accuracy and feature distance), stated as measured (win or lose)."""
     by = {r["method"]: r for r in rows}
     out = []
 

@@ -158,16 +158,4 @@ inline void check_euler_target(const char* op, const at::Tensor& y, const at::Te
   TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
 }
 
-// CUDA tensors must pass every check on their own device (defined in csrc/cuda/tokens.cu).
-inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-}
-
-#if defined(JIT_KERNELS_WITH_CUDA)
-// Values of a CUDA index tensor (contiguous): all in [0, upper); optionally
-// unique per row. One validation kernel plus one small device-to-host copy:
-// the only way to raise a clear error before a kernel reads out of bounds.
-void check_index_values_cuda(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique);
-#endif
-
 }  // namespace jit_kernels

@@ -1,4 +1,4 @@
-"""Fidelity metrics used by the demo and the quality suite (evaluation.md section 2).
+"""Fidelity metrics used by the demo and the quality suite (docs/evaluation.md section 2).
 
 All images are float tensors ``[B, C, H, W]`` with a known data range (the tiny
 model works in ``[-1, 1]``, range 2). Everything runs in float64 on the CPU so

@@ -1,4 +1,4 @@
-"""The methods JiT is compared against, on the same velocity callables (evaluation.md section 3).
+"""The methods JiT is compared against, on the same velocity callables (docs/evaluation.md section 3).
 
 - :func:`ras_sample`: a region-adaptive sampler in the spirit of RAS (Liu et al., 2025),
   rebuilt on :mod:`jit_kernels`' gather/scatter ops. Each sparse step recomputes only the

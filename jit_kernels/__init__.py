@@ -1,11 +1,12 @@
 """jit_kernels: fused token ops for Just-in-Time (JiT) spatial acceleration of diffusion transformers.
 
-Every op is registered once as ``torch.ops.jit_kernels.<name>`` (schemas in
-:mod:`jit_kernels._library`) with a plain-PyTorch reference
+Every op is registered once as ``torch.ops.jit_kernels.<name>`` (one row per op in the
+op table :data:`jit_kernels._library.OPS`) with a plain-PyTorch reference
 (:mod:`jit_kernels.reference`), CPU C++ and CUDA kernels in the compiled
 extension ``jit_kernels._C``, and Triton kernels (:mod:`jit_kernels.triton`).
 The public functions below validate their inputs, then dispatch to the
-backend chosen by ``backend=`` / :func:`use_backend` / ``JIT_KERNELS_BACKEND``.
+backend chosen by ``backend=`` / :func:`use_backend` / ``JIT_KERNELS_BACKEND``;
+:data:`BACKENDS` is the tuple of accepted backend names.
 """
 
 from ._backends import (
@@ -21,7 +22,7 @@ from .attention import anchor_attention
 from .blur import blur_params, gaussian_weights
 from .importance import select_new_tokens, token_importance
 from .lift import lift_euler_, lift_field, lift_weights, nearest_anchor_map
-from .microflow import MICROFLOW_MODES, microflow_target, microflow_update
+from .microflow import MICROFLOW_MODES, microflow_target, microflow_update, microflow_update_
 from .tokens import gather_tokens, scatter_tokens, scatter_tokens_
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "lift_weights",
     "microflow_target",
     "microflow_update",
+    "microflow_update_",
     "nearest_anchor_map",
     "scatter_tokens",
     "scatter_tokens_",

@@ -24,7 +24,8 @@ import threading
 
 import torch
 
-from . import _library  # noqa: F401  (schemas must exist before the extension registers kernels)
+from ._env import triton_interpret
+from ._library import OPS  # the ops must be defined before the extension registers kernels
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +39,7 @@ __all__ = [
 
 log = logging.getLogger("jit_kernels")
 
+# The public tuple of backend names: "auto" plus the concrete backends.
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
 
@@ -77,13 +79,9 @@ def extension_error() -> Exception | None:
     return _C_ERROR
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _has_triton_op(op: str) -> bool:
     try:
-        getattr(torch.ops.jit_kernels, op + "_triton")
+        getattr(torch.ops.jit_kernels, OPS[op].triton_op)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -115,7 +113,7 @@ def _usable(name: str, device: torch.device, op: str = "gather_tokens") -> bool:
     if name == "triton":
         if _TRITON is None or not _has_triton_op(op):
             return False
-        return device.type == "cuda" or (device.type == "cpu" and _triton_interpret())
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -191,25 +189,6 @@ def backend_op(op: str, backend: str):
     key = (op, "triton" if backend == "triton" else "native")
     fn = _OPS.get(key)
     if fn is None:
-        name = op + "_triton" if backend == "triton" else op
+        name = OPS[op].triton_op if backend == "triton" else op
         fn = _OPS[key] = getattr(torch.ops.jit_kernels, name).default
     return fn
-
-
-COMPILED = ("cpp", "cuda")
-
-
-def checks_values(backend: str) -> bool:
-    """Whether the Python layer must check index values itself.
-
-    The compiled kernels check ranges and duplicates with TORCH_CHECK_INDEX /
-    TORCH_CHECK_VALUE before any work (in a pass far cheaper than the Python
-    reductions), so for them Python checks only shapes, dtypes and devices.
-    """
-    return backend not in COMPILED
-
-
-def device_of(op: str, name: str, t) -> torch.device:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t.device

@@ -1,8 +1,15 @@
 """Input validation shared by every public op: clear errors before any work.
 
-Shape, dtype and device checks always run. Value checks (index ranges,
-duplicates) read index tensors, so they are skipped while ``torch.compile``
-traces; the compiled C++ kernels repeat them with ``TORCH_CHECK``.
+One policy for every op family (tokens, lift, importance, microflow, attention):
+
+- the public function checks argument types, tensor ranks, shapes, dtypes, devices and
+  scalar arguments itself, before dispatch, whatever the backend, so every backend
+  reports an invalid call with the same exception type and message;
+- index *values* (ranges, duplicates, key lengths) are checked in Python only for the
+  backends whose kernels do not check them (:func:`checks_values`: ``reference`` and
+  ``triton``), and never while ``torch.compile`` traces (they read the tensors); the
+  compiled kernels (``cpp``, ``cuda``) check them with ``TORCH_CHECK_INDEX`` /
+  ``TORCH_CHECK_VALUE``, which surface as ``IndexError`` / ``ValueError`` like these.
 """
 
 from __future__ import annotations
@@ -11,14 +18,32 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Backends whose kernels validate index values themselves (the compiled extension).
+COMPILED = ("cpp", "cuda")
+
+
+def checks_values(backend: str) -> bool:
+    """Whether the Python layer must check index values itself for this (concrete) backend.
+
+    The compiled kernels check ranges and duplicates with TORCH_CHECK_INDEX /
+    TORCH_CHECK_VALUE before any work (in a pass far cheaper than the Python
+    reductions), so for them Python checks only shapes, dtypes and devices.
+    """
+    return backend not in COMPILED
+
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_tokens(op: str, name: str, t, channels: int | None = None) -> None:
+def check_tensor(op: str, name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_tokens(op: str, name: str, t, channels: int | None = None) -> None:
+    check_tensor(op, name, t)
     if t.dim() != 3:
         raise ValueError(f"{op}: {name} must be [B, N, C], got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
@@ -38,8 +63,7 @@ def check_index(
     op: str, name: str, idx, batch: int, upper: int, *, unique: bool = False, nonempty: bool = False, values: bool = True
 ) -> None:
     """``idx`` int64 ``[M]`` or ``[batch, M]``; with ``values``, also in ``[0, upper)`` (and unique)."""
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(idx).__name__}")
+    check_tensor(op, name, idx)
     if idx.dtype != torch.int64:
         raise TypeError(f"{op}: {name} must be int64, got {idx.dtype}")
     if idx.dim() not in (1, 2):
@@ -86,3 +110,43 @@ def check_float(op: str, name: str, v) -> float:
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"{op}: {name} must be finite, got {v}")
     return v
+
+
+# ---------------------------------------------------------------- attention
+
+
+def check_heads(op: str, name: str, t) -> None:
+    """``t`` a float ``[B, L, H, D]`` tensor (q, k or v)."""
+    check_tensor(op, name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be [B, L, H, D], got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_rotary_table(op: str, name: str, t, b: int, n: int, d: int) -> None:
+    """``t`` a floating ``[L, D]`` or ``[B, L, D]`` rotary table."""
+    check_tensor(op, name, t)
+    if t.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if tuple(t.shape) not in ((n, d), (b, n, d)):
+        raise ValueError(f"{op}: {name} must be [L, D] = [{n}, {d}] or [B, L, D] = [{b}, {n}, {d}], "
+                         f"got shape {tuple(t.shape)}")
+
+
+_LENGTH_DTYPES = (torch.int32, torch.int64)
+
+
+def check_lengths(op: str, name: str, lengths, b: int, n: int, *, values: bool = True) -> None:
+    """``lengths`` int32/int64 ``[b]``; with ``values``, also in ``[1, n]``."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(lengths).__name__}")
+    if lengths.dtype not in _LENGTH_DTYPES:
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {lengths.dtype}")
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"{op}: {name} must be [B] = [{b}], got shape {tuple(lengths.shape)}")
+    if not values or _tracing() or b == 0:
+        return
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > n:
+        raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [1, {n}]")

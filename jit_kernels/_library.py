@@ -1,108 +1,153 @@
-"""The ``jit_kernels`` operator library: every schema, once, and every fake kernel.
+"""The ``jit_kernels`` op table: one row per op, from which every registration and the routing follow.
 
-The schemas live in Python rather than in ``csrc/`` because the package must
-work without its compiled extension (reference and Triton paths): the C++
-side only adds ``TORCH_LIBRARY_IMPL`` kernels for the CPU and CUDA keys. The
-compiled extension is loaded after this module has defined the schemas.
+A row (:class:`OpDef`) holds the op's schema, its fake (meta) kernel, its family and
+whether its CUDA kernel is the Triton launcher. From the table:
 
-Conventions shared by all ops: token tensors are ``[B, N, C]`` (fp32, fp16 or
-bf16, arithmetic in fp32); index tensors are int64 ``[M]`` (shared by the
-batch) or ``[B, M]`` (per sample); grids are row-major ``H x W`` with
-``N = H * W``; ``weights`` is the fp32 ``[K]`` Gaussian of :mod:`jit_kernels.blur`.
+- this module defines ``torch.ops.jit_kernels.<op>`` (schema + fake) for every row;
+- the compiled extension ``jit_kernels._C`` adds CPU and CUDA kernels to those ops
+  (``TORCH_LIBRARY_IMPL`` in ``csrc/cpu/<family>.cpp`` and ``csrc/cuda/<family>.cu``);
+- :mod:`jit_kernels.triton` registers the Triton twin ``torch.ops.jit_kernels.<op>_triton``
+  (same schema and fake) around the launcher ``launch_<op>`` of
+  ``jit_kernels/triton/<family>.py``, and, for rows with ``cuda_via_triton``, registers that
+  launcher as the CUDA kernel of ``<op>`` itself;
+- :mod:`jit_kernels._backends` finds the implementation of ``(op, backend)`` through the row.
+
+The schemas live in Python rather than in ``csrc/`` because the package must work
+without its compiled extension (reference and Triton paths). The compiled extension is
+loaded after this module has defined the ops.
+
+Conventions shared by all ops: token tensors are ``[B, N, C]`` (fp32, fp16 or bf16,
+arithmetic in fp32); index tensors are int64 ``[M]`` (shared by the batch) or ``[B, M]``
+(per sample); grids are row-major ``H x W`` with ``N = H * W``; ``weights`` is the fp32
+``[K]`` Gaussian of :mod:`jit_kernels.blur`. Attention tensors are ``[B, L, H, D]``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-__all__ = ["SCHEMAS", "ATTENTION_SCHEMAS", "NAMESPACE"]
+__all__ = ["NAMESPACE", "OpDef", "OPS", "SCHEMAS", "FAMILIES"]
 
 NAMESPACE = "jit_kernels"
 
-SCHEMAS: dict[str, str] = {
-    "gather_tokens": "(Tensor x, Tensor idx) -> Tensor",
-    "scatter_tokens": "(Tensor base, Tensor idx, Tensor src) -> Tensor",
-    "scatter_tokens_": "(Tensor(a!) base, Tensor idx, Tensor src) -> ()",
-    "nearest_anchor_map": "(Tensor anchor_idx, int height, int width) -> Tensor",
-    "lift_field": "(Tensor values, Tensor anchor_idx, Tensor nearest, Tensor weights, int height, int width) -> Tensor",
-    "lift_euler_": (
-        "(Tensor(a!) y, Tensor values, Tensor anchor_idx, Tensor nearest, Tensor weights, "
-        "int height, int width, float dt) -> ()"
-    ),
-    "token_importance": "(Tensor field, int height, int width) -> Tensor",
-    "select_new_tokens": "(Tensor importance, Tensor active_idx, int count) -> Tensor",
-    "microflow_update_": "(Tensor(a!) y, Tensor new_idx, Tensor target, float weight) -> ()",
-    "microflow_target": (
-        "(Tensor y_prev, Tensor v_prev, Tensor anchor_idx, Tensor nearest, Tensor weights, "
-        "Tensor new_idx, Tensor eps, float sigma_prev, float sigma, int height, int width) -> Tensor"
-    ),
-}
-
-# Attention ops: kept apart from SCHEMAS because the token-op test suites enumerate
-# SCHEMAS (samples, Triton twins, CUDA routing) and pin that set; tests/test_attention.py
-# covers these the same way.
-ATTENTION_SCHEMAS: dict[str, str] = {
-    # q, k, v [B, L, H, D]; cos, sin [L, D] (FluxPosEmbed, interleaved pairs); key_lengths int64 [B]
-    # or None; scale: the softmax scale (the public wrapper resolves the 1/sqrt(D) default).
-    "anchor_attention": "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_lengths, float scale) -> Tensor",
-}
-
-_lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _schema in {**SCHEMAS, **ATTENTION_SCHEMAS}.items():
-    _lib.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
+# Op families: each has a public module jit_kernels/<family>.py, a reference
+# jit_kernels/reference/<family>.py, Triton launchers in jit_kernels/triton/<family>.py
+# and C++ kernels in csrc/cpu/<family>.cpp (CUDA C++ in csrc/cuda/<family>.cu where there is one).
+FAMILIES = ("tokens", "lift", "importance", "microflow", "attention")
 
 
-@torch.library.register_fake(f"{NAMESPACE}::gather_tokens")
-def _(x, idx):
+@dataclass(frozen=True)
+class OpDef:
+    """One op of the library: what every backend registers, and how CUDA is served."""
+
+    name: str
+    family: str
+    schema: str  # the argument list and returns, without the name: "(Tensor x, ...) -> Tensor"
+    fake: Callable  # the meta kernel shared by the op and its Triton twin (output shapes only)
+    cuda_via_triton: bool = False  # no CUDA C++ kernel: the Triton launcher is the op's CUDA kernel
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def triton_op(self) -> str:
+        """Name of the Triton twin in ``torch.ops.jit_kernels``."""
+        return self.name + "_triton"
+
+    @property
+    def launcher(self) -> str:
+        """Name of the plain Triton launcher in ``jit_kernels.triton.<family>``."""
+        return "launch_" + self.name
+
+    @property
+    def mutates(self) -> tuple[str, ...]:
+        """Arguments the op writes (``Tensor(a!)`` in the schema)."""
+        parsed = torch._C.parse_schema(self.name + self.schema)
+        return tuple(a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write)
+
+
+# ---------------------------------------------------------------- fakes (output shapes)
+
+
+def _fake_gather_tokens(x, idx):
     return x.new_empty((x.shape[0], idx.shape[-1], x.shape[2]))
 
 
-@torch.library.register_fake(f"{NAMESPACE}::scatter_tokens")
-def _(base, idx, src):
-    return torch.empty_like(base)
+def _fake_scatter_tokens(base, idx, src):
+    # Every kernel (C++ CPU/CUDA, Triton) returns a contiguous copy.
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::scatter_tokens_")
-def _(base, idx, src):
-    return None
-
-
-@torch.library.register_fake(f"{NAMESPACE}::nearest_anchor_map")
-def _(anchor_idx, height, width):
+def _fake_nearest_anchor_map(anchor_idx, height, width):
     shape = (height * width,) if anchor_idx.dim() == 1 else (anchor_idx.shape[0], height * width)
     return anchor_idx.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::lift_field")
-def _(values, anchor_idx, nearest, weights, height, width):
+def _fake_lift_field(values, anchor_idx, nearest, weights, height, width):
     return values.new_empty((values.shape[0], height * width, values.shape[2]))
 
 
-@torch.library.register_fake(f"{NAMESPACE}::lift_euler_")
-def _(y, values, anchor_idx, nearest, weights, height, width, dt):
-    return None
-
-
-@torch.library.register_fake(f"{NAMESPACE}::token_importance")
-def _(field, height, width):
+def _fake_token_importance(field, height, width):
     return field.new_empty((field.shape[0], height * width), dtype=torch.float32)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::select_new_tokens")
-def _(importance, active_idx, count):
+def _fake_select_new_tokens(importance, active_idx, count):
     return importance.new_empty((importance.shape[0], count), dtype=torch.int64)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::microflow_update_")
-def _(y, new_idx, target, weight):
-    return None
-
-
-@torch.library.register_fake(f"{NAMESPACE}::microflow_target")
-def _(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
+def _fake_microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
     return y_prev.new_empty((y_prev.shape[0], new_idx.shape[-1], y_prev.shape[2]))
 
 
-@torch.library.register_fake(f"{NAMESPACE}::anchor_attention")
-def _(q, k, v, cos, sin, key_lengths, scale):
+def _fake_anchor_attention(q, k, v, cos, sin, key_lengths, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_inplace(*args):
+    return None
+
+
+# ---------------------------------------------------------------- the table
+
+_LIFT_ARGS = "Tensor anchor_idx, Tensor nearest, Tensor weights, int height, int width"
+
+OPS: dict[str, OpDef] = {
+    op.name: op
+    for op in (
+        OpDef("gather_tokens", "tokens", "(Tensor x, Tensor idx) -> Tensor", _fake_gather_tokens),
+        OpDef("scatter_tokens", "tokens", "(Tensor base, Tensor idx, Tensor src) -> Tensor", _fake_scatter_tokens),
+        OpDef("scatter_tokens_", "tokens", "(Tensor(a!) base, Tensor idx, Tensor src) -> ()", _fake_inplace),
+        OpDef("nearest_anchor_map", "lift", "(Tensor anchor_idx, int height, int width) -> Tensor",
+              _fake_nearest_anchor_map),
+        OpDef("lift_field", "lift", f"(Tensor values, {_LIFT_ARGS}) -> Tensor", _fake_lift_field),
+        OpDef("lift_euler_", "lift", f"(Tensor(a!) y, Tensor values, {_LIFT_ARGS}, float dt) -> ()", _fake_inplace),
+        OpDef("token_importance", "importance", "(Tensor field, int height, int width) -> Tensor",
+              _fake_token_importance, cuda_via_triton=True),
+        OpDef("select_new_tokens", "importance", "(Tensor importance, Tensor active_idx, int count) -> Tensor",
+              _fake_select_new_tokens, cuda_via_triton=True),
+        OpDef("microflow_update_", "microflow", "(Tensor(a!) y, Tensor new_idx, Tensor target, float weight) -> ()",
+              _fake_inplace, cuda_via_triton=True),
+        OpDef("microflow_target", "microflow",
+              "(Tensor y_prev, Tensor v_prev, Tensor anchor_idx, Tensor nearest, Tensor weights, "
+              "Tensor new_idx, Tensor eps, float sigma_prev, float sigma, int height, int width) -> Tensor",
+              _fake_microflow_target, cuda_via_triton=True),
+        # q, k, v [B, L, H, D]; cos, sin [L, D] | [B, L, D] (FluxPosEmbed, interleaved pairs); key_lengths
+        # int64 [B] or None; scale: the softmax scale (the public wrapper resolves the 1/sqrt(D) default).
+        # Triton is its CUDA implementation (see jit_kernels/triton/attention.py for why).
+        OpDef("anchor_attention", "attention",
+              "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_lengths, float scale) -> Tensor",
+              _fake_anchor_attention, cuda_via_triton=True),
+    )
+}
+
+# name -> schema of every op (a view of the table).
+SCHEMAS: dict[str, str] = {name: op.schema for name, op in OPS.items()}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _op in OPS.values():
+    _lib.define(_op.name + _op.schema, tags=(torch.Tag.pt2_compliant_tag,))
+    torch.library.register_fake(_op.qualname, _op.fake)

@@ -15,31 +15,10 @@ import math
 import torch
 
 from . import _checks as C
-from ._backends import backend_op, checks_values, resolve
+from ._backends import backend_op, resolve
 from .reference.attention import anchor_attention_ref
 
 __all__ = ["anchor_attention"]
-
-_LENGTH_DTYPES = (torch.int32, torch.int64)
-
-
-def _check_qkv(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{op}: {name} must be [B, L, H, D], got shape {tuple(t.shape)}")
-    if t.dtype not in C.FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _check_table(op: str, name: str, t, b: int, n: int, d: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in C.FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if tuple(t.shape) not in ((n, d), (b, n, d)):
-        raise ValueError(f"{op}: {name} must be [L, D] = [{n}, {d}] or [B, L, D] = [{b}, {n}, {d}], "
-                         f"got shape {tuple(t.shape)}")
 
 
 def anchor_attention(
@@ -73,9 +52,9 @@ def anchor_attention(
     attention tolerances, per valid row exactly what a batch of one unpadded sample gives.
     """
     op = "anchor_attention"
-    _check_qkv(op, "q", q)
+    C.check_heads(op, "q", q)
     for name, t in (("k", k), ("v", v)):
-        _check_qkv(op, name, t)
+        C.check_heads(op, name, t)
         if t.shape != q.shape:
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must match q {tuple(q.shape)}")
         if t.dtype != q.dtype:
@@ -83,8 +62,8 @@ def anchor_attention(
     b, n, _, d = q.shape
     if d % 2:
         raise ValueError(f"{op}: the head dim D must be even (rotary works on channel pairs), got D = {d}")
-    _check_table(op, "cos", cos, b, n, d)
-    _check_table(op, "sin", sin, b, n, d)
+    C.check_rotary_table(op, "cos", cos, b, n, d)
+    C.check_rotary_table(op, "sin", sin, b, n, d)
     if cos.dim() != sin.dim():
         raise ValueError(f"{op}: cos and sin must both be [L, D] or both [B, L, D], got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
@@ -96,18 +75,9 @@ def anchor_attention(
             raise ValueError(f"{op}: scale must be > 0, got {scale}")
     be = resolve(op, q.device, backend)
     if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor):
-            raise TypeError(f"{op}: key_lengths must be a torch.Tensor or None, got {type(key_lengths).__name__}")
-        if key_lengths.dtype not in _LENGTH_DTYPES:
-            raise TypeError(f"{op}: key_lengths must be int32 or int64, got {key_lengths.dtype}")
-        if tuple(key_lengths.shape) != (b,):
-            raise ValueError(f"{op}: key_lengths must be [B] = [{b}], got shape {tuple(key_lengths.shape)}")
+        C.check_lengths(op, "key_lengths", key_lengths, b, n, values=C.checks_values(be))
         C.check_same_device(op, q=q, key_lengths=key_lengths)
         key_lengths = key_lengths.to(torch.int64)
-        if checks_values(be) and not C._tracing() and b > 0:
-            lo, hi = int(key_lengths.min()), int(key_lengths.max())
-            if lo < 1 or hi > n:
-                raise IndexError(f"{op}: key_lengths has values in [{lo}, {hi}], outside [1, {n}]")
     C.check_same_device(op, q=q, k=k, v=v, cos=cos, sin=sin)
     if be == "reference":
         return anchor_attention_ref(q, k, v, cos, sin, key_lengths, scale)

@@ -1,4 +1,4 @@
-"""Gaussian blur parameters of the lift operator (method.md section 3).
+"""Gaussian blur parameters of the lift operator (docs/method.md section 3).
 
 Every backend receives the same 1-D Gaussian weights tensor built here, so the
 kernels never re-derive sigma or the kernel size and all backends blur with

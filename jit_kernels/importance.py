@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._backends import backend_op, checks_values, resolve
+from ._backends import backend_op, resolve
 from .reference import select_new_tokens_ref, token_importance_ref
 
 __all__ = ["token_importance", "select_new_tokens"]
@@ -41,7 +41,7 @@ def select_new_tokens(
         raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
     b, n = importance.shape
     be = resolve(op, importance.device, backend)
-    C.check_index(op, "active_idx", active_idx, b, n, unique=True, values=checks_values(be))
+    C.check_index(op, "active_idx", active_idx, b, n, unique=True, values=C.checks_values(be))
     C.check_same_device(op, importance=importance, active_idx=active_idx)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")

@@ -7,11 +7,11 @@ import math
 import torch
 
 from . import _checks as C
-from ._backends import backend_op, checks_values, resolve
+from ._backends import backend_op, resolve
 from .blur import blur_params, gaussian_weights
 from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
 
-__all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights"]
+__all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights", "lift_plan"]
 
 
 def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, backend: str | None = None) -> torch.Tensor:
@@ -29,7 +29,7 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
         raise TypeError(f"{op}: anchor_idx must be a torch.Tensor, got {type(anchor_idx).__name__}")
     be = resolve(op, anchor_idx.device, backend)
     C.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
-                  height * width, unique=True, nonempty=True, values=checks_values(be))
+                  height * width, unique=True, nonempty=True, values=C.checks_values(be))
     if be == "reference":
         return nearest_anchor_map_ref(anchor_idx, height, width)
     return backend_op(op, be)(anchor_idx, height, width)
@@ -61,7 +61,7 @@ def lift_weights(
 ) -> torch.Tensor:
     """The fp32 ``[K]`` Gaussian taps the lift uses for ``M`` anchors among ``N`` tokens.
 
-    Defaults follow method.md section 3 (``sigma = clip(blur_scale / sqrt(M/N), 1, 10)``,
+    Defaults follow docs/method.md section 3 (``sigma = clip(blur_scale / sqrt(M/N), 1, 10)``,
     ``K = 2 ceil(3 sigma) + 1``); an explicit ``sigma`` without ``kernel_size`` gets the
     matching ``K``. Cached per (sigma, K, device): do not modify the returned tensor.
     """
@@ -80,23 +80,30 @@ def lift_weights(
     return _weights_cached(float(sigma), int(kernel_size), torch.device(device))
 
 
-def _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be):
-    """Shared checks of the lift family; computes the nearest map if absent and the blur taps."""
-    C.check_tokens(op, "values", values)
+def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be,
+              *, rows=None):
+    """Shared checks of the ops that lift a field from anchors (lift_field, lift_euler_, microflow_target).
+
+    ``lead`` (named ``lead_name`` in errors) is the already checked ``[B, ., C]`` token tensor
+    that fixes the batch and the device; ``rows``, when given, is the number of anchor value
+    rows (``values.shape[1]``) that must match ``anchor_idx``. Computes the nearest map if
+    absent (:func:`nearest_anchor_map` then checks the anchors itself) and the blur taps;
+    returns ``(nearest, weights)``.
+    """
     C.check_grid(op, height, width)
     n = height * width
-    b, m = values.shape[0], values.shape[1]
-    vals = checks_values(be)
-    # A missing map is computed by nearest_anchor_map, which checks the anchors itself.
+    b = lead.shape[0]
+    vals = C.checks_values(be)
     C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True, values=vals and nearest is not None)
-    if anchor_idx.shape[-1] != m:
-        raise ValueError(f"{op}: values has {m} rows but anchor_idx has {anchor_idx.shape[-1]} anchors")
+    m = anchor_idx.shape[-1]
+    if rows is not None and rows != m:
+        raise ValueError(f"{op}: values has {rows} rows but anchor_idx has {m} anchors")
     if nearest is None:
         nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend)
     else:
         C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2, values=vals)
-    C.check_same_device(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
-    w = lift_weights(m, n, sigma=sigma, kernel_size=kernel_size, blur_scale=blur_scale, device=values.device)
+    C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx, nearest=nearest)
+    w = lift_weights(m, n, sigma=sigma, kernel_size=kernel_size, blur_scale=blur_scale, device=lead.device)
     return nearest, w
 
 
@@ -112,7 +119,7 @@ def lift_field(
     blur_scale: float = 0.4,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Interpolate a full ``H x W`` field from its anchors (method.md section 3).
+    """Interpolate a full ``H x W`` field from its anchors (docs/method.md section 3).
 
     ``values [B, M, C]`` at ``anchor_idx`` (int64 ``[M]`` or ``[B, M]``) -> ``[B, H*W, C]``:
     every cell takes its nearest anchor's value, the filled field is blurred by a
@@ -122,7 +129,8 @@ def lift_field(
     op = "lift_field"
     C.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
-    nearest, w = _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be)
+    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
+                           backend, be, rows=values.shape[1])
     if be == "reference":
         return lift_field_ref(values, anchor_idx, nearest, w, height, width)
     return backend_op(op, be)(values, anchor_idx, nearest, w, height, width)
@@ -149,7 +157,9 @@ def lift_euler_(
     op = "lift_euler_"
     C.check_tokens(op, "y", y)
     be = resolve(op, y.device, backend)
-    nearest, w = _prepare(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be)
+    C.check_tokens(op, "values", values)
+    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
+                           backend, be, rows=values.shape[1])
     if y.shape != (values.shape[0], height * width, values.shape[2]):
         raise ValueError(f"{op}: y must be [B, H*W, C] = {(values.shape[0], height * width, values.shape[2])}, got {tuple(y.shape)}")
     C.check_same_device(op, y=y, values=values)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._backends import backend_op, checks_values, resolve
-from .lift import _prepare
+from ._backends import backend_op, resolve
+from .lift import lift_plan
 from .reference import microflow_target_ref, microflow_update_ref_
 
-__all__ = ["microflow_update", "microflow_target", "MICROFLOW_MODES"]
+__all__ = ["microflow_update", "microflow_update_", "microflow_target", "MICROFLOW_MODES"]
 
 MICROFLOW_MODES = ("assign", "blend")
 
@@ -21,19 +21,50 @@ def microflow_update(
     mode: str = "assign",
     weight: float | None = None,
     *,
-    inplace: bool = False,
+    inplace: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Move the newly activated tokens toward their micro-flow target.
+    """Out of place: a copy of ``y`` with the new tokens moved toward their target (see
+    :func:`microflow_update_`, which updates ``y`` itself). ``y`` is never changed.
+
+    The package's in-place rule is PyTorch's: an op that writes into an argument ends in
+    ``_`` (``scatter_tokens_``, ``lift_euler_``, ``microflow_update_``) and returns it; every
+    other op returns a new tensor. ``inplace=True`` is the 0.1 spelling of
+    :func:`microflow_update_`; it still works and warns.
+    """
+    if inplace is not None:
+        import warnings
+
+        warnings.warn("microflow_update(inplace=...) is deprecated: call microflow_update_ (in place) or "
+                      "microflow_update (a new tensor)", DeprecationWarning, stacklevel=2)
+        if inplace:
+            return microflow_update_(y, new_idx, target, mode, weight, backend=backend)
+    return _microflow_update(y, new_idx, target, mode, weight, False, backend)
+
+
+def microflow_update_(
+    y: torch.Tensor,
+    new_idx: torch.Tensor,
+    target: torch.Tensor,
+    mode: str = "assign",
+    weight: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Move the newly activated tokens of ``y`` toward their micro-flow target, in place.
 
     ``y [B, N, C]``, ``new_idx`` int64 ``[R]`` or ``[B, R]`` (unique),
     ``target [B, R, C]``. ``mode="assign"``: ``y[R] = target`` exactly (the
     paper's Algorithm 1). ``mode="blend"``: ``y[R] = (1 - w) y[R] + w target``
     with ``weight=w`` in ``(0, 1]`` (the published pipeline uses ``w = 1/3``;
     a sequence ``1/n, 1/(n-1), ..., 1`` is the ``substeps`` discretisation).
-    Returns a new tensor, or ``y`` itself when ``inplace=True``.
+    Returns ``y``.
     """
-    op = "microflow_update"
+    return _microflow_update(y, new_idx, target, mode, weight, True, backend)
+
+
+def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
+    op = "microflow_update_" if inplace else "microflow_update"
     if mode not in MICROFLOW_MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MICROFLOW_MODES}")
     if mode == "assign":
@@ -49,7 +80,7 @@ def microflow_update(
     C.check_tokens(op, "y", y)
     be = resolve("microflow_update_", y.device, backend)
     C.check_tokens(op, "target", target, channels=y.shape[2])
-    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=checks_values(be))
+    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=C.checks_values(be))
     C.check_same_device(op, y=y, new_idx=new_idx, target=target)
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
@@ -98,13 +129,13 @@ def microflow_target(
     sigma = C.check_float(op, "sigma", sigma)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
-    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=checks_values(be))
+    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=C.checks_values(be))
     C.check_tokens(op, "eps", eps, channels=c)
     if eps.shape[:2] != (b, new_idx.shape[-1]):
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
-    # The anchor values are x0_hat rows; _prepare only needs their shape.
-    fake_vals = y_prev.new_empty((b, anchor_idx.shape[-1] if isinstance(anchor_idx, torch.Tensor) else 0, c))
-    nearest, w = _prepare(op, fake_vals, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale, backend, be)
+    # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
+    nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
+                           backend, be)
     C.check_same_device(op, y_prev=y_prev, v_prev=v_prev, new_idx=new_idx, eps=eps, anchor_idx=anchor_idx)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)

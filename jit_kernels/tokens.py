@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
-from ._backends import COMPILED, backend_op, checks_values, device_of, resolve
+from ._backends import backend_op, resolve
 from .reference import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_ref_
 
 __all__ = ["gather_tokens", "scatter_tokens", "scatter_tokens_"]
@@ -14,11 +14,9 @@ __all__ = ["gather_tokens", "scatter_tokens", "scatter_tokens_"]
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Rows ``idx`` of each sample: ``x [B, N, C]``, ``idx`` int64 ``[M]`` (shared) or ``[B, M]`` -> ``[B, M, C]``."""
     op = "gather_tokens"
-    be = resolve(op, device_of(op, "x", x), backend)
-    if be in COMPILED:  # the C++ kernel validates everything with TORCH_CHECK before any work
-        return backend_op(op, be)(x, idx)
+    be = resolve(op, C.check_tensor(op, "x", x).device, backend)
     C.check_tokens(op, "x", x)
-    C.check_index(op, "idx", idx, x.shape[0], x.shape[1], values=checks_values(be))
+    C.check_index(op, "idx", idx, x.shape[0], x.shape[1], values=C.checks_values(be))
     C.check_same_device(op, x=x, idx=idx)
     if be == "reference":
         return gather_tokens_ref(x, idx)
@@ -26,12 +24,10 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
 
 
 def _check_scatter(op: str, base, idx, src, backend) -> str:
-    be = resolve(op, device_of(op, "base", base), backend)
-    if be in COMPILED:  # validated by the C++ kernel
-        return be
+    be = resolve(op, C.check_tensor(op, "base", base).device, backend)
     C.check_tokens(op, "base", base)
     C.check_tokens(op, "src", src, channels=base.shape[2])
-    C.check_index(op, "idx", idx, base.shape[0], base.shape[1], unique=True, values=checks_values(be))
+    C.check_index(op, "idx", idx, base.shape[0], base.shape[1], unique=True, values=C.checks_values(be))
     C.check_same_device(op, base=base, idx=idx, src=src)
     if src.shape[:2] != (base.shape[0], idx.shape[-1]):
         raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")

@@ -1,4 +1,4 @@
-"""Choosing the active tokens (method.md section 4): initial anchors and stage transitions.
+"""Choosing the active tokens (docs/method.md section 4): initial anchors and stage transitions.
 
 Index conventions: a token is its row-major position ``n = row * W + col`` on the
 ``H x W`` grid. Active sets are int64 ``[M]`` (shared by the batch) or ``[B, M]`` (one

@@ -3,7 +3,7 @@
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` whose message
 starts with ``"JiTConfig.<field>"`` so the caller sees which knob is wrong.
 
-DMF default. method.md section 5 offers two discretisations of the micro-flow at a stage
+DMF default. docs/method.md section 5 offers two discretisations of the micro-flow at a stage
 transition: the paper's Algorithm 1 assigns the newly activated tokens their target
 ``y*_R`` (the exact solution of the micro-flow ODE, which has the flow's marginal at
 ``sigma_i``), while the released reference blends once with weight ``1/3``, which leaves
@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+import jit_kernels as jk
+
 __all__ = ["JiTConfig", "PRESETS", "STAGE_RATIOS", "available_presets"]
 
-#: Stage boundaries as fractions of the total steps (method.md section 6).
+#: Stage boundaries as fractions of the total steps (docs/method.md section 6).
 STAGE_RATIOS = (0.4, 0.65, 1.0)
 
 _INIT_GRIDS = ("checkerboard", "stride")
@@ -33,7 +35,6 @@ _SCHEDULES = ("beta", "pipeline")
 _DMF_MODES = ("assign", "blend", "substeps")
 _DMF_NOISE = ("independent", "initial")
 _POLICIES = ("shared", "per_sample")
-_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
 
 def is_int_at_least(value, lowest: int) -> bool:
@@ -134,7 +135,7 @@ class JiTConfig:
             raise _err("total_steps", f"{self.total_steps} steps are too few for stage_ratios {self.stage_ratios} "
                        f"(stage ends {ends}; every stage needs >= 1 step; try >= {self._min_steps()})")
         for name, allowed in (("init_grid", _INIT_GRIDS), ("sigma_schedule", _SCHEDULES), ("dmf_mode", _DMF_MODES),
-                              ("anchor_policy", _POLICIES), ("backend", _BACKENDS)):
+                              ("anchor_policy", _POLICIES), ("backend", jk.BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise _err(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.ita, bool):
@@ -204,7 +205,7 @@ class JiTConfig:
         return counts
 
     def full_step_equivalents(self) -> float:
-        """Sum over steps of the active-token ratio (11.93 for 4x): the linear cost model of method.md section 7."""
+        """Sum over steps of the active-token ratio (11.93 for 4x): the linear cost model of docs/method.md section 7."""
         return sum(s * r for s, r in zip(self.stage_steps, self.token_ratios))
 
     def replace(self, **changes) -> "JiTConfig":

@@ -15,7 +15,7 @@ FLOP model of ``FluxTransformer2DModel`` (2 FLOPs per multiply-add, D = heads * 
 - attention per block: ``QK^T`` and ``AV`` cost ``2 S^2 D`` MACs for a sequence of
   ``S = N_img + N_txt`` tokens.
 
-``image_linear`` alone is the quantity the paper's profiler ratios follow (method.md
+``image_linear`` alone is the quantity the paper's profiler ratios follow (docs/method.md
 section 7): it is exactly linear in the active image tokens.
 """
 

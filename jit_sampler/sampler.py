@@ -245,9 +245,9 @@ def jit_sample(
                                              nearest=nearest, blur_scale=config.blur_scale, backend=be)
                 for w in config.dmf_weights:
                     if w == 1.0:
-                        jk.microflow_update(y, new, target, mode="assign", inplace=True, backend=be)
+                        jk.microflow_update_(y, new, target, mode="assign", backend=be)
                     else:
-                        jk.microflow_update(y, new, target, mode="blend", weight=w, inplace=True, backend=be)
+                        jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be)
                 active = merge_active(active, new)
                 nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
                 report.new_tokens[i] = int(count)

@@ -1,4 +1,4 @@
-"""Sigma schedules (method.md section 6) and the stage layout of a run.
+"""Sigma schedules (docs/method.md section 6) and the stage layout of a run.
 
 The Beta schedule needs the inverse of the regularised incomplete beta function. scipy is
 not a dependency, so it is computed here in float64: ``I_x(a, b)`` by its continued

@@ -1,5 +1,6 @@
 """anchor_attention: the op on every backend against the reference and diffusers' math,
-padding / per-sample semantics, errors, opcheck, and the FLUX attention processor.
+padding / per-sample semantics, errors, opcheck and the C++-only paths. The FLUX attention
+processor built on it is tested in test_attention_processor.py.
 
 Triton is tested on CPU only through its interpreter (``TRITON_INTERPRET=1``, set in
 conftest); the compiled kernel is tested by the ``gpu``-marked tests on a CUDA machine
@@ -16,35 +17,19 @@ import torch.nn.functional as F
 
 import jit_kernels as jk
 from jit_kernels.reference.attention import anchor_attention_ref, rotary_ref
+from jit_kernels.testing import assert_close, gen, qkv, tolerance
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if b in jk.available_backends("cpu")]
 COMPILED = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
 HAS_CPP = "cpp" in CPU_BACKENDS
 
-# Attention tolerances, per input dtype (outputs are rounded to it once; the arithmetic is fp32).
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=2e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
-# The stock path rounds the rotated q, k to the input dtype before SDPA; the kernels do not.
-TOL_STOCK = {
-    torch.float32: dict(rtol=1e-5, atol=2e-5),
-    torch.float16: dict(rtol=5e-3, atol=5e-3),
-    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
-}
-
 AXES = {16: (4, 6, 6), 32: (8, 12, 12), 64: (16, 24, 24), 128: (16, 56, 56)}
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def _tables(text: int, anchors: int, d: int, grid: int = 64, seed: int = 0):
     """FluxPosEmbed tables of ``text`` text tokens (ids 0) then ``anchors`` scattered grid tokens."""
     ids = torch.zeros(text + anchors, 3)
-    cells = torch.randperm(grid * grid, generator=_gen(seed))[:anchors]
+    cells = torch.randperm(grid * grid, generator=gen(seed))[:anchors]
     ids[text:, 1] = (cells // grid).float()
     ids[text:, 2] = (cells % grid).float()
     try:
@@ -55,11 +40,6 @@ def _tables(text: int, anchors: int, d: int, grid: int = 64, seed: int = 0):
         return rope_tables(ids, AXES[d])
     cos, sin = FluxPosEmbed(theta=10000, axes_dim=list(AXES[d]))(ids)
     return cos, sin
-
-
-def _qkv(b, n, h, d, dtype=torch.float32, seed=0):
-    g = _gen(seed)
-    return [torch.randn(b, n, h, d, generator=g).to(dtype) for _ in range(3)]
 
 
 def _stock(q, k, v, cos, sin):
@@ -73,7 +53,7 @@ def _stock(q, k, v, cos, sin):
 
 
 def _close(got, want, dtype):
-    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    assert_close(got.float(), want.float(), dtype, kind="attention")
 
 
 # ---------------------------------------------------------------- the math
@@ -82,7 +62,7 @@ def _close(got, want, dtype):
 def test_rotary_ref_is_diffusers_apply_rotary_emb():
     from diffusers.models.embeddings import apply_rotary_emb
 
-    q, _, _ = _qkv(2, 9, 3, 32)
+    q, _, _ = qkv(2, 9, 3, 32)
     cos, sin = _tables(3, 6, 32)
     torch.testing.assert_close(rotary_ref(q, cos, sin), apply_rotary_emb(q, (cos, sin), sequence_dim=1), rtol=0,
                                atol=1e-6)
@@ -90,16 +70,16 @@ def test_rotary_ref_is_diffusers_apply_rotary_emb():
 
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_reference_is_stock_flux_math(d):
-    q, k, v = _qkv(2, 37, 2, d)
+    q, k, v = qkv(2, 37, 2, d)
     cos, sin = _tables(5, 32, d)
-    torch.testing.assert_close(anchor_attention_ref(q, k, v, cos, sin), _stock(q, k, v, cos, sin), **TOL[torch.float32])
+    torch.testing.assert_close(anchor_attention_ref(q, k, v, cos, sin), _stock(q, k, v, cos, sin), **tolerance(torch.float32, "attention"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("d,n,text", [(32, 37, 5), (64, 133, 4), (128, 67, 0), (32, 11, 11), (6, 9, 2)])
 def test_matches_stock_and_reference(backend, d, n, text):
     # text == 0: anchor-only sequence; text == n: text-only (cos = 1, sin = 0); d = 6: not a power of 2.
-    q, k, v = _qkv(2, n, 3, d, seed=d + n)
+    q, k, v = qkv(2, n, 3, d, seed=d + n)
     cos, sin = _tables(text, n - text, d) if d in AXES else (torch.rand(n, d), torch.rand(n, d))
     out = jk.anchor_attention(q, k, v, cos, sin, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
@@ -110,21 +90,21 @@ def test_matches_stock_and_reference(backend, d, n, text):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(backend, dtype):
-    q, k, v = _qkv(2, 45, 2, 32, dtype)
+    q, k, v = qkv(2, 45, 2, 32, dtype)
     cos, sin = _tables(4, 41, 32)
     out = jk.anchor_attention(q, k, v, cos, sin, backend=backend)
     assert out.dtype == dtype
     _close(out, anchor_attention_ref(q, k, v, cos, sin), dtype)
-    torch.testing.assert_close(out.float(), _stock(q, k, v, cos, sin).float(), **TOL_STOCK[dtype])
+    torch.testing.assert_close(out.float(), _stock(q, k, v, cos, sin).float(), **tolerance(dtype, "stock"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scale_and_single_token(backend):
-    q, k, v = _qkv(1, 1, 1, 2)
+    q, k, v = qkv(1, 1, 1, 2)
     cos, sin = torch.rand(1, 2), torch.rand(1, 2)
     # One key: softmax is 1 whatever the scale, so the output is v.
     _close(jk.anchor_attention(q, k, v, cos, sin, scale=3.0, backend=backend), v, torch.float32)
-    q, k, v = _qkv(2, 20, 2, 32)
+    q, k, v = qkv(2, 20, 2, 32)
     cos, sin = _tables(4, 16, 32)
     _close(jk.anchor_attention(q, k, v, cos, sin, scale=0.3, backend=backend),
            anchor_attention_ref(q, k, v, cos, sin, scale=0.3), torch.float32)
@@ -134,12 +114,12 @@ def test_scale_and_single_token(backend):
 def test_strided_inputs(backend):
     # q, k, v as views of a fused qkv projection (unit channel stride), and a channel-strided q.
     b, n, h, d = 2, 29, 2, 32
-    qkv = torch.randn(b, n, 3, h, d, generator=_gen(3))
+    qkv = torch.randn(b, n, 3, h, d, generator=gen(3))
     q, k, v = qkv.unbind(2)
     cos, sin = _tables(3, n - 3, d)
     _close(jk.anchor_attention(q, k, v, cos, sin, backend=backend), anchor_attention_ref(q, k, v, cos, sin),
            torch.float32)
-    qt = torch.randn(b, n, d, h, generator=_gen(4)).transpose(2, 3)
+    qt = torch.randn(b, n, d, h, generator=gen(4)).transpose(2, 3)
     _close(jk.anchor_attention(qt, k, v, cos, sin, backend=backend), anchor_attention_ref(qt, k, v, cos, sin),
            torch.float32)
 
@@ -150,7 +130,7 @@ def test_strided_inputs(backend):
 def test_cpp_instruction_set_clones(monkeypatch, isa, dtype):
     # The C++ kernel is compiled for AVX-512, AVX2 and the baseline ISA; force the narrower ones.
     monkeypatch.setenv("JIT_KERNELS_ATTN_ISA", isa)
-    q, k, v = _qkv(2, 150, 2, 40, dtype)  # D = 40: the RD = 8 tiles plus a 2-wide tail on AVX-512
+    q, k, v = qkv(2, 150, 2, 40, dtype)  # D = 40: the RD = 8 tiles plus a 2-wide tail on AVX-512
     cos, sin = torch.rand(150, 40), torch.rand(150, 40)
     lens = torch.tensor([150, 77])
     _close(jk.anchor_attention(q, k, v, cos, sin, lens, backend="cpp"),
@@ -159,7 +139,7 @@ def test_cpp_instruction_set_clones(monkeypatch, isa, dtype):
 
 @pytest.mark.skipif(not HAS_CPP, reason="compiled extension not loaded")
 def test_cpp_thread_count_does_not_change_results():
-    q, k, v = _qkv(2, 300, 3, 32)
+    q, k, v = qkv(2, 300, 3, 32)
     cos, sin = _tables(4, 296, 32)
     prev = torch.get_num_threads()
     try:
@@ -182,7 +162,7 @@ def test_padded_batch_equals_each_sample_alone(backend, dtype):
     # holds NaN, which must never reach a valid row (and padded rows come out zero).
     b, n, h, d, text = 3, 150, 2, 32, 4
     lens = torch.tensor([150, 61, 130])
-    q, k, v = _qkv(b, n, h, d, dtype, seed=7)
+    q, k, v = qkv(b, n, h, d, dtype, seed=7)
     cos, sin = _tables(text, n - text, d)
     for i, ln in enumerate(lens.tolist()):
         for t in (q, k, v):
@@ -197,7 +177,7 @@ def test_padded_batch_equals_each_sample_alone(backend, dtype):
         assert bool((out[i, ln:] == 0).all())
     # Full lengths are the unpadded op; int32 lengths are accepted.
     full = torch.full((b,), n, dtype=torch.int32)
-    q2, k2, v2 = _qkv(b, n, h, d, dtype, seed=8)
+    q2, k2, v2 = qkv(b, n, h, d, dtype, seed=8)
     torch.testing.assert_close(jk.anchor_attention(q2, k2, v2, cos, sin, full, backend=backend),
                                jk.anchor_attention(q2, k2, v2, cos, sin, backend=backend), rtol=0, atol=0)
 
@@ -212,7 +192,7 @@ def test_per_sample_tables_and_lengths(backend):
     cos = torch.stack([t[0] for t in tabs])
     sin = torch.stack([t[1] for t in tabs])
     lens = torch.tensor([text + c for c in counts])
-    q, k, v = _qkv(b, n, h, d, seed=11)
+    q, k, v = qkv(b, n, h, d, seed=11)
     out = jk.anchor_attention(q, k, v, cos, sin, lens, backend=backend)
     _close(out, anchor_attention_ref(q, k, v, cos, sin, lens), torch.float32)
     for i, ln in enumerate(lens.tolist()):
@@ -231,7 +211,7 @@ def test_per_sample_tables_and_lengths(backend):
 
 
 def _op_args(lengths: bool, per_sample: bool = False):
-    q, k, v = _qkv(2, 19, 2, 16)
+    q, k, v = qkv(2, 19, 2, 16)
     shape = (2, 19, 16) if per_sample else (19, 16)
     cos, sin = torch.rand(*shape), torch.rand(*shape)
     return (q, k, v, cos, sin, torch.tensor([19, 7]) if lengths else None, 0.25)
@@ -254,11 +234,11 @@ def test_schema_and_triton_twin():
 
     assert "_anchor_attention_fwd_kernel" in aot.KERNELS["attention"]
     assert torch._C._dispatch_has_kernel_for_dispatch_key("jit_kernels::anchor_attention", "CUDA")
-    assert set(T.ATTENTION_CUDA_ROUTABLE) == {"anchor_attention"}
+    assert "anchor_attention" in T.CUDA_ROUTABLE and jk._library.OPS["anchor_attention"].cuda_via_triton
 
 
 def _bad_cases():
-    q, k, v = _qkv(2, 10, 2, 8)
+    q, k, v = qkv(2, 10, 2, 8)
     cos, sin = torch.rand(10, 8), torch.rand(10, 8)
     lens = torch.tensor([10, 4])
     return [
@@ -300,7 +280,7 @@ def test_bad_inputs(backend):
 
 
 def test_unknown_and_unavailable_backend():
-    q, k, v = _qkv(1, 4, 1, 4)
+    q, k, v = qkv(1, 4, 1, 4)
     cos, sin = torch.rand(4, 4), torch.rand(4, 4)
     with pytest.raises(ValueError, match="unknown backend"):
         jk.anchor_attention(q, k, v, cos, sin, backend="fast")
@@ -342,186 +322,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(fn(q, k, v, cos, sin, lens), want)
 
 
-# ---------------------------------------------------------------- the FLUX processor
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from jit_eval.tiny_flux import load_tiny_flux
-
-    return load_tiny_flux()
-
-
-def _inputs(n=256, b=2, seed=0):
-    g = _gen(seed)
-    return torch.randn(b, n, 4, generator=g), torch.tensor([3, 7, 1, 9][:b])
-
-
-def _processors(tr):
-    return {name: p for name, p in tr.attn_processors.items()}
-
-
-def test_tiny_flux_forward_matches_stock(tiny):
-    from jit_sampler.pipelines.attention_processor import AnchorAttnProcessor, use_anchor_attention
-    from jit_eval.tiny_flux import image_ids
-
-    x, lab = _inputs()
-    ids = image_ids(16, 16)
-    want = tiny.velocity(x, 0.6, lab, ids)
-    with use_anchor_attention(tiny.transformer):
-        assert all(isinstance(p, AnchorAttnProcessor) for p in tiny.transformer.attn_processors.values())
-        got = tiny.velocity(x, 0.6, lab, ids)
-        # Anchor-only positions: a scattered subset of a 64 x 64 grid, as in a JiT stage.
-        sub = torch.randperm(4096, generator=_gen(5))[:300]
-        ids64 = image_ids(64, 64)[sub]
-        xs, _ = _inputs(300, 2, seed=1)
-        got_sub = tiny.velocity(xs, 0.3, lab, ids64)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got_sub, tiny.velocity(xs, 0.3, lab, ids64), rtol=1e-4, atol=1e-5)
-
-
-def test_install_remove_restores_exact_processors(tiny):
-    from jit_sampler.pipelines.attention_processor import (AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention,
-                                       use_anchor_attention)
-
-    tr = tiny.transformer
-    before = _processors(tr)
-    assert install_anchor_attention(tr) == 4  # 2 double + 2 single blocks
-    assert install_anchor_attention(tr) == 0  # idempotent
-    fallbacks = [p.fallback for p in tr.attn_processors.values()]
-    assert all(f is before[n] for f, n in zip(fallbacks, before))
-    with use_anchor_attention(tr):  # nested: must not undo the outer installation
-        pass
-    assert all(isinstance(p, AnchorAttnProcessor) for p in tr.attn_processors.values())
-    assert remove_anchor_attention(tr) == 4
-    assert all(tr.attn_processors[n] is p for n, p in before.items())
-    assert remove_anchor_attention(tr) == 0
-    with pytest.raises(RuntimeError):
-        with use_anchor_attention(tr):
-            raise RuntimeError("boom")
-    assert all(tr.attn_processors[n] is p for n, p in before.items())
-
-
-def test_lora_scale_and_wrapped_projections(tiny):
-    # LoRA (PEFT) wraps the projection layers and scales them from joint_attention_kwargs["scale"]
-    # at the model level; the processor calls the same layers, so a wrapped to_q / add_k_proj
-    # must change both processors' outputs identically, and "scale" must be accepted.
-    from jit_sampler.pipelines.attention_processor import use_anchor_attention
-
-    class LowRank(torch.nn.Module):
-        def __init__(self, base, seed):
-            super().__init__()
-            self.base = base
-            g = _gen(seed)
-            self.a = torch.randn(base.in_features, 2, generator=g) * 0.1
-            self.b = torch.randn(2, base.out_features, generator=g) * 0.1
-
-        def forward(self, x):
-            return self.base(x) + (x @ self.a) @ self.b
-
-    tr = tiny.transformer
-    blk, single = tr.transformer_blocks[0].attn, tr.single_transformer_blocks[0].attn
-    saved = (blk.to_q, blk.add_k_proj, single.to_v)
-    try:
-        blk.to_q, blk.add_k_proj, single.to_v = LowRank(blk.to_q, 1), LowRank(blk.add_k_proj, 2), LowRank(single.to_v, 3)
-        x, lab = _inputs()
-        enc, pooled = tiny.encode(lab)
-        from jit_eval.tiny_flux import image_ids, text_ids
-
-        kw = dict(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=torch.full((2,), 0.5),
-                  img_ids=image_ids(16, 16), txt_ids=text_ids(enc.shape[1]), return_dict=False,
-                  joint_attention_kwargs={"scale": 0.5})
-        want = tr(**kw)[0]
-        with use_anchor_attention(tr):
-            got = tr(**kw)[0]
-    finally:
-        blk.to_q, blk.add_k_proj, single.to_v = saved
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-def _transformer_kwargs(tiny, x, lab, ids, mask=None):
-    from jit_eval.tiny_flux import text_ids
-
-    enc, pooled = tiny.encode(lab)
-    kw = dict(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
-              timestep=torch.full((x.shape[0],), 0.4), img_ids=ids, txt_ids=text_ids(enc.shape[1]), return_dict=False)
-    if mask is not None:
-        kw["joint_attention_kwargs"] = {"attention_mask": mask}
-    return kw
-
-
-def test_key_padding_mask_becomes_lengths(tiny):
-    # A batch padded to one length with a key-padding mask: every valid row equals running the
-    # sample alone without padding (the stock processor gives the same valid rows).
-    from jit_sampler.pipelines.attention_processor import key_lengths_from_mask, use_anchor_attention
-    from jit_eval.tiny_flux import image_ids
-
-    tr = tiny.transformer
-    n, text = 200, 4
-    counts = [200, 123]
-    ids = image_ids(16, 16)[torch.randperm(256, generator=_gen(2))[:n]]
-    x, lab = _inputs(n, 2, seed=3)
-    mask = torch.arange(text + n)[None, :] < torch.tensor([text + c for c in counts])[:, None]
-    assert key_lengths_from_mask(mask, 2, text + n).tolist() == [text + c for c in counts]
-    with use_anchor_attention(tr):
-        got = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
-        alone = [tr(**_transformer_kwargs(tiny, x[i:i + 1, :c], lab[i:i + 1], ids[:c]))[0] for i, c in enumerate(counts)]
-    stock = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
-    for i, c in enumerate(counts):
-        torch.testing.assert_close(got[i:i + 1, :c], alone[i], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got[i:i + 1, :c], stock[i:i + 1, :c], rtol=1e-4, atol=1e-5)
-    # The additive 0 / -inf form and the 4-D form convert too.
-    add = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    assert key_lengths_from_mask(add[:, None, None], 2, text + n).tolist() == [text + c for c in counts]
-
-
-def test_other_masks_fall_back_to_stock(tiny):
-    from jit_sampler.pipelines.attention_processor import key_lengths_from_mask, use_anchor_attention
-    from jit_eval.tiny_flux import image_ids
-
-    tr = tiny.transformer
-    x, lab = _inputs(64, 2)
-    ids = image_ids(8, 8)
-    seq = 4 + 64
-    holes = torch.ones(2, seq, dtype=torch.bool)
-    holes[1, 10] = False  # not a prefix
-    bias = torch.randn(2, 1, 1, seq, generator=_gen(1))  # a real additive bias
-    assert key_lengths_from_mask(holes, 2, seq) is None and key_lengths_from_mask(bias, 2, seq) is None
-    for mask in (holes, bias):
-        want = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
-        with use_anchor_attention(tr):
-            got = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_devices_gate_falls_back_to_stock(tiny):
-    # devices=() keeps the fused op off everywhere: the fallback (the stock processor) runs.
-    from jit_sampler.pipelines.attention_processor import use_anchor_attention
-
-    x, lab = _inputs(64, 2)
-    from jit_eval.tiny_flux import image_ids
-
-    ids = image_ids(8, 8)
-    want = tiny.velocity(x, 0.5, lab, ids)
-    with use_anchor_attention(tiny.transformer, devices=()):
-        got = tiny.velocity(x, 0.5, lab, ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_pipeline_switch():
-    from _flux_fixtures import build_pipe, prompt_inputs
-
-    from jit_sampler import JiTFluxPipeline
-
-    pipe = build_pipe(JiTFluxPipeline)
-    before = _processors(pipe.transformer)
-    kw = dict(height=128, width=128, output_type="latent", **prompt_inputs())
-    base = pipe(jit="4x", generator=_gen(0), **kw).images
-    fused = pipe(jit="4x", anchor_attention=True, generator=_gen(0), **kw).images
-    torch.testing.assert_close(fused, base, rtol=1e-4, atol=1e-5)
-    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
-
-
 # ---------------------------------------------------------------- GPU (compiled Triton)
 
 
@@ -530,7 +330,7 @@ def test_pipeline_switch():
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_gpu_matches_reference(dtype, d):
     b, n, h = 2, 600, 3
-    q, k, v = (t.cuda() for t in _qkv(b, n, h, d, dtype))
+    q, k, v = (t.cuda() for t in qkv(b, n, h, d, dtype))
     cos, sin = (t.cuda() for t in _tables(7, n - 7, d))
     lens = torch.tensor([600, 333], device="cuda")
     want = anchor_attention_ref(q, k, v, cos, sin, lens)
@@ -538,18 +338,3 @@ def test_gpu_matches_reference(dtype, d):
         got = jk.anchor_attention(q, k, v, cos, sin, lens, backend=be)
         _close(got, want, dtype)
         assert bool((got[1, 333:] == 0).all())
-
-
-@pytest.mark.gpu
-def test_gpu_processor_matches_stock(tiny):
-    from jit_sampler.pipelines.attention_processor import use_anchor_attention
-
-    m = tiny.to("cuda")
-    try:
-        x, lab = (t.cuda() for t in _inputs())
-        want = m.velocity(x, 0.6, lab)
-        with use_anchor_attention(m.transformer, devices=("cuda",)):
-            got = m.velocity(x, 0.6, lab)
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-    finally:
-        tiny.to("cpu")

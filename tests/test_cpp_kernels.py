@@ -1,6 +1,6 @@
 """Tests specific to the compiled CPU backend (``jit_kernels._C``).
 
-The cross-backend parity tests live in ``test_ops.py``. Here the registered
+The cross-backend parity tests live in the per-family files (test_tokens.py, ...). Here the registered
 ops are called directly (``torch.ops.jit_kernels.<op>``), bypassing the Python
 validation of the public functions, to prove that the C++ kernels validate
 their own inputs (a clear Python exception, never a crash or a silent
@@ -12,35 +12,27 @@ horizontal taps of the lift, the lane-split channel mean) match the reference.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
+from jit_kernels.testing import anchors, gen, tokens, tolerance
 
 pytestmark = pytest.mark.skipif(
     "cpp" not in jk.available_backends("cpu"), reason=f"compiled extension not loaded: {jk.extension_error()}"
 )
 
 ops = torch.ops.jit_kernels
-F32 = dict(rtol=1e-5, atol=1e-5)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _tokens(b, n, c, dtype=torch.float32, seed=0):
-    return (torch.randn(b, n, c, generator=_gen(seed)) + 2.0).to(dtype)
-
-
-def _anchors(n, m, seed=1):
-    return torch.randperm(n, generator=_gen(seed))[:m]
+F32 = tolerance(torch.float32)
+_tokens = partial(tokens, offset=2.0)
 
 
 def _lift_inputs(h=7, w=13, m=20, b=2, c=5, seed=0):
     n = h * w
-    a = _anchors(n, m, seed + 1)
+    a = anchors(n, m, seed + 1)
     near = ref.nearest_anchor_map_ref(a, h, w)
     wt = jk.gaussian_weights(1.0, 7)
     return _tokens(b, m, c, seed=seed), a, near, wt
@@ -58,7 +50,7 @@ def _bad_cases():
     n = h * w
     y = _tokens(2, n, 5, seed=2)
     field = _tokens(2, n, 5, seed=3)
-    imp = torch.rand(2, n, generator=_gen(4))
+    imp = torch.rand(2, n, generator=gen(4))
     eps = _tokens(2, 3, 5, seed=5)
     new = torch.tensor([i for i in range(n) if i not in set(a.tolist())][:3])
     return [
@@ -199,7 +191,7 @@ def test_device_mix_raises():
 
 def _strided_tokens(b, n, c, seed=0):
     """A [B, N, C] view whose channel stride is not 1 (and whose rows are interleaved)."""
-    t = torch.randn(b, c, 2 * n, generator=_gen(seed)) + 2.0
+    t = torch.randn(b, c, 2 * n, generator=gen(seed)) + 2.0
     return t[:, :, ::2].transpose(1, 2)
 
 
@@ -230,7 +222,7 @@ def test_lift_and_importance_noncontiguous():
     h, w, m, c = 7, 13, 20, 6
     n = h * w
     vals = _strided_tokens(2, m, c)
-    a = _anchors(n, 2 * m)[::2]  # a strided anchor set
+    a = anchors(n, 2 * m)[::2]  # a strided anchor set
     near = torch.stack([ref.nearest_anchor_map_ref(a, h, w)] * 2, 1)[:, 0]  # strided [N]
     assert not (vals.is_contiguous() or a.is_contiguous() or near.is_contiguous())
     wt = jk.gaussian_weights(1.0, 7)
@@ -240,7 +232,7 @@ def test_lift_and_importance_noncontiguous():
     field = _strided_tokens(2, n, c, seed=4)
     torch.testing.assert_close(ops.token_importance(field, h, w), ref.token_importance_ref(field.contiguous(), h, w),
                                **F32)
-    imp = torch.rand(n, 2, generator=_gen(5)).t()
+    imp = torch.rand(n, 2, generator=gen(5)).t()
     assert torch.equal(ops.select_new_tokens(imp, a, 9), ref.select_new_tokens_ref(imp.contiguous(), a, 9))
 
 
@@ -248,7 +240,7 @@ def test_microflow_noncontiguous():
     h, w, c = 7, 13, 6
     n = h * w
     y = _tokens(2, n, c)
-    a = _anchors(n, 20)
+    a = anchors(n, 20)
     near = ref.nearest_anchor_map_ref(a, h, w)
     wt = jk.gaussian_weights(1.0, 7)
     new = torch.tensor([i for i in range(n) if i not in set(a.tolist())][:8])
@@ -272,8 +264,8 @@ def _run_all_ops():
     h = w = 48
     n, c, m, b = h * w, 24, 700, 2
     x = _tokens(b, n, c)
-    a = _anchors(n, m)
-    pa = torch.stack([_anchors(n, m, seed=5), _anchors(n, m, seed=6)])
+    a = anchors(n, m)
+    pa = torch.stack([anchors(n, m, seed=5), anchors(n, m, seed=6)])
     wt = jk.gaussian_weights(1.0, 7)
     out = {}
     out["near"] = ops.nearest_anchor_map(a, h, w)
@@ -317,9 +309,9 @@ def _tie_heavy_anchors(h, w, m, seed):
     """Anchors on a coarse lattice (many equidistant pairs) plus random ones, in random order."""
     n = h * w
     lattice = torch.tensor([r * w + c for r in range(0, h, 3) for c in range(0, w, 3)])
-    rest = torch.randperm(n, generator=_gen(seed))
+    rest = torch.randperm(n, generator=gen(seed))
     pool = torch.cat([lattice, rest[~torch.isin(rest, lattice)]])[:m]
-    return pool[torch.randperm(pool.numel(), generator=_gen(seed + 1))]
+    return pool[torch.randperm(pool.numel(), generator=gen(seed + 1))]
 
 
 @pytest.mark.parametrize("grid", [(1, 37), (37, 1), (7, 13), (32, 32), (20, 45)])
@@ -351,10 +343,9 @@ def test_lift_kernel_wider_than_grid_and_merged_taps(dtype, k):
     # Sparse anchors make long runs of equal nearest anchors (the merged-tap path);
     # a 2 x 3 grid with a 15-tap kernel exercises the periodic reflect extension.
     wt = jk.gaussian_weights(2.0, k)
-    tol = {torch.float32: F32, torch.float16: dict(rtol=2e-3, atol=2e-3),
-           torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}[dtype]
+    tol = tolerance(dtype)
     for h, w, m in ((2, 3, 1), (1, 23, 3), (9, 11, 4), (16, 16, 256)):
-        a = _anchors(h * w, m, seed=h + w)
+        a = anchors(h * w, m, seed=h + w)
         near = ref.nearest_anchor_map_ref(a, h, w)
         vals = _tokens(2, m, 5, dtype)
         got = ops.lift_field(vals, a, near, wt, h, w)

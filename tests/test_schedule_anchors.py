@@ -1,4 +1,4 @@
-"""Sigma schedules (method.md section 6 tables) and token choice (section 4)."""
+"""Sigma schedules (docs/method.md section 6 tables) and token choice (section 4)."""
 
 import math
 

@@ -1,48 +1,36 @@
-"""Triton-specific tests: AOT lowering, CUDA routing, launch-shape edge cases.
+"""Triton layer: AOT lowering, launch shapes and edge cases of the launchers.
 
 On this machine (no GPU) the Triton kernels are only ever executed through the
 Triton interpreter (TRITON_INTERPRET=1, set by conftest.py); their GPU code is
 checked only by lowering it ahead of time to sm_90 (``test_aot_lowers_every_kernel``),
 never run. Tests marked ``gpu`` run the compiled kernels and are skipped here.
-The cross-backend parity against the references is in tests/test_ops.py.
+The cross-backend parity against the references is in the per-family files
+(test_tokens.py, test_lift.py, ...); the Triton twins and the CUDA routing of every op
+are tested with the op table in test_op_table.py.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
 import pytest
 import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
+from jit_kernels.testing import anchors, assert_close, gen, randn
 
 triton = pytest.importorskip("triton")
-T = importlib.import_module("jit_kernels.triton")
-from jit_kernels.triton import aot, importance, lift, tokens  # noqa: E402
+from jit_kernels.triton import aot, common, importance, lift  # noqa: E402
 
-INTERP = tokens.INTERPRET
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
+INTERP = common.INTERPRET
 DEV = "cpu" if INTERP else ("cuda" if torch.cuda.is_available() else None)
 needs_runner = pytest.mark.skipif(DEV is None, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _x(*shape, dtype=torch.float32, seed=0, offset=2.0):
-    return (torch.randn(*shape, generator=_gen(seed)) + offset).to(dtype).to(DEV)
-
-
-def _perm(n, seed=1, batch=None):
-    if batch is None:
-        return torch.randperm(n, generator=_gen(seed)).to(DEV)
-    return torch.stack([torch.randperm(n, generator=_gen(seed + i)) for i in range(batch)]).to(DEV)
+# Inputs on the device the Triton kernels run on, offset away from zero.
+_x = partial(randn, offset=2.0, device=DEV)
 
 
 @pytest.fixture
@@ -53,10 +41,10 @@ def tiny_tiles(monkeypatch):
     channel block, N not a multiple of the row block) that the default big
     interpreter tiles would cover in a single program.
     """
-    monkeypatch.setattr(tokens, "_TILE_INTERP", 32)
-    monkeypatch.setattr(tokens, "_TILE_GPU", 32)
-    monkeypatch.setattr(tokens, "_MAX_BLOCK_C_INTERP", 4)
-    monkeypatch.setattr(tokens, "_MAX_BLOCK_C_GPU", 4)
+    monkeypatch.setattr(common, "_TILE_INTERP", 32)
+    monkeypatch.setattr(common, "_TILE_GPU", 32)
+    monkeypatch.setattr(common, "_MAX_BLOCK_C_INTERP", 4)
+    monkeypatch.setattr(common, "_MAX_BLOCK_C_GPU", 4)
     monkeypatch.setattr(lift, "_ANCHOR_CHUNK_INTERP", 4)
     monkeypatch.setattr(lift, "_ANCHOR_CHUNK_GPU", 4)
     monkeypatch.setattr(lift, "_LIFT_TILE_GPU", 32)
@@ -65,18 +53,7 @@ def tiny_tiles(monkeypatch):
     monkeypatch.setattr(importance, "_SELECT_BLOCK_GPU", 8)
 
 
-# ---------------------------------------------------------------- registration and routing
-
-
-def test_every_schema_has_a_triton_op_with_the_same_arguments():
-    for name in jk._library.SCHEMAS:
-        main = getattr(torch.ops.jit_kernels, name).default._schema
-        tri = getattr(torch.ops.jit_kernels, name + "_triton").default._schema
-        assert [a.name for a in tri.arguments] == [a.name for a in main.arguments], name
-        assert [str(a.type) for a in tri.arguments] == [str(a.type) for a in main.arguments], name
-        assert [a.is_write for a in tri.arguments if a.alias_info] == [a.is_write for a in main.arguments if a.alias_info], name
-        assert len(tri.returns) == len(main.returns), name
-    assert set(T.__all__) >= {n + "_triton" for n in jk._library.SCHEMAS}
+# ---------------------------------------------------------------- kernel registry
 
 
 def test_aot_registry_lists_every_kernel():
@@ -85,32 +62,6 @@ def test_aot_registry_lists_every_kernel():
         mod = importlib.import_module(f"jit_kernels.triton.{mod_name}")
         defined = {k for k in vars(mod) if k.startswith("_") and k.endswith("_kernel")}
         assert defined == set(names), mod_name
-
-
-def test_cuda_routing_decision():
-    registered = []
-    routed = T.route_to_cuda(
-        {"a": len, "b": len, "c": len},
-        has_kernel=lambda op: op == "b",
-        register=lambda op, fn: registered.append(op),
-    )
-    assert routed == ("a", "c") and registered == ["a", "c"]
-
-
-def test_cuda_routing_state():
-    # Only the ops without a CUDA C++ kernel are routable, and each of them now has a CUDA kernel.
-    assert set(T.CUDA_ROUTABLE) == {"token_importance", "select_new_tokens", "microflow_update_", "microflow_target"}
-    assert set(T.ROUTED_TO_TRITON) <= set(T.CUDA_ROUTABLE)
-    for op in T.CUDA_ROUTABLE:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", "CUDA"), op
-    # The CPU extension (if loaded) registers no CUDA kernel, so here every routable op was routed.
-    if not any(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_kernels::{op}", "CUDA")
-        for op in ("gather_tokens", "lift_field")
-    ):
-        assert set(T.ROUTED_TO_TRITON) == set(T.CUDA_ROUTABLE)
-    # Routing again is a no-op: every routable op has a kernel now.
-    assert T.route_to_cuda(T.CUDA_ROUTABLE, register=lambda op, fn: pytest.fail(op)) == ()
 
 
 # ---------------------------------------------------------------- AOT lowering (no GPU needed)
@@ -155,12 +106,12 @@ def test_aot_specialisation_matches_the_jit():
 def test_tile_shapes_are_powers_of_two_and_bounded():
     for rows, cols in ((1, 1), (3, 5), (91, 37), (4096, 64), (10, 3000)):
         for interp in (False, True):
-            r, c = tokens.tile_shape(rows, cols, interpret=interp)
+            r, c = common.tile_shape(rows, cols, interpret=interp)
             assert r & (r - 1) == 0 and c & (c - 1) == 0
             assert c <= (1024 if interp else 128) and r <= triton.next_power_of_2(rows)
             assert r * c <= (1 << 16 if interp else 4096) or r == 1
     # GPU shapes of the FLUX size: one 64-channel tile, 4096-element fp32 tiles
-    assert tokens.tile_shape(4096, 64, interpret=False) == (64, 64)
+    assert common.tile_shape(4096, 64, interpret=False) == (64, 64)
     assert lift.lift_tile_shape(2 * 4096, 64, interpret=False) == (32, 64)
 
 
@@ -171,7 +122,7 @@ def test_tiny_tiles_ragged_blocks(tiny_tiles, dtype):
     h, w, b, c = 5, 7, 2, 7
     n = h * w
     x = _x(b, n, c, dtype=dtype)
-    perm = _perm(n, batch=b)
+    perm = anchors(n, n, batch=b, device=DEV)
     a, new = perm[:, :9].contiguous(), perm[:, 9:14].contiguous()
     vals = _x(b, 9, c, dtype=dtype, seed=3)
     assert torch.equal(jk.gather_tokens(x, a, backend="triton"), ref.gather_tokens_ref(x, a))
@@ -181,22 +132,22 @@ def test_tiny_tiles_ragged_blocks(tiny_tiles, dtype):
     blur = dict(sigma=1.0, kernel_size=3)  # 9 taps: the interpreter pays per tap and per program
     wts = jk.lift_weights(9, n, **blur)
     got = jk.lift_field(vals, a, h, w, nearest=near, backend="triton", **blur)
-    torch.testing.assert_close(got, ref.lift_field_ref(vals, a, near, wts, h, w), **TOL[dtype])
+    assert_close(got, ref.lift_field_ref(vals, a, near, wts, h, w), dtype)
     y = x.clone()
     jk.lift_euler_(y, vals, a, h, w, 0.25, nearest=near, backend="triton", **blur)
-    torch.testing.assert_close(y, ref.lift_euler_ref_(x.clone(), vals, a, near, wts, h, w, 0.25), **TOL[dtype])
+    assert_close(y, ref.lift_euler_ref_(x.clone(), vals, a, near, wts, h, w, 0.25), dtype)
     torch.testing.assert_close(jk.token_importance(x, h, w, backend="triton"), ref.token_importance_ref(x, h, w),
                                rtol=1e-4, atol=1e-4)
-    imp = torch.randint(-2, 3, (b, n), generator=_gen(4)).float().to(DEV)
+    imp = torch.randint(-2, 3, (b, n), generator=gen(4)).float().to(DEV)
     for count in (1, 13, n - 9):
         assert torch.equal(jk.select_new_tokens(imp, a, count, backend="triton"), ref.select_new_tokens_ref(imp, a, count))
     tgt = _x(b, 5, c, dtype=dtype, seed=5)
     got = jk.microflow_update(x, new, tgt, "blend", 0.3, backend="triton")
-    torch.testing.assert_close(got, ref.microflow_update_ref_(x.clone(), new, tgt, 0.3), **TOL[dtype])
+    assert_close(got, ref.microflow_update_ref_(x.clone(), new, tgt, 0.3), dtype)
     v = _x(b, n, c, dtype=dtype, seed=6, offset=0.0)
     got = jk.microflow_target(x, v, a, new, tgt, 0.9, 0.5, h, w, nearest=near, blur_sigma=1.0, kernel_size=3,
                               backend="triton")
-    torch.testing.assert_close(got, ref.microflow_target_ref(x, v, a, near, wts, new, tgt, 0.9, 0.5, h, w), **TOL[dtype])
+    assert_close(got, ref.microflow_target_ref(x, v, a, near, wts, new, tgt, 0.9, 0.5, h, w), dtype)
 
 
 @needs_runner
@@ -211,9 +162,9 @@ def test_channels_not_power_of_two_and_n_below_block(c):
     assert near.tolist() == [0, 0, 0]
     got = jk.lift_field(vals, a, h, w, nearest=near, sigma=1.0, kernel_size=7, backend="triton")
     wts = jk.lift_weights(1, 3, sigma=1.0, kernel_size=7)
-    torch.testing.assert_close(got, ref.lift_field_ref(vals, a, near, wts, h, w), **TOL[torch.float32])
+    assert_close(got, ref.lift_field_ref(vals, a, near, wts, h, w), torch.float32)
     # a single anchor fills the whole grid with its value (the taps sum to 1)
-    torch.testing.assert_close(got, vals.expand(b, 3, c), **TOL[torch.float32])
+    assert_close(got, vals.expand(b, 3, c), torch.float32)
     torch.testing.assert_close(jk.token_importance(x, h, w, backend="triton"), ref.token_importance_ref(x, h, w),
                                rtol=1e-4, atol=1e-5)
     assert torch.equal(jk.gather_tokens(x, torch.tensor([2, 0], device=DEV), backend="triton"), x[:, [2, 0]])
@@ -234,7 +185,7 @@ def test_noncontiguous_and_expanded_inputs():
     n = h * w
     base = _x(n, b, 2 * c)
     x = base.transpose(0, 1)[:, :, ::2]  # [B, N, C] with batch stride 2C and channel stride 2
-    a = _perm(n)[:12]
+    a = anchors(n, n, device=DEV)[:12]
     a_exp = a.expand(b, -1)  # per-sample index with batch stride 0
     a_str = torch.stack([a, a.flip(0)], dim=1)[:, 0]  # stride-2 view
     for idx in (a_exp, a_str):
@@ -265,8 +216,8 @@ def test_select_keys_order_nan_signed_zero_and_ties():
     assert torch.equal(got, ref.select_new_tokens_ref(imp, act, 11))
     # bf16 and fp16 scores are compared after widening to fp32, like the reference
     for dt in (torch.float16, torch.bfloat16):
-        s = torch.randint(-3, 4, (2, 40), generator=_gen(7)).to(dt).to(DEV) / 4
-        act = _perm(40, batch=2)[:, :10]
+        s = torch.randint(-3, 4, (2, 40), generator=gen(7)).to(dt).to(DEV) / 4
+        act = anchors(40, 40, batch=2, device=DEV)[:, :10]
         assert torch.equal(jk.select_new_tokens(s, act, 30, backend="triton"), ref.select_new_tokens_ref(s, act, 30))
 
 
@@ -275,7 +226,7 @@ def test_select_keys_order_nan_signed_zero_and_ties():
 def test_exact_paths_in_half_precision(dtype):
     h, w, b, c = 7, 13, 3, 5
     n = h * w
-    a = _perm(n, batch=b)[:, :20].contiguous()
+    a = anchors(n, n, batch=b, device=DEV)[:, :20].contiguous()
     vals = _x(b, 20, c, dtype=dtype)
     got = jk.lift_field(vals, a, h, w, backend="triton")
     assert torch.equal(ref.gather_tokens_ref(got, a), vals), "anchors must be exact"
@@ -289,7 +240,7 @@ def test_exact_paths_in_half_precision(dtype):
 def test_microflow_target_at_an_old_anchor_is_exact_x0():
     h, w, b, c = 5, 6, 2, 3
     n = h * w
-    a = _perm(n)[:8]
+    a = anchors(n, n, device=DEV)[:8]
     y, v = _x(b, n, c), _x(b, n, c, seed=1, offset=0.0)
     new = a[:3]  # new positions that happen to be old anchors: the compose rule applies
     eps = _x(b, 3, c, seed=2, offset=0.0)
@@ -323,4 +274,4 @@ def test_flux_size_lift_on_cuda():
     assert torch.equal(near, ref.nearest_anchor_map_ref(a, h, w))
     got = jk.lift_field(vals, a, h, w, nearest=near, backend="triton")
     want = ref.lift_field_ref(vals, a, near, jk.lift_weights(m, n, device="cuda"), h, w)
-    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    assert_close(got, want, torch.bfloat16)

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "checks.cuh"
 
 namespace jit_kernels {
 namespace {

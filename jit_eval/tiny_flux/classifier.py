@@ -1,4 +1,4 @@
-"""The digit classifier of the quality suite (evaluation.md section 2).
+"""The digit classifier of the quality suite (docs/evaluation.md section 2).
 
 Trained once, deterministically, on the *held-out* half of the digits (the half the
 generator never saw); its accuracy is measured on the generator's training half.

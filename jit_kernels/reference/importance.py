@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for importance-guided token activation (method.md section 4)."""
+"""Plain-PyTorch references for importance-guided token activation (docs/method.md section 4)."""
 
 from __future__ import annotations
 

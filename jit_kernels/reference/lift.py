@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for the nearest-anchor map and the lift (method.md section 3).
+"""Plain-PyTorch references for the nearest-anchor map and the lift (docs/method.md section 3).
 
 Grid convention: token ``n`` sits at ``(row, col) = (n // W, n % W)`` on an
 ``H x W`` grid. Anchor sets are int64 ``[M]`` (shared) or ``[B, M]`` (per sample),

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for the deterministic micro-flow (method.md section 5)."""
+"""Plain-PyTorch references for the deterministic micro-flow (docs/method.md section 5)."""
 
 from __future__ import annotations
 

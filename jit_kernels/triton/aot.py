@@ -44,7 +44,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from jit_kernels._env import triton_interpret
+
+    return triton_interpret()
 
 
 @dataclass
@@ -112,17 +114,17 @@ def _record_case(case: str, h: int, w: int, c: int, m: int, r: int, b: int, dtyp
         vals = torch.zeros(b, m, c, dtype=dtype)
         tgt = torch.zeros(b, r, c, dtype=dtype)
         with _recording(calls):
-            tokens._gather(x, anchors)
-            tokens._scatter_into(x, anchors, vals)
+            tokens.launch_gather_tokens(x, anchors)
+            tokens.launch_scatter_tokens_(x, anchors, vals)
             if dtype == dtypes[0]:  # index-only kernels: one dtype
-                lift._nearest(anchors, h, w)
-            lift._lift_field(vals, anchors, nearest, wts, h, w)
-            lift._lift_euler(x, vals, anchors, nearest, wts, h, w, -0.1)
-            importance.token_importance_launch(x, h, w)
-            importance.select_new_tokens_launch(torch.zeros(b, n, dtype=dtype), anchors, min(512, n - m))
-            microflow.microflow_update__launch(x, new, tgt, 1.0 / 3.0)
-            microflow.microflow_update__launch(x, new, tgt, 1.0)
-            microflow.microflow_target_launch(x, x, anchors, nearest, wts, new, tgt, 0.8, 0.6, h, w)
+                lift.launch_nearest_anchor_map(anchors, h, w)
+            lift.launch_lift_field(vals, anchors, nearest, wts, h, w)
+            lift.launch_lift_euler_(x, vals, anchors, nearest, wts, h, w, -0.1)
+            importance.launch_token_importance(x, h, w)
+            importance.launch_select_new_tokens(torch.zeros(b, n, dtype=dtype), anchors, min(512, n - m))
+            microflow.launch_microflow_update_(x, new, tgt, 1.0 / 3.0)
+            microflow.launch_microflow_update_(x, new, tgt, 1.0)
+            microflow.launch_microflow_target(x, x, anchors, nearest, wts, new, tgt, 0.8, 0.6, h, w)
         for fn, args, kwargs in calls:
             # Label a launch by the dtype of its first tensor (the data it streams; int64 for index kernels).
             first = next(a for a in args if isinstance(a, torch.Tensor))
@@ -143,7 +145,7 @@ def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths
         calls: list = []
         x = torch.zeros(b, n, h, d, dtype=dtype)
         with _recording(calls):
-            attention.anchor_attention_launch(x, x, x, cs, cs, lens, d ** -0.5)
+            attention.launch_anchor_attention(x, x, x, cs, cs, lens, d ** -0.5)
         out += [(case, str(dtype).replace("torch.", ""), fn, args, kwargs) for fn, args, kwargs in calls]
     return out
 
@@ -278,7 +280,9 @@ def compile_all(arch: int = 90) -> list[Row]:
 
 def _clean_env() -> dict:
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
+    from jit_kernels._env import TRITON_INTERPRET
+
+    env.pop(TRITON_INTERPRET, None)
     return env
 
 

@@ -1,4 +1,4 @@
-"""Triton ``anchor_attention``: rotary + flash-attention forward in one kernel (``anchor_attention_triton``).
+"""Triton ``anchor_attention``: rotary + flash-attention forward in one kernel (``launch_anchor_attention``).
 
 One program per (block of ``BLOCK_M`` queries, sample x head). The rotation is applied
 to the q tile once and to every k tile as it is loaded, in registers: no rotated copy of
@@ -20,7 +20,7 @@ that competes with this one needs tensor-core MMA tiles (``mma.sync``/``wgmma``)
 copies and a pipelined schedule per architecture, i.e. FlashAttention's code base; Triton
 generates exactly that from this tile-level description for every arch it supports, and
 its sm_90 lowering is checked in CI (``python -m jit_kernels.triton.aot``). The op is
-routed to this launcher for CUDA tensors (see ``jit_kernels.triton.ATTENTION_CUDA_ROUTABLE``).
+routed to this launcher for CUDA tensors (its row of ``jit_kernels._library.OPS`` says ``cuda_via_triton``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tokens import INTERPRET, _cast, _f32
+from .common import INTERPRET, cast, f32
 
-__all__ = ["anchor_attention_triton", "anchor_attention_launch", "attention_blocks"]
+__all__ = ["launch_anchor_attention", "attention_blocks"]
 
 _LOG2E = 1.4426950408889634
 
@@ -90,8 +90,8 @@ def _anchor_attention_fwd_kernel(
 
     # q tile [BLOCK_M, HALF] x (even, odd), rotated and scaled in fp32.
     q_rows = q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_l
-    qe = _f32(tl.load(q_rows + 2 * half[None, :], mask=qm, other=0.0))
-    qo = _f32(tl.load(q_rows + 2 * half[None, :] + 1, mask=qm, other=0.0))
+    qe = f32(tl.load(q_rows + 2 * half[None, :], mask=qm, other=0.0))
+    qo = f32(tl.load(q_rows + 2 * half[None, :] + 1, mask=qm, other=0.0))
     cos_ptr += b * sc_b  # per-sample tables ([B, L, D]); sc_b = 0 when shared
     sin_ptr += b * sc_b
     t_rows = rows[:, None] * sc_l + 2 * half[None, :]
@@ -115,8 +115,8 @@ def _anchor_attention_fwd_kernel(
         km = hmask[:, None] & cvalid[None, :]
         # k tile loaded transposed, [HALF, BLOCK_N] x (even, odd), rotated in registers.
         k_cols = k_base + cols[None, :].to(tl.int64) * sk_l + 2 * half[:, None]
-        ke = _f32(tl.load(k_cols, mask=km, other=0.0))
-        ko = _f32(tl.load(k_cols + 1, mask=km, other=0.0))
+        ke = f32(tl.load(k_cols, mask=km, other=0.0))
+        ko = f32(tl.load(k_cols + 1, mask=km, other=0.0))
         t_cols = cols[None, :] * sc_l + 2 * half[:, None]
         kce = tl.load(cos_ptr + t_cols, mask=km, other=0.0)
         kco = tl.load(cos_ptr + t_cols + 1, mask=km, other=0.0)
@@ -135,7 +135,7 @@ def _anchor_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vm = cvalid[:, None] & (dcol < D)[None, :]
         vt = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + dcol[None, :], mask=vm, other=0.0)
-        vt = _f32(vt).to(DOT_DTYPE)
+        vt = f32(vt).to(DOT_DTYPE)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
         else:
@@ -146,7 +146,7 @@ def _anchor_attention_fwd_kernel(
     res = tl.where(rvalid[:, None], res, 0.0)
     om = (rows < L)[:, None] & (dcol < D)[None, :]
     dst = out_ptr + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_l + dcol[None, :]
-    tl.store(dst, _cast(res, out_ptr.dtype.element_ty), mask=om)
+    tl.store(dst, cast(res, out_ptr.dtype.element_ty), mask=om)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -157,7 +157,7 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
-def anchor_attention_launch(
+def launch_anchor_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -193,13 +193,3 @@ def anchor_attention_launch(
         num_warps=warps, num_stages=stages,
     )
     return out
-
-
-anchor_attention_triton = torch.library.custom_op(
-    "jit_kernels::anchor_attention_triton", anchor_attention_launch, mutates_args=()
-)
-
-
-@anchor_attention_triton.register_fake
-def _(q, k, v, cos, sin, key_lengths, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -1,4 +1,4 @@
-"""Triton importance-guided token activation: ``token_importance_triton``, ``select_new_tokens_triton``."""
+"""Triton importance-guided token activation: ``launch_token_importance``, ``launch_select_new_tokens``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tokens import INTERPRET, NUM_WARPS, _f32, batch_stride, tile_shape
+from .common import INTERPRET, NUM_WARPS, batch_stride, f32, tile_shape
 
-__all__ = ["token_importance_triton", "select_new_tokens_triton"]
+__all__ = ["launch_token_importance", "launch_select_new_tokens"]
 
 
 # ------------------------------------------------------------------ token importance
@@ -44,7 +44,7 @@ def _token_importance_fwd_kernel(
                 cc = c + (dx - 1)
                 ok = pmask & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
                 q = (rr * W + cc).to(tl.int64)
-                v = _f32(tl.load(f_ptr + b * sf_b + q[:, None] * sf_n + cols[None, :] * sf_c,
+                v = f32(tl.load(f_ptr + b * sf_b + q[:, None] * sf_n + cols[None, :] * sf_c,
                                  mask=ok[:, None] & cmask[None, :], other=0.0))
                 s1 += v
                 s2 += v * v
@@ -62,7 +62,7 @@ def importance_tile_shape(n: int, c: int, interpret: bool = INTERPRET) -> tuple[
     return tile_shape(n, c, tile=None if interpret else _IMPORTANCE_TILE_GPU, interpret=interpret)
 
 
-def token_importance_launch(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def launch_token_importance(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``field [B, H*W, C]`` -> fp32 ``[B, H*W]``: 3x3 local variance averaged over channels (Triton)."""
     b, n, c = field.shape
     out = torch.empty((b, n), dtype=torch.float32, device=field.device)
@@ -76,17 +76,6 @@ def token_importance_launch(field: torch.Tensor, height: int, width: int) -> tor
         BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
     )
     return out
-
-
-# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
-token_importance_triton = torch.library.custom_op(
-    "jit_kernels::token_importance_triton", token_importance_launch, mutates_args=()
-)
-
-
-@token_importance_triton.register_fake
-def _(field, height, width):
-    return field.new_empty((field.shape[0], height * width), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------ select new tokens
@@ -110,7 +99,7 @@ def _select_new_tokens_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    s = _f32(tl.load(imp_ptr + b * si_b + n * si_n, mask=nmask, other=0.0))
+    s = f32(tl.load(imp_ptr + b * si_b + n * si_n, mask=nmask, other=0.0))
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
     k32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
@@ -145,7 +134,7 @@ def select_block(n: int, interpret: bool = INTERPRET) -> int:
     return min(triton.next_power_of_2(max(n, 1)), _SELECT_BLOCK_INTERP if interpret else _SELECT_BLOCK_GPU)
 
 
-def select_new_tokens_launch(importance: torch.Tensor, active_idx: torch.Tensor, count: int) -> torch.Tensor:
+def launch_select_new_tokens(importance: torch.Tensor, active_idx: torch.Tensor, count: int) -> torch.Tensor:
     """Top-``count`` inactive tokens of ``importance [B, N]``, int64 ``[B, count]`` (Triton keys + torch.topk).
 
     The keys are unique, so ``topk`` over them is exact and deterministic and equals a
@@ -167,14 +156,3 @@ def select_new_tokens_launch(importance: torch.Tensor, active_idx: torch.Tensor,
             BLOCK_M=bm, num_warps=NUM_WARPS,
         )
     return torch.topk(keys, count, dim=1, largest=True, sorted=True).indices
-
-
-# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
-select_new_tokens_triton = torch.library.custom_op(
-    "jit_kernels::select_new_tokens_triton", select_new_tokens_launch, mutates_args=()
-)
-
-
-@select_new_tokens_triton.register_fake
-def _(importance, active_idx, count):
-    return importance.new_empty((importance.shape[0], count), dtype=torch.int64)

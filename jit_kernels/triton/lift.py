@@ -1,8 +1,8 @@
 """Triton nearest-anchor map and fused lift.
 
-Ops: ``nearest_anchor_map_triton``, ``lift_field_triton``, ``lift_euler__triton``.
+Launchers: ``launch_nearest_anchor_map``, ``launch_lift_field``, ``launch_lift_euler_``.
 
-The lift (method.md section 3) is one pass per tile of output cells: for every
+The lift (docs/method.md section 3) is one pass per tile of output cells: for every
 cell of the tile and every tap ``(dy, dx)`` of the ``K x K`` window, read the
 nearest-anchor value of the (reflected) neighbour cell and accumulate
 ``w[dy] * w[dx] * value`` in fp32. The filled field is never materialised: the
@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tokens import INTERPRET, NUM_WARPS, _cast, _f32, batch_stride, tile_shape
+from .common import INTERPRET, NUM_WARPS, batch_stride, cast, f32, tile_shape
 
-__all__ = ["nearest_anchor_map_triton", "lift_field_triton", "lift_euler__triton"]
+__all__ = ["launch_nearest_anchor_map", "launch_lift_field", "launch_lift_euler_"]
 
 # Anchors compared per inner step of the nearest map (the position tile is sized against it).
 _ANCHOR_CHUNK_GPU = 64
@@ -73,7 +73,8 @@ def nearest_block_shape(n: int, m: int, interpret: bool = INTERPRET) -> tuple[in
     return block_p, block_a
 
 
-def _nearest(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def launch_nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``anchor_idx`` int64 ``[M] | [B, M]`` -> int64 ``[H*W] | [B, H*W]`` (Triton)."""
     n = height * width
     m = anchor_idx.shape[-1]
     per_sample = anchor_idx.dim() == 2
@@ -89,18 +90,6 @@ def _nearest(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
         BLOCK_P=block_p, BLOCK_A=block_a, num_warps=NUM_WARPS,
     )
     return out
-
-
-@torch.library.custom_op("jit_kernels::nearest_anchor_map_triton", mutates_args=())
-def nearest_anchor_map_triton(anchor_idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``anchor_idx`` int64 ``[M] | [B, M]`` -> int64 ``[H*W] | [B, H*W]`` (Triton)."""
-    return _nearest(anchor_idx, height, width)
-
-
-@nearest_anchor_map_triton.register_fake
-def _(anchor_idx, height, width):
-    shape = (height * width,) if anchor_idx.dim() == 1 else (anchor_idx.shape[0], height * width)
-    return anchor_idx.new_empty(shape, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------ lift
@@ -133,10 +122,10 @@ def _anchor_rows(j, mask1, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col
         cell = tl.load(anc_row + j * sa_m, mask=mask1, other=0)
         y = tl.load((val_row + cell * sv_r)[:, None] + val_col, mask=mask2, other=0.0)
         v = tl.load((vel_row + cell * sl_n)[:, None] + vel_col, mask=mask2, other=0.0)
-        return _f32(y) - sigma_prev * _f32(v)
+        return f32(y) - sigma_prev * f32(v)
     else:
         x = tl.load((val_row + j * sv_r)[:, None] + val_col, mask=mask2, other=0.0)
-        return _f32(x)
+        return f32(x)
 
 
 @triton.jit
@@ -211,7 +200,7 @@ def _lift_field_fwd_kernel(
                      anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
                      BLOCK_P, BLOCK_C, False)
     dst = (out_ptr + b * so_b + pos.to(tl.int64) * so_n)[:, None] + (cols * so_c)[None, :]
-    tl.store(dst, _cast(res, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    tl.store(dst, cast(res, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -238,8 +227,8 @@ def _lift_euler_fwd_kernel(
                      BLOCK_P, BLOCK_C, False)
     mask = pmask[:, None] & cmask[None, :]
     ptrs = (y_ptr + b * sy_b + pos.to(tl.int64) * sy_n)[:, None] + (cols * sy_c)[None, :]
-    y = _f32(tl.load(ptrs, mask=mask, other=0.0))
-    tl.store(ptrs, _cast(y + dt * res, y_ptr.dtype.element_ty), mask=mask)
+    y = f32(tl.load(ptrs, mask=mask, other=0.0))
+    tl.store(ptrs, cast(y + dt * res, y_ptr.dtype.element_ty), mask=mask)
 
 
 # The lift tile keeps an fp32 accumulator plus one gathered tile live: half the copy budget.
@@ -250,7 +239,10 @@ def lift_tile_shape(rows: int, c: int, interpret: bool = INTERPRET) -> tuple[int
     return tile_shape(rows, c, tile=None if interpret else _LIFT_TILE_GPU, interpret=interpret)
 
 
-def _lift_field(values, anchor_idx, nearest, weights, height, width):
+def launch_lift_field(
+    values: torch.Tensor, anchor_idx: torch.Tensor, nearest: torch.Tensor, weights: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """``values [B, M, C]``, ``anchor_idx [M] | [B, M]``, ``nearest [N] | [B, N]``, ``weights [K]`` -> ``[B, N, C]`` (Triton)."""
     b, _, c = values.shape
     n = height * width
     out = torch.empty((b, n, c), dtype=values.dtype, device=values.device)
@@ -271,7 +263,17 @@ def _lift_field(values, anchor_idx, nearest, weights, height, width):
     return out
 
 
-def _lift_euler(y, values, anchor_idx, nearest, weights, height, width, dt):
+def launch_lift_euler_(
+    y: torch.Tensor,
+    values: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    nearest: torch.Tensor,
+    weights: torch.Tensor,
+    height: int,
+    width: int,
+    dt: float,
+) -> None:
+    """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass)."""
     b, n, c = y.shape
     if y.numel() == 0:
         return
@@ -287,36 +289,3 @@ def _lift_euler(y, values, anchor_idx, nearest, weights, height, width, dt):
         batch_stride(nearest), nearest.stride(-1),
         BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
     )
-
-
-@torch.library.custom_op("jit_kernels::lift_field_triton", mutates_args=())
-def lift_field_triton(
-    values: torch.Tensor, anchor_idx: torch.Tensor, nearest: torch.Tensor, weights: torch.Tensor, height: int, width: int
-) -> torch.Tensor:
-    """``values [B, M, C]``, ``anchor_idx [M] | [B, M]``, ``nearest [N] | [B, N]``, ``weights [K]`` -> ``[B, N, C]`` (Triton)."""
-    return _lift_field(values, anchor_idx, nearest, weights, height, width)
-
-
-@lift_field_triton.register_fake
-def _(values, anchor_idx, nearest, weights, height, width):
-    return values.new_empty((values.shape[0], height * width, values.shape[2]))
-
-
-@torch.library.custom_op("jit_kernels::lift_euler__triton", mutates_args=("y",))
-def lift_euler__triton(
-    y: torch.Tensor,
-    values: torch.Tensor,
-    anchor_idx: torch.Tensor,
-    nearest: torch.Tensor,
-    weights: torch.Tensor,
-    height: int,
-    width: int,
-    dt: float,
-) -> None:
-    """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass)."""
-    _lift_euler(y, values, anchor_idx, nearest, weights, height, width, dt)
-
-
-@lift_euler__triton.register_fake
-def _(y, values, anchor_idx, nearest, weights, height, width, dt):
-    return None

@@ -1,4 +1,4 @@
-"""Triton deterministic micro-flow (method.md section 5): ``microflow_update__triton``, ``microflow_target_triton``."""
+"""Triton deterministic micro-flow (docs/method.md section 5): ``launch_microflow_update_``, ``launch_microflow_target``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import triton
 import triton.language as tl
 
 from .lift import _lift_tile, lift_tile_shape
-from .tokens import NUM_WARPS, _cast, _f32, batch_stride, tile_shape
+from .common import NUM_WARPS, batch_stride, cast, f32, tile_shape
 
-__all__ = ["microflow_update__triton", "microflow_target_triton"]
+__all__ = ["launch_microflow_update_", "launch_microflow_target"]
 
 
 # ------------------------------------------------------------------ update
@@ -40,14 +40,14 @@ def _microflow_update_fwd_kernel(
     t = tl.load(t_ptr + b * st_b + rows[:, None].to(tl.int64) * st_r + cols[None, :] * st_c, mask=mask, other=0.0)
     ptrs = y_ptr + b * sy_b + cell[:, None] * sy_n + cols[None, :] * sy_c
     if COPY:
-        new = _cast(t, y_ptr.dtype.element_ty)
+        new = cast(t, y_ptr.dtype.element_ty)
     else:
-        cur = _f32(tl.load(ptrs, mask=mask, other=0.0))
-        new = _cast(one_minus_w * cur + w * _f32(t), y_ptr.dtype.element_ty)
+        cur = f32(tl.load(ptrs, mask=mask, other=0.0))
+        new = cast(one_minus_w * cur + w * f32(t), y_ptr.dtype.element_ty)
     tl.store(ptrs, new, mask=mask)
 
 
-def microflow_update__launch(y: torch.Tensor, new_idx: torch.Tensor, target: torch.Tensor, weight: float) -> None:
+def launch_microflow_update_(y: torch.Tensor, new_idx: torch.Tensor, target: torch.Tensor, weight: float) -> None:
     """In place ``y[R] <- (1 - w) y[R] + w target``; ``y [B, N, C]``, ``new_idx [R] | [B, R]``, ``target [B, R, C]``."""
     b, _, c = y.shape
     r = new_idx.shape[-1]
@@ -61,17 +61,6 @@ def microflow_update__launch(y: torch.Tensor, new_idx: torch.Tensor, target: tor
         *y.stride(), batch_stride(new_idx), new_idx.stride(-1), *target.stride(),
         BLOCK_R=br, BLOCK_C=bc, COPY=bool(weight == 1.0), num_warps=NUM_WARPS,
     )
-
-
-# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
-microflow_update__triton = torch.library.custom_op(
-    "jit_kernels::microflow_update__triton", microflow_update__launch, mutates_args=("y",)
-)
-
-
-@microflow_update__triton.register_fake
-def _(y, new_idx, target, weight):
-    return None
 
 
 # ------------------------------------------------------------------ target
@@ -112,12 +101,12 @@ def _microflow_target_fwd_kernel(
                      anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
                      BLOCK_R, BLOCK_C, True)
     e = tl.load((eps_ptr + b * se_b + r * se_r)[:, None] + (cols * se_c)[None, :], mask=mask, other=0.0)
-    res = one_minus_sigma * phi + sigma * _f32(e)
+    res = one_minus_sigma * phi + sigma * f32(e)
     dst = (out_ptr + b * so_b + r * so_r)[:, None] + (cols * so_c)[None, :]
-    tl.store(dst, _cast(res, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, cast(res, out_ptr.dtype.element_ty), mask=mask)
 
 
-def microflow_target_launch(
+def launch_microflow_target(
     y_prev: torch.Tensor,
     v_prev: torch.Tensor,
     anchor_idx: torch.Tensor,
@@ -151,14 +140,3 @@ def microflow_target_launch(
         BLOCK_R=br, BLOCK_C=bc, num_warps=NUM_WARPS,
     )
     return out
-
-
-# Registered from the plain launcher so that the CUDA routing in __init__ can reuse it.
-microflow_target_triton = torch.library.custom_op(
-    "jit_kernels::microflow_target_triton", microflow_target_launch, mutates_args=()
-)
-
-
-@microflow_target_triton.register_fake
-def _(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
-    return y_prev.new_empty((y_prev.shape[0], new_idx.shape[-1], y_prev.shape[2]))

@@ -1,0 +1,76 @@
+"""Helpers shared by every Triton module of the package: interpreter mode, launch shapes, exact casts.
+
+Layout conventions of the kernels: token tensors ``[B, N, C]`` are addressed through
+their strides (no ``.contiguous()`` copies); index tensors are int64 ``[M]`` (shared,
+batch stride 0) or ``[B, M]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._env import triton_interpret
+
+__all__ = ["INTERPRET", "NUM_WARPS", "tile_shape", "batch_stride", "f32", "cast"]
+
+# The interpreter is chosen when @triton.jit runs, so this is read once, at import time.
+INTERPRET = triton_interpret()
+
+# Elements per tile. On a GPU ~4K fp32 elements over 4 warps keeps 32 live values per
+# thread (no spills, enough loads in flight). Under the interpreter every program
+# instance costs ~0.6 ms of Python overhead, so tiles are made as large as numpy likes.
+_TILE_GPU = 4096
+_TILE_INTERP = 1 << 16
+_MAX_BLOCK_C_GPU = 128
+_MAX_BLOCK_C_INTERP = 1024
+NUM_WARPS = 4
+
+
+def tile_shape(rows: int, cols: int, *, tile: int | None = None, interpret: bool = INTERPRET) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_C)``: powers of two, BLOCK_C covers C up to a cap, rows fill the tile budget."""
+    budget = tile if tile is not None else (_TILE_INTERP if interpret else _TILE_GPU)
+    cap = _MAX_BLOCK_C_INTERP if interpret else _MAX_BLOCK_C_GPU
+    block_c = min(triton.next_power_of_2(max(cols, 1)), cap)
+    block_r = max(1, min(budget // block_c, triton.next_power_of_2(max(rows, 1))))
+    return block_r, block_c
+
+
+def batch_stride(idx: torch.Tensor) -> int:
+    """Batch stride of an index tensor: 0 for a shared ``[M]`` index (every sample reads the same row)."""
+    return idx.stride(0) if idx.dim() == 2 else 0
+
+
+# The interpreter converts fp32 -> bf16 by truncation and casts between bf16 and fp16 as
+# integers, while GPUs round to nearest even like torch. Under the interpreter the kernels
+# therefore convert through fp32 and round to bf16 with integer ops: both modes give torch's bits.
+_SOFT_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def f32(x):
+    """``x.to(tl.float32)``; under the interpreter bf16 is widened by a bit shift (its own
+    conversion mangles bf16 subnormals)."""
+    if _SOFT_BF16 and x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)``, exact (round to nearest even) for bf16 also under the interpreter."""
+    if _SOFT_BF16 and x.dtype != dtype and (dtype == tl.bfloat16 or x.dtype == tl.bfloat16):
+        f = f32(x)  # exact from fp16 and bf16
+        if dtype == tl.bfloat16:
+            bits = f.to(tl.uint32, bitcast=True)
+            rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+            # NaN payloads could carry into the sign bit: use the canonical quiet NaN.
+            rounded = tl.where(f != f, 0x7FC0, rounded)
+            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return f.to(dtype)
+    else:
+        return x.to(dtype)

@@ -1,0 +1,73 @@
+"""The deterministic micro-flow (``microflow_update``, ``microflow_target``) on every backend.
+
+Every backend present on the machine (``cpp`` = the compiled CPU extension, ``triton`` =
+Triton kernels, on CPU through TRITON_INTERPRET=1 only, see conftest.py) against the
+plain-PyTorch reference, through the public functions. Registration, backend choice and
+the validation policy are tested for every op in test_op_table.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import jit_kernels as jk
+from jit_kernels import reference as ref
+from jit_kernels.testing import DTYPES, anchors, assert_close, tokens
+
+BACKENDS = [b for b in ("cpp", "triton") if b in jk.available_backends("cpu")]
+
+
+# ---------------------------------------------------------------- micro-flow
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_microflow_update(backend, dtype):
+    b, n, c = 2, 50, 6
+    y = tokens(b, n, c, dtype)
+    r = anchors(n, 12, seed=9)
+    tgt = tokens(b, 12, c, dtype, seed=10, offset=-2.0)
+    # assign lands exactly on the target, even over poisoned rows
+    poisoned = y.clone()
+    ref.scatter_tokens_ref_(poisoned, r, torch.full_like(tgt, float("nan")))
+    out = jk.microflow_update(poisoned, r, tgt, "assign", backend=backend)
+    assert torch.equal(out[:, r], tgt) and torch.equal(out, ref.scatter_tokens_ref(y, r, tgt))
+    assert torch.isnan(poisoned).any(), "out-of-place update modified its input"
+    for wgt in (1 / 3, 0.5, 1.0):
+        got = jk.microflow_update(y, r, tgt, "blend", wgt, backend=backend)
+        assert_close(got, ref.microflow_update_ref_(y.clone(), r, tgt, wgt), dtype)
+    yi = y.clone()
+    assert jk.microflow_update_(yi, r, tgt, "blend", 0.25, backend=backend) is yi
+    assert_close(yi, ref.microflow_update_ref_(y.clone(), r, tgt, 0.25), dtype)
+    # the 0.1 spelling still works, in place, and says it is deprecated
+    yd = y.clone()
+    with pytest.warns(DeprecationWarning, match="microflow_update_"):
+        assert jk.microflow_update(yd, r, tgt, "blend", 0.25, inplace=True, backend=backend) is yd
+    assert torch.equal(yd, yi)
+
+
+def test_substeps_land_on_target():
+    y = tokens(1, 30, 4, torch.float32)
+    r = torch.tensor([3, 7, 11])
+    tgt = tokens(1, 3, 4, torch.float32, seed=3)
+    for k in range(4, 0, -1):  # weights 1/4, 1/3, 1/2, 1
+        y = jk.microflow_update(y, r, tgt, "blend", 1.0 / k)
+    assert torch.equal(y[:, r], tgt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_microflow_target(backend, dtype, per_sample):
+    h, w, b, c = 9, 10, 2, 5
+    n = h * w
+    perm = anchors(n, n, batch=b if per_sample else None)
+    old, new = perm[..., :30], perm[..., 30:45]
+    y = tokens(b, n, c, dtype)
+    v = tokens(b, n, c, dtype, seed=1, offset=0.0)
+    eps = tokens(b, 15, c, dtype, seed=2, offset=0.0)
+    got = jk.microflow_target(y, v, old, new, eps, 0.8, 0.7, h, w, backend=backend)
+    near = ref.nearest_anchor_map_ref(old, h, w)
+    want = ref.microflow_target_ref(y, v, old, near, jk.lift_weights(30, n), new, eps, 0.8, 0.7, h, w)
+    assert_close(got, want, dtype)
