@@ -217,12 +217,16 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
                    flop_ratio=round(ref_flops / info[m.name]["flops"], 2),
                    time_s=round(t, 3), speedup=round(ref_t / t, 2),
                    accuracy=round(float((pred == want).float().mean()) * 100, 1),
-                   fd=round(frechet_distance(stats, real_stats), 2), note=m.note)
+                   fd=round(frechet_distance(stats, real_stats), 2),
+                   ink=round(float(((img + 1) / 2).mean()), 4), note=m.note)
         if m.name == REF:
             row.update(psnr_db="ref", ssim="ref")
         else:
             row.update(psnr_db=round(float(psnr(img, ref).mean()), 2), ssim=round(float(ssim(img, ref).mean()), 4))
         rows.append(row)
+    ref_ink = rows[0]["ink"]
+    for row in rows:  # ink bias: mean pixel intensity relative to dense-50's, same noise and labels
+        row["ink_bias_pct"] = round(100.0 * (row["ink"] - ref_ink) / ref_ink, 1)
     rows.append(dict(method=f"real digits ({len(pick)} from the train split)", family="data", fd=round(floor_fd, 2),
                      accuracy=round(floor_acc * 100, 1),
                      note="feature-distance floor at this sample size"))
@@ -333,7 +337,8 @@ def save_svg(path: str, rows: list[dict]) -> None:
         f.write("\n".join(out) + "\n")
 
 
-COLS = ["method", "steps", "calls_per_image_batch", "flop_ratio", "speedup", "psnr_db", "ssim", "accuracy", "fd", "note"]
+COLS = ["method", "steps", "calls_per_image_batch", "flop_ratio", "speedup", "psnr_db", "ssim", "accuracy", "fd",
+        "ink_bias_pct", "note"]
 
 
 def main(argv=None) -> int:
@@ -347,13 +352,26 @@ def main(argv=None) -> int:
                    help="true CFG scale of every method (null label as the negative prompt; 1 = unguided)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--name", default="quality_cpu")
+    p.add_argument("--model", default="tiny", help="committed tiny checkpoint (tiny, tiny-subsets) or a folder")
+    p.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                   help="run only these methods (dense-50, the reference, is always run first)")
     p.add_argument("--no-e2e", action="store_true",
                    help="skip the speed run at the FLUX 1024^2 token count (benchmarks.bench_e2e, 64 x 64 grid)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = run_quality(args.seeds, args.labels, args.repeats, args.quick, cfg_scale=args.cfg_scale)
+    from jit_eval.tiny_flux import load_tiny_flux
+
+    methods = build_methods(args.quick)
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in methods})
+        if unknown:
+            p.error(f"unknown methods {unknown}; known: {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name == REF or m.name in args.only]
+    res = run_quality(args.seeds, args.labels, args.repeats, args.quick, model=load_tiny_flux(args.model),
+                      methods=methods, cfg_scale=args.cfg_scale)
     env = environment()
     env["command"] = command_line("benchmarks.quality", sys.argv[1:] if argv is None else argv)
+    env["model"] = args.model
     stem = os.path.join(args.out, args.name)
     caption = (f"{res['images']} images ({res['labels']} digits x {res['seeds']} seeds) per method, same noise and "
                f"labels, CFG scale {res['cfg_scale']}; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "

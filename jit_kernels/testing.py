@@ -22,6 +22,7 @@ __all__ = [
     "qkv",
     "GRIDS",
     "counts",
+    "compiled_backends",
 ]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,3 +105,12 @@ def qkv(b: int, n: int, h: int, d: int, dtype: torch.dtype = torch.float32, seed
 def counts(n: int) -> list[int]:
     """Index counts to try among ``n`` tokens: one, about a third, all."""
     return sorted({1, max(1, n // 3), n})
+
+
+def compiled_backends(device: str = "cpu") -> list[str]:
+    """The non-reference backends present for ``device`` (on a CPU-only machine: ``cpp``, and
+    ``triton`` when the interpreter is on), in the order the op tests parametrise over."""
+    import jit_kernels as jk
+
+    return [b for b in ("cuda", "cpp", "triton") if b in jk.available_backends(device)]
+

@@ -13,9 +13,9 @@ import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
-from jit_kernels.testing import DTYPES, anchors, assert_close, tokens
+from jit_kernels.testing import DTYPES, anchors, assert_close, compiled_backends, tokens
 
-BACKENDS = [b for b in ("cpp", "triton") if b in jk.available_backends("cpu")]
+BACKENDS = compiled_backends("cpu")
 
 
 # ---------------------------------------------------------------- micro-flow

@@ -18,9 +18,9 @@ import torch
 import jit_kernels as jk
 from jit_kernels import reference as ref
 from jit_kernels._library import FAMILIES, OPS
-from jit_kernels.testing import anchors, gen, tokens
+from jit_kernels.testing import anchors, compiled_backends, gen, tokens
 
-BACKENDS = [b for b in ("cpp", "triton") if b in jk.available_backends("cpu")]
+BACKENDS = compiled_backends("cpu")
 
 
 def test_backends_present():

@@ -177,6 +177,9 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     for r in res["rows"]:
         if r["family"] != "data":
             assert 0.0 <= r["accuracy"] <= 100.0 and r["fd"] >= 0.0 and r["speedup"] > 0
+            assert 0.0 < r["ink"] < 1.0
+            assert r["ink_bias_pct"] == pytest.approx(100 * (r["ink"] / rows["dense-50"]["ink"] - 1), abs=0.06)
+    assert rows["dense-50"]["ink_bias_pct"] == 0.0
     assert any("JiT 7x vs dense-7" in v for v in res["verdicts"])
     q.save_svg(str(tmp_path / "q.svg"), res["rows"])
     q.save_png(str(tmp_path / "q.png"), res["grid"])
