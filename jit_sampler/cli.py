@@ -143,6 +143,15 @@ def _run_tiny(args, device, dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------- FLUX
+def _dtype_kwarg(dtype) -> dict:
+    """``dtype=`` for diffusers that renamed ``torch_dtype`` (0.42+, where the old name warns), else ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def _run_flux(args, device, dtype) -> dict:
     from .pipelines import JiTFluxPipeline
 
@@ -153,7 +162,7 @@ def _run_flux(args, device, dtype) -> dict:
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % 16:
             raise SystemExit(f"jit-flux: {name} must be a positive multiple of 16, got {v}")
-    pipe = JiTFluxPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = JiTFluxPipeline.from_pretrained(args.model, **_dtype_kwarg(dtype)).to(device)
     common = dict(prompt=args.prompt, height=height, width=width, guidance_scale=args.guidance)
     if args.negative_prompt is not None:
         common.update(negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg_scale)

@@ -54,7 +54,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 def test_flux_path_with_compare(tmp_path, monkeypatch):
     from jit_sampler.pipelines.flux import JiTFluxPipeline
 
-    def fake_from_pretrained(model, torch_dtype=None):
+    def fake_from_pretrained(model, dtype=None, torch_dtype=None):
         assert model == "some/flux"
         p = build_pipe(JiTFluxPipeline)
         enc, pe = p.encode_prompt, prompt_inputs()
@@ -76,3 +76,16 @@ def test_flux_path_with_compare(tmp_path, monkeypatch):
     rep = json.loads((tmp_path / "flux.json").read_text())
     assert rep["jit"]["report"]["model_calls"] == 11 and rep["dense"]["steps"] == 3
     assert cli.main(["--model", "some/flux", "--prompt", "x", "--height", "70", "--out", str(out)]) == 2
+
+
+def test_flux_path_on_a_real_pipeline_folder(tmp_path):
+    """A complete FLUX.1 folder (text encoders and tokenizers included) through from_pretrained."""
+    from jit_eval.tiny_pipeline import build_tiny_flux_pipeline
+
+    folder = build_tiny_flux_pipeline(str(tmp_path / "pipe"))
+    out = tmp_path / "fox.png"
+    assert cli.main(["--model", folder, "--prompt", "a red fox", "--height", "128", "--width", "128",
+                     "--preset", "7x", "--out", str(out)]) == 0
+    rep = json.loads((tmp_path / "fox.json").read_text())
+    assert rep["model"] == folder and rep["jit"]["report"]["model_calls"] == 11
+    assert Image.open(out).size == (128, 128)
