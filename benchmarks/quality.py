@@ -37,7 +37,7 @@ import torch
 from jit_sampler.config import JiTConfig
 from jit_sampler.sampler import jit_sample
 from jit_eval.tiny_flux import TinyVelocity
-from jit_eval.metrics import feature_stats, frechet_distance, psnr, ssim
+from jit_eval.metrics import feature_stats, frechet_distance, frechet_interval, ink, kid, precision_recall, psnr, ssim
 from jit_eval.rivals import BlockWorkCounter, cache_hook, ras_sample
 from jit_sampler.schedule import beta_sigmas, linear_sigmas
 
@@ -194,7 +194,8 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
 
     real, _ = load_mnist("heldout")
     with torch.no_grad():
-        real_stats = feature_stats(classifier.features(real))
+        real_feats = classifier.features(real)
+        real_stats = feature_stats(real_feats)
         train_digits, train_labels = load_mnist("train")
         pick = torch.cat([torch.nonzero(train_labels == c)[: seeds, 0] for c in range(labels)])
         floor_feats = classifier.features(train_digits[pick])
@@ -218,7 +219,13 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
                    time_s=round(t, 3), speedup=round(ref_t / t, 2),
                    accuracy=round(float((pred == want).float().mean()) * 100, 1),
                    fd=round(frechet_distance(stats, real_stats), 2),
-                   ink=round(float(((img + 1) / 2).mean()), 4), note=m.note)
+                   ink=round(ink(img), 4), note=m.note)
+        # Distribution metrics in the classifier's feature space, against the held-out real digits.
+        k_mean, k_std = kid(feats, real_feats, subsets=100, subset_size=min(1000, feats.shape[0]))
+        lo, hi = frechet_interval(feats, real_stats, rounds=200)
+        prec, rec = precision_recall(real_feats, feats, k=3)
+        row.update(images=int(img.shape[0]), kid=round(k_mean, 5), kid_std=round(k_std, 5),
+                   fd_ci=[round(lo, 2), round(hi, 2)], precision=round(prec, 3), recall=round(rec, 3))
         if m.name == REF:
             row.update(psnr_db="ref", ssim="ref")
         else:
@@ -337,8 +344,8 @@ def save_svg(path: str, rows: list[dict]) -> None:
         f.write("\n".join(out) + "\n")
 
 
-COLS = ["method", "steps", "calls_per_image_batch", "flop_ratio", "speedup", "psnr_db", "ssim", "accuracy", "fd",
-        "ink_bias_pct", "note"]
+COLS = ["method", "steps", "calls_per_image_batch", "flop_ratio", "speedup", "psnr_db", "ssim", "accuracy", "kid",
+        "kid_std", "fd", "fd_ci", "precision", "recall", "ink_bias_pct", "note"]
 
 
 def main(argv=None) -> int:
@@ -372,6 +379,8 @@ def main(argv=None) -> int:
     env = environment()
     env["command"] = command_line("benchmarks.quality", sys.argv[1:] if argv is None else argv)
     env["model"] = args.model
+    for r in res["rows"]:
+        r["model"] = args.model
     stem = os.path.join(args.out, args.name)
     caption = (f"{res['images']} images ({res['labels']} digits x {res['seeds']} seeds) per method, same noise and "
                f"labels, CFG scale {res['cfg_scale']}; speed-up = dense-50 median wall time / method's, {res['repeats']} interleaved runs of the "

@@ -41,3 +41,60 @@ def test_metric_shape_errors():
         psnr(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(ValueError, match="n >= 2"):
         feature_stats(torch.zeros(1, 3))
+
+
+def _kid_loop(x, y):
+    """Unbiased MMD^2 with the cubic polynomial kernel, written with explicit loops."""
+    m, d = x.shape[0], x.shape[1]
+    k = lambda u, v: (float(u @ v) / d + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_the_estimator_and_separates_distributions():
+    from jit_eval.metrics import kid
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.5
+    mean, std = kid(x, y, subsets=1, subset_size=12)  # one subset of everything: the plain estimator
+    assert mean == pytest.approx(_kid_loop(x, y), rel=1e-12) and std == 0.0
+    same = kid(torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g), subsets=20, subset_size=200)
+    far = kid(torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g) + 1.0, subsets=20, subset_size=200)
+    assert abs(same[0]) < 3 * same[1] + 1e-3 and far[0] > 10 * (same[1] + abs(same[0]))
+    assert kid(x, y, subsets=5, subset_size=6, seed=3) == kid(x, y, subsets=5, subset_size=6, seed=3)
+    with pytest.raises(ValueError, match="widths"):
+        kid(x, torch.randn(12, 4))
+
+
+def test_frechet_interval_brackets_the_estimate():
+    from jit_eval.metrics import frechet_interval
+
+    g = torch.Generator().manual_seed(1)
+    ref = feature_stats(torch.randn(2000, 3, generator=g, dtype=torch.float64))
+    f = torch.randn(300, 3, generator=g, dtype=torch.float64) + 0.7
+    lo, hi = frechet_interval(f, ref, rounds=100, seed=0)
+    point = frechet_distance(feature_stats(f), ref)
+    assert lo < point < hi and hi - lo < point  # 300 samples pin it to well within its size
+    assert lo == pytest.approx(3 * 0.49, rel=0.5)
+    assert frechet_interval(f, ref, rounds=10, seed=2) == frechet_interval(f, ref, rounds=10, seed=2)
+
+
+def test_precision_recall_on_known_manifolds():
+    from jit_eval.metrics import precision_recall
+
+    grid = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij"), -1).view(-1, 2)
+    assert precision_recall(grid, grid[:50], k=3) == (1.0, pytest.approx(0.5, abs=0.15))  # half covered
+    assert precision_recall(grid, grid + 100.0, k=3) == (0.0, 0.0)  # disjoint
+    p, r = precision_recall(grid, torch.cat([grid[:50], grid[:50] + 100.0]), k=3)
+    assert p == pytest.approx(0.5) and r > 0.3
+
+
+def test_ink_is_mean_intensity():
+    from jit_eval.metrics import ink
+
+    img = -torch.ones(2, 1, 4, 4)
+    img[0, 0, :2] = 1.0  # half the first image white
+    assert ink(img) == pytest.approx(0.25)

@@ -166,7 +166,7 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     methods = [m for m in q.build_methods(quick=True)
                if m.name in ("dense-50", "dense-7", "JiT 7x assign/independent", "RAS-style 20 steps r=0.35",
                              "dense-50 + FBCache 0.2")]
-    res = q.run_quality(seeds=1, labels=3, repeats=2, model=model, classifier=clf, methods=methods,
+    res = q.run_quality(seeds=1, labels=5, repeats=2, model=model, classifier=clf, methods=methods,
                         log=lambda *_: None)
     rows = {r["method"]: r for r in res["rows"]}
     assert set(m.name for m in methods) <= set(rows)
@@ -177,7 +177,9 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     for r in res["rows"]:
         if r["family"] != "data":
             assert 0.0 <= r["accuracy"] <= 100.0 and r["fd"] >= 0.0 and r["speedup"] > 0
-            assert 0.0 < r["ink"] < 1.0
+            assert 0.0 < r["ink"] < 1.0 and r["images"] == 5
+            assert r["kid_std"] >= 0.0 and 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+            assert r["fd_ci"][0] <= r["fd_ci"][1]
             assert r["ink_bias_pct"] == pytest.approx(100 * (r["ink"] / rows["dense-50"]["ink"] - 1), abs=0.06)
     assert rows["dense-50"]["ink_bias_pct"] == 0.0
     assert any("JiT 7x vs dense-7" in v for v in res["verdicts"])
