@@ -80,6 +80,12 @@ def test_frechet_interval_brackets_the_estimate():
     assert lo < point < hi and hi - lo < point  # 300 samples pin it to well within its size
     assert lo == pytest.approx(3 * 0.49, rel=0.5)
     assert frechet_interval(f, ref, rounds=10, seed=2) == frechet_interval(f, ref, rounds=10, seed=2)
+    # Few samples in many dimensions: the raw bootstrap sits entirely above the estimate; the
+    # re-centred interval still brackets it.
+    wide = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    ref30 = feature_stats(torch.randn(3000, 30, generator=g, dtype=torch.float64))
+    lo, hi = frechet_interval(wide, ref30, rounds=100)
+    assert lo < frechet_distance(feature_stats(wide), ref30) < hi
 
 
 def test_precision_recall_on_known_manifolds():
