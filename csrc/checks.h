@@ -89,6 +89,21 @@ inline void check_index_values(const char* op, const char* name, const at::Tenso
   }
 }
 
+// A nearest map consistent with its anchors (both already range-checked, same
+// device): every anchor is its own nearest anchor, nearest[anchor_idx[j]] == j,
+// which also makes the anchors unique. Works on CPU and CUDA tensors (one
+// host sync on CUDA; the public Python functions check this once per tensor
+// and call the kernels with validate=false).
+inline void check_nearest_consistent(const char* op, const at::Tensor& anchors, const at::Tensor& nearest) {
+  if (anchors.numel() == 0) return;
+  const at::Tensor own = nearest.dim() == 1 ? nearest.index_select(0, anchors) : nearest.gather(1, anchors);
+  const bool ok = own.eq(at::arange(anchors.size(-1), anchors.options())).all().item<bool>();
+  TORCH_CHECK_VALUE(ok, op,
+                    ": nearest is not a nearest-anchor map of anchor_idx: some anchor is not its own nearest anchor "
+                    "(nearest[anchor_idx[j]] != j; duplicate anchors cause this too); compute it with "
+                    "jit_kernels.nearest_anchor_map");
+}
+
 // Per-thread fp32 scratch that only grows. The kernels need an [N, C] fp32
 // intermediate; a fresh megabyte-sized allocation is served by mmap and costs
 // a page fault per 4 KiB on every call, which at 64 x 64 x 64 was about a

@@ -1,38 +1,51 @@
 """Input validation shared by every public op: clear errors before any work.
 
-One policy for every op family (tokens, lift, importance, microflow, attention):
+One policy for every op family (tokens, lift, importance, microflow, attention) and every
+backend and device:
 
-- the public function checks argument types, tensor ranks, shapes, dtypes, devices and
-  scalar arguments itself, before dispatch, whatever the backend, so every backend
-  reports an invalid call with the same exception type and message;
-- index *values* (ranges, duplicates, key lengths) are checked in Python only for the
-  backends whose kernels do not check them (:func:`checks_values`: ``reference`` and
-  ``triton``), and never while ``torch.compile`` traces (they read the tensors); the
-  compiled kernels (``cpp``, ``cuda``) check them with ``TORCH_CHECK_INDEX`` /
-  ``TORCH_CHECK_VALUE``, which surface as ``IndexError`` / ``ValueError`` like these.
+- *metadata* (argument types, tensor ranks, shapes, dtypes, devices, scalar arguments) is
+  checked by the public function before dispatch, on every call;
+- index *values* (ranges, duplicates, the consistency of a nearest-anchor map with its
+  anchors, attention key lengths) are checked once per tensor, in Python, by the
+  functions of :mod:`jit_kernels._values`, for every backend alike: so every backend
+  reports an invalid call with the same exception type and message, and a value check
+  on CUDA costs one host sync.
+- A tensor whose values passed a check is remembered (weakly, by identity, shape and
+  autograd version counter): the next call with the same, unmodified tensor skips the
+  check, so the sampler's steps between two stage transitions run with no validation
+  and no host sync. Any in-place write through torch bumps the version counter and
+  forces a new check. Writes torch cannot see (through ``tensor.numpy()``, DLPack, or
+  a foreign kernel) are not detected: call :func:`clear_validation_cache` after those.
+  Inference-mode tensors have no version counter and are checked on every call.
+- The public function then calls the backend's kernel with ``validate=False``. Called
+  directly (``torch.ops.jit_kernels.<op>``), the kernels validate values themselves
+  (``validate=True``, the schema default): the C++ kernels with ``TORCH_CHECK_INDEX`` /
+  ``TORCH_CHECK_VALUE``, the Triton launchers with the same Python checks.
+- While ``torch.compile`` traces, no Python value check runs (it would read the
+  tensors); the kernels are called with ``validate=True`` instead.
+
+Exception types: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
+shape, device, value or overlap, ``IndexError`` for an index out of range.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter, OrderedDict
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Backends whose kernels validate index values themselves (the compiled extension).
-COMPILED = ("cpp", "cuda")
-
-
-def checks_values(backend: str) -> bool:
-    """Whether the Python layer must check index values itself for this (concrete) backend.
-
-    The compiled kernels check ranges and duplicates with TORCH_CHECK_INDEX /
-    TORCH_CHECK_VALUE before any work (in a pass far cheaper than the Python
-    reductions), so for them Python checks only shapes, dtypes and devices.
-    """
-    return backend not in COMPILED
-
 
 def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def kernel_validates() -> bool:
+    """The ``validate`` argument the public functions pass to a kernel: ``True`` only while
+    ``torch.compile`` traces (then no Python value check has run)."""
     return torch.compiler.is_compiling()
 
 
@@ -53,16 +66,25 @@ def check_tokens(op: str, name: str, t, channels: int | None = None) -> None:
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    it = iter(tensors.values())
+    first = next(it).device
+    for t in it:
+        if t.device != first:
+            break
+    else:
+        return
     devs = {n: t.device for n, t in tensors.items()}
-    first = next(iter(devs.values()))
-    if any(d != first for d in devs.values()):
-        raise ValueError(f"{op}: all tensors must be on one device, got {', '.join(f'{n}={d}' for n, d in devs.items())}")
+    raise ValueError(f"{op}: all tensors must be on one device, got {', '.join(f'{n}={d}' for n, d in devs.items())}")
 
 
 def check_index(
-    op: str, name: str, idx, batch: int, upper: int, *, unique: bool = False, nonempty: bool = False, values: bool = True
+    op: str, name: str, idx, batch: int, upper: int, *, unique: bool = False, nonempty: bool = False, values: bool = False
 ) -> None:
-    """``idx`` int64 ``[M]`` or ``[batch, M]``; with ``values``, also in ``[0, upper)`` (and unique)."""
+    """Metadata of an index: ``idx`` int64 ``[M]`` or ``[batch, M]``, non-empty if asked.
+
+    With ``values`` (default off: the ops check values through :func:`validate_index`,
+    which remembers what it checked), also the values: in ``[0, upper)`` (and unique).
+    """
     check_tensor(op, name, idx)
     if idx.dtype != torch.int64:
         raise TypeError(f"{op}: {name} must be int64, got {idx.dtype}")
@@ -72,15 +94,8 @@ def check_index(
         raise ValueError(f"{op}: {name} is per sample with batch {idx.shape[0]}, but the tokens have batch {batch}")
     if nonempty and idx.shape[-1] == 0:
         raise ValueError(f"{op}: {name} is empty; at least one anchor is required")
-    if not values or _tracing() or idx.numel() == 0:
-        return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= upper:
-        raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [0, {upper})")
-    if unique and idx.shape[-1] > 1:
-        s = idx.sort(dim=-1).values
-        if bool((s[..., 1:] == s[..., :-1]).any()):
-            raise ValueError(f"{op}: {name} contains duplicate indices")
+    if values:
+        validate_index(op, name, idx, upper, unique=unique)
 
 
 def check_grid(op: str, height, width, num_tokens: int | None = None) -> None:
@@ -93,10 +108,9 @@ def check_grid(op: str, height, width, num_tokens: int | None = None) -> None:
         raise ValueError(f"{op}: grid {height} x {width} = {height * width} does not match N = {num_tokens} tokens")
 
 
-def check_nearest(
-    op: str, nearest, batch: int, num_tokens: int, num_anchors: int, anchors_per_sample: bool, values: bool = True
-) -> None:
-    check_index(op, "nearest", nearest, batch, num_anchors, values=values)
+def check_nearest(op: str, nearest, batch: int, num_tokens: int, num_anchors: int, anchors_per_sample: bool) -> None:
+    """Metadata of a nearest-anchor map (its values: :func:`validate_nearest`)."""
+    check_index(op, "nearest", nearest, batch, num_anchors)
     if nearest.shape[-1] != num_tokens:
         raise ValueError(f"{op}: nearest has {nearest.shape[-1]} entries, expected N = {num_tokens}")
     if (nearest.dim() == 2) != anchors_per_sample:
@@ -137,16 +151,156 @@ def check_rotary_table(op: str, name: str, t, b: int, n: int, d: int) -> None:
 _LENGTH_DTYPES = (torch.int32, torch.int64)
 
 
-def check_lengths(op: str, name: str, lengths, b: int, n: int, *, values: bool = True) -> None:
-    """``lengths`` int32/int64 ``[b]``; with ``values``, also in ``[1, n]``."""
+def check_lengths(op: str, name: str, lengths, b: int, n: int) -> None:
+    """Metadata of attention key lengths: int32/int64 ``[b]`` (values: :func:`validate_lengths`)."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(lengths).__name__}")
     if lengths.dtype not in _LENGTH_DTYPES:
         raise TypeError(f"{op}: {name} must be int32 or int64, got {lengths.dtype}")
     if tuple(lengths.shape) != (b,):
         raise ValueError(f"{op}: {name} must be [B] = [{b}], got shape {tuple(lengths.shape)}")
-    if not values or _tracing() or b == 0:
+
+
+# ---------------------------------------------------------------- index values, checked once per tensor
+#
+# A *claim* is what a check established about one or two tensors, e.g. ("range", N):
+# "values in [0, N)" (with a flag: "and unique per row"). The cache maps (claim, identity
+# of each tensor) to weak references, version counters, shapes and the flag; a hit needs
+# every tensor alive, the same object, the same shape and unmodified since.
+
+_CACHE_SIZE = 1024
+_cache: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+_passes: Counter = Counter()
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _lookup(key: tuple, tensors):
+    """The flag stored for ``key`` if it still describes ``tensors``, else ``None``."""
+    e = _cache.get(key)
+    if e is None:
+        return None
+    refs, versions, shapes, flag = e
+    for r, v, sh, t in zip(refs, versions, shapes, tensors):
+        if r() is not t or t._version != v or t.shape != sh:
+            return None
+    return flag
+
+
+def is_validated(claim: tuple, *tensors: torch.Tensor, flag: bool = False) -> bool:
+    """Whether ``claim`` was established for exactly these tensors, unmodified since (with
+    ``flag``: established with its flag set, e.g. "and unique")."""
+    got = _lookup(claim + tuple(map(id, tensors)), tensors)
+    return got is not None and (got or not flag)
+
+
+def remember(claim: tuple, *tensors: torch.Tensor, flag: bool = False) -> None:
+    """Record that ``claim`` (with ``flag``) holds for ``tensors`` as they are now."""
+    if _tracing():
         return
-    lo, hi = int(lengths.min()), int(lengths.max())
+    versions = tuple(_version(t) for t in tensors)
+    if None in versions:
+        return
+    key = claim + tuple(map(id, tensors))
+    with _lock:
+        old = _lookup(key, tensors)
+        _cache[key] = (tuple(weakref.ref(t) for t in tensors), versions, tuple(t.shape for t in tensors),
+                       flag or bool(old))
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def clear_validation_cache() -> None:
+    """Forget every validated tensor (after writing index tensors behind torch's back)."""
+    with _lock:
+        _cache.clear()
+
+
+def validation_passes() -> dict[str, int]:
+    """Value-check passes run so far, per op (a cache hit is not a pass)."""
+    return dict(_passes)
+
+
+def reset_validation_passes() -> None:
+    _passes.clear()
+
+
+def _count(op: str) -> None:
+    _passes[op] += 1
+
+
+def _stats(*values: torch.Tensor) -> list:
+    """Read several 0-dim device values with one host transfer."""
+    return torch.stack([v.to(torch.int64) for v in values]).tolist()
+
+
+def validate_index(op: str, name: str, idx: torch.Tensor, upper: int, *, unique: bool = False) -> None:
+    """Values of a (metadata-checked) index: in ``[0, upper)``, unique per row with ``unique``."""
+    if _tracing():
+        return
+    got = _lookup(("range", upper, id(idx)), (idx,))
+    if (got is not None and (got or not unique)) or idx.numel() == 0:
+        return
+    _count(op)
+    dup = unique and idx.shape[-1] > 1
+    parts = [idx.min(), idx.max()]
+    if dup:
+        s = idx.sort(dim=-1).values
+        parts.append((s[..., 1:] == s[..., :-1]).any())
+    st = _stats(*parts)
+    lo, hi = st[0], st[1]
+    if lo < 0 or hi >= upper:
+        raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [0, {upper})")
+    if dup and st[2]:
+        raise ValueError(f"{op}: {name} contains duplicate indices")
+    remember(("range", upper), idx, flag=unique)
+
+
+def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, num_tokens: int) -> None:
+    """A nearest map and its anchors (metadata checked, non-empty): anchors in ``[0, N)``, map values in
+    ``[0, M)``, and every anchor its own nearest anchor (``nearest[anchor_idx[j]] == j``), which also
+    makes the anchors unique. Any map with these properties is accepted (the lift fills each cell
+    from the anchor the map names); :func:`nearest_anchor_map` returns the Euclidean one.
+    """
+    if _tracing() or anchor_idx.numel() == 0:
+        return
+    claim = ("nearest", num_tokens)
+    if is_validated(claim, nearest, anchor_idx):
+        return
+    _count(op)
+    m = anchor_idx.shape[-1]
+    safe = anchor_idx.clamp(0, num_tokens - 1)
+    own = nearest.gather(-1, safe) if nearest.dim() == 2 else nearest[safe]
+    expect = torch.arange(m, device=anchor_idx.device)
+    st = _stats(anchor_idx.min(), anchor_idx.max(), nearest.min(), nearest.max(), (own != expect).any())
+    if st[0] < 0 or st[1] >= num_tokens:
+        raise IndexError(f"{op}: anchor_idx has values in [{st[0]}, {st[1]}], outside [0, {num_tokens})")
+    if st[2] < 0 or st[3] >= m:
+        raise IndexError(f"{op}: nearest has values in [{st[2]}, {st[3]}], outside [0, {m}) (M = {m} anchors)")
+    if st[4]:
+        raise ValueError(f"{op}: nearest is not a nearest-anchor map of anchor_idx: some anchor is not its own "
+                         "nearest anchor (nearest[anchor_idx[j]] != j; duplicate anchors cause this too); "
+                         "compute it with jit_kernels.nearest_anchor_map")
+    remember(claim, nearest, anchor_idx)
+    remember(("range", num_tokens), anchor_idx, flag=True)
+
+
+def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:
+    """Key lengths (metadata checked): values in ``[1, n]``."""
+    if _tracing() or lengths.numel() == 0:
+        return
+    claim = ("lengths", n)
+    if is_validated(claim, lengths):
+        return
+    _count(op)
+    lo, hi = _stats(lengths.min(), lengths.max())
     if lo < 1 or hi > n:
         raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [1, {n}]")
+    remember(claim, lengths)

@@ -16,6 +16,12 @@ The schemas live in Python rather than in ``csrc/`` because the package must wor
 without its compiled extension (reference and Triton paths). The compiled extension is
 loaded after this module has defined the ops.
 
+Every schema ends in ``bool validate=True``: the kernel checks the index values (ranges,
+duplicates, nearest-map consistency, key lengths) before any work. The public functions
+check them once per tensor themselves (:mod:`jit_kernels._checks`) and pass ``False``; a
+caller of ``torch.ops.jit_kernels.<op>`` may pass ``False`` only for indices it knows are
+valid (an invalid index is then an out-of-bounds access).
+
 Conventions shared by all ops: token tensors are ``[B, N, C]`` (fp32, fp16 or bf16,
 arithmetic in fp32); index tensors are int64 ``[M]`` (shared by the batch) or ``[B, M]``
 (per sample); grids are row-major ``H x W`` with ``N = H * W``; ``weights`` is the fp32
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from . import _values
 
 import torch
 
@@ -64,6 +72,12 @@ class OpDef:
         return "launch_" + self.name
 
     @property
+    def values(self) -> Callable:
+        """The op's index-value check (:mod:`jit_kernels._values`), taking the schema arguments
+        without ``validate``."""
+        return getattr(_values, self.name)
+
+    @property
     def mutates(self) -> tuple[str, ...]:
         """Arguments the op writes (``Tensor(a!)`` in the schema)."""
         parsed = torch._C.parse_schema(self.name + self.schema)
@@ -73,37 +87,37 @@ class OpDef:
 # ---------------------------------------------------------------- fakes (output shapes)
 
 
-def _fake_gather_tokens(x, idx):
+def _fake_gather_tokens(x, idx, validate=True):
     return x.new_empty((x.shape[0], idx.shape[-1], x.shape[2]))
 
 
-def _fake_scatter_tokens(base, idx, src):
+def _fake_scatter_tokens(base, idx, src, validate=True):
     # Every kernel (C++ CPU/CUDA, Triton) returns a contiguous copy.
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
-def _fake_nearest_anchor_map(anchor_idx, height, width):
+def _fake_nearest_anchor_map(anchor_idx, height, width, validate=True):
     shape = (height * width,) if anchor_idx.dim() == 1 else (anchor_idx.shape[0], height * width)
     return anchor_idx.new_empty(shape, dtype=torch.int64)
 
 
-def _fake_lift_field(values, anchor_idx, nearest, weights, height, width):
+def _fake_lift_field(values, anchor_idx, nearest, weights, height, width, validate=True):
     return values.new_empty((values.shape[0], height * width, values.shape[2]))
 
 
-def _fake_token_importance(field, height, width):
+def _fake_token_importance(field, height, width, validate=True):
     return field.new_empty((field.shape[0], height * width), dtype=torch.float32)
 
 
-def _fake_select_new_tokens(importance, active_idx, count):
+def _fake_select_new_tokens(importance, active_idx, count, validate=True):
     return importance.new_empty((importance.shape[0], count), dtype=torch.int64)
 
 
-def _fake_microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
+def _fake_microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width, validate=True):
     return y_prev.new_empty((y_prev.shape[0], new_idx.shape[-1], y_prev.shape[2]))
 
 
-def _fake_anchor_attention(q, k, v, cos, sin, key_lengths, scale):
+def _fake_anchor_attention(q, k, v, cos, sin, key_lengths, scale, validate=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -118,28 +132,28 @@ _LIFT_ARGS = "Tensor anchor_idx, Tensor nearest, Tensor weights, int height, int
 OPS: dict[str, OpDef] = {
     op.name: op
     for op in (
-        OpDef("gather_tokens", "tokens", "(Tensor x, Tensor idx) -> Tensor", _fake_gather_tokens),
-        OpDef("scatter_tokens", "tokens", "(Tensor base, Tensor idx, Tensor src) -> Tensor", _fake_scatter_tokens),
-        OpDef("scatter_tokens_", "tokens", "(Tensor(a!) base, Tensor idx, Tensor src) -> ()", _fake_inplace),
-        OpDef("nearest_anchor_map", "lift", "(Tensor anchor_idx, int height, int width) -> Tensor",
+        OpDef("gather_tokens", "tokens", "(Tensor x, Tensor idx, bool validate=True) -> Tensor", _fake_gather_tokens),
+        OpDef("scatter_tokens", "tokens", "(Tensor base, Tensor idx, Tensor src, bool validate=True) -> Tensor", _fake_scatter_tokens),
+        OpDef("scatter_tokens_", "tokens", "(Tensor(a!) base, Tensor idx, Tensor src, bool validate=True) -> ()", _fake_inplace),
+        OpDef("nearest_anchor_map", "lift", "(Tensor anchor_idx, int height, int width, bool validate=True) -> Tensor",
               _fake_nearest_anchor_map),
-        OpDef("lift_field", "lift", f"(Tensor values, {_LIFT_ARGS}) -> Tensor", _fake_lift_field),
-        OpDef("lift_euler_", "lift", f"(Tensor(a!) y, Tensor values, {_LIFT_ARGS}, float dt) -> ()", _fake_inplace),
-        OpDef("token_importance", "importance", "(Tensor field, int height, int width) -> Tensor",
+        OpDef("lift_field", "lift", f"(Tensor values, {_LIFT_ARGS}, bool validate=True) -> Tensor", _fake_lift_field),
+        OpDef("lift_euler_", "lift", f"(Tensor(a!) y, Tensor values, {_LIFT_ARGS}, float dt, bool validate=True) -> ()", _fake_inplace),
+        OpDef("token_importance", "importance", "(Tensor field, int height, int width, bool validate=True) -> Tensor",
               _fake_token_importance, cuda_via_triton=True),
-        OpDef("select_new_tokens", "importance", "(Tensor importance, Tensor active_idx, int count) -> Tensor",
+        OpDef("select_new_tokens", "importance", "(Tensor importance, Tensor active_idx, int count, bool validate=True) -> Tensor",
               _fake_select_new_tokens, cuda_via_triton=True),
-        OpDef("microflow_update_", "microflow", "(Tensor(a!) y, Tensor new_idx, Tensor target, float weight) -> ()",
+        OpDef("microflow_update_", "microflow", "(Tensor(a!) y, Tensor new_idx, Tensor target, float weight, bool validate=True) -> ()",
               _fake_inplace, cuda_via_triton=True),
         OpDef("microflow_target", "microflow",
               "(Tensor y_prev, Tensor v_prev, Tensor anchor_idx, Tensor nearest, Tensor weights, "
-              "Tensor new_idx, Tensor eps, float sigma_prev, float sigma, int height, int width) -> Tensor",
+              "Tensor new_idx, Tensor eps, float sigma_prev, float sigma, int height, int width, bool validate=True) -> Tensor",
               _fake_microflow_target, cuda_via_triton=True),
         # q, k, v [B, L, H, D]; cos, sin [L, D] | [B, L, D] (FluxPosEmbed, interleaved pairs); key_lengths
         # int64 [B] or None; scale: the softmax scale (the public wrapper resolves the 1/sqrt(D) default).
         # Triton is its CUDA implementation (see jit_kernels/triton/attention.py for why).
         OpDef("anchor_attention", "attention",
-              "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_lengths, float scale) -> Tensor",
+              "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor? key_lengths, float scale, bool validate=True) -> Tensor",
               _fake_anchor_attention, cuda_via_triton=True),
     )
 }

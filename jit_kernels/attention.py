@@ -75,10 +75,12 @@ def anchor_attention(
             raise ValueError(f"{op}: scale must be > 0, got {scale}")
     be = resolve(op, q.device, backend)
     if key_lengths is not None:
-        C.check_lengths(op, "key_lengths", key_lengths, b, n, values=C.checks_values(be))
+        C.check_lengths(op, "key_lengths", key_lengths, b, n)
         C.check_same_device(op, q=q, key_lengths=key_lengths)
-        key_lengths = key_lengths.to(torch.int64)
     C.check_same_device(op, q=q, k=k, v=v, cos=cos, sin=sin)
+    if key_lengths is not None:
+        C.validate_lengths(op, "key_lengths", key_lengths, n)
+        key_lengths = key_lengths.to(torch.int64)
     if be == "reference":
         return anchor_attention_ref(q, k, v, cos, sin, key_lengths, scale)
-    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale)
+    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale, C.kernel_validates())

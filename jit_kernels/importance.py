@@ -22,7 +22,7 @@ def token_importance(field: torch.Tensor, height: int, width: int, *, backend: s
     be = resolve(op, field.device, backend)
     if be == "reference":
         return token_importance_ref(field, height, width)
-    return backend_op(op, be)(field, height, width)
+    return backend_op(op, be)(field, height, width, C.kernel_validates())
 
 
 def select_new_tokens(
@@ -41,12 +41,16 @@ def select_new_tokens(
         raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
     b, n = importance.shape
     be = resolve(op, importance.device, backend)
-    C.check_index(op, "active_idx", active_idx, b, n, unique=True, values=C.checks_values(be))
+    C.check_index(op, "active_idx", active_idx, b, n)
     C.check_same_device(op, importance=importance, active_idx=active_idx)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
     if count < 0 or count > n - active_idx.shape[-1]:
         raise ValueError(f"{op}: count must be in [0, {n - active_idx.shape[-1]}] (inactive tokens), got {count}")
+    C.validate_index(op, "active_idx", active_idx, n, unique=True)
     if be == "reference":
-        return select_new_tokens_ref(importance, active_idx, count)
-    return backend_op(op, be)(importance, active_idx, count)
+        out = select_new_tokens_ref(importance, active_idx, count)
+    else:
+        out = backend_op(op, be)(importance, active_idx, count, C.kernel_validates())
+    C.remember(("range", n), out, flag=True)  # distinct inactive tokens by construction
+    return out

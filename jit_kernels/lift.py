@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _checks as C
+from . import _values as V
 from ._backends import backend_op, resolve
 from .blur import blur_params, gaussian_weights
 from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
@@ -29,10 +30,14 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
         raise TypeError(f"{op}: anchor_idx must be a torch.Tensor, got {type(anchor_idx).__name__}")
     be = resolve(op, anchor_idx.device, backend)
     C.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
-                  height * width, unique=True, nonempty=True, values=C.checks_values(be))
+                  height * width, nonempty=True)
+    V.nearest_anchor_map(anchor_idx, height, width)
     if be == "reference":
-        return nearest_anchor_map_ref(anchor_idx, height, width)
-    return backend_op(op, be)(anchor_idx, height, width)
+        out = nearest_anchor_map_ref(anchor_idx, height, width)
+    else:
+        out = backend_op(op, be)(anchor_idx, height, width, C.kernel_validates())
+    C.remember(("nearest", height * width), out, anchor_idx)  # consistent by construction
+    return out
 
 
 _WEIGHTS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
@@ -93,16 +98,17 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     C.check_grid(op, height, width)
     n = height * width
     b = lead.shape[0]
-    vals = C.checks_values(be)
-    C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True, values=vals and nearest is not None)
+    C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True)
     m = anchor_idx.shape[-1]
     if rows is not None and rows != m:
         raise ValueError(f"{op}: values has {rows} rows but anchor_idx has {m} anchors")
     if nearest is None:
+        C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx)
         nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend)
     else:
-        C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2, values=vals)
-    C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx, nearest=nearest)
+        C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
+        C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx, nearest=nearest)
+        C.validate_nearest(op, nearest, anchor_idx, n)
     w = lift_weights(m, n, sigma=sigma, kernel_size=kernel_size, blur_scale=blur_scale, device=lead.device)
     return nearest, w
 
@@ -133,7 +139,7 @@ def lift_field(
                            backend, be, rows=values.shape[1])
     if be == "reference":
         return lift_field_ref(values, anchor_idx, nearest, w, height, width)
-    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width)
+    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, C.kernel_validates())
 
 
 def lift_euler_(
@@ -166,5 +172,5 @@ def lift_euler_(
     dt = C.check_float(op, "dt", dt)
     if be == "reference":
         return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)
-    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt)
+    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt, C.kernel_validates())
     return y

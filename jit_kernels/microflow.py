@@ -80,14 +80,15 @@ def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
     C.check_tokens(op, "y", y)
     be = resolve("microflow_update_", y.device, backend)
     C.check_tokens(op, "target", target, channels=y.shape[2])
-    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1], unique=True, values=C.checks_values(be))
+    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1])
     C.check_same_device(op, y=y, new_idx=new_idx, target=target)
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
+    C.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
     out = y if inplace else y.clone()
     if be == "reference":
         return microflow_update_ref_(out, new_idx, target, weight)
-    backend_op("microflow_update_", be)(out, new_idx, target, weight)
+    backend_op("microflow_update_", be)(out, new_idx, target, weight, C.kernel_validates())
     return out
 
 
@@ -129,7 +130,7 @@ def microflow_target(
     sigma = C.check_float(op, "sigma", sigma)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
-    C.check_index(op, "new_idx", new_idx, b, n, unique=True, values=C.checks_values(be))
+    C.check_index(op, "new_idx", new_idx, b, n)
     C.check_tokens(op, "eps", eps, channels=c)
     if eps.shape[:2] != (b, new_idx.shape[-1]):
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
@@ -137,6 +138,8 @@ def microflow_target(
     nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
                            backend, be)
     C.check_same_device(op, y_prev=y_prev, v_prev=v_prev, new_idx=new_idx, eps=eps, anchor_idx=anchor_idx)
+    C.validate_index(op, "new_idx", new_idx, n, unique=True)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
-    return backend_op(op, be)(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
+    return backend_op(op, be)(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width,
+                              C.kernel_validates())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
+from . import _values as V
 from ._backends import backend_op, resolve
 from .reference import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_ref_
 
@@ -16,21 +17,23 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
     op = "gather_tokens"
     be = resolve(op, C.check_tensor(op, "x", x).device, backend)
     C.check_tokens(op, "x", x)
-    C.check_index(op, "idx", idx, x.shape[0], x.shape[1], values=C.checks_values(be))
+    C.check_index(op, "idx", idx, x.shape[0], x.shape[1])
     C.check_same_device(op, x=x, idx=idx)
+    V.gather_tokens(x, idx)
     if be == "reference":
         return gather_tokens_ref(x, idx)
-    return backend_op(op, be)(x, idx)
+    return backend_op(op, be)(x, idx, C.kernel_validates())
 
 
 def _check_scatter(op: str, base, idx, src, backend) -> str:
     be = resolve(op, C.check_tensor(op, "base", base).device, backend)
     C.check_tokens(op, "base", base)
     C.check_tokens(op, "src", src, channels=base.shape[2])
-    C.check_index(op, "idx", idx, base.shape[0], base.shape[1], unique=True, values=C.checks_values(be))
+    C.check_index(op, "idx", idx, base.shape[0], base.shape[1])
     C.check_same_device(op, base=base, idx=idx, src=src)
     if src.shape[:2] != (base.shape[0], idx.shape[-1]):
         raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")
+    V.scatter_tokens(base, idx, src)
     return be
 
 
@@ -43,7 +46,7 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, 
     be = _check_scatter(op, base, idx, src, backend)
     if be == "reference":
         return scatter_tokens_ref(base, idx, src)
-    return backend_op(op, be)(base, idx, src)
+    return backend_op(op, be)(base, idx, src, C.kernel_validates())
 
 
 def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -52,5 +55,5 @@ def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *,
     be = _check_scatter(op, base, idx, src, backend)
     if be == "reference":
         return scatter_tokens_ref_(base, idx, src)
-    backend_op(op, be)(base, idx, src)
+    backend_op(op, be)(base, idx, src, C.kernel_validates())
     return base

@@ -73,7 +73,7 @@ JIT_KERNELS_HOT static void importance_vpass(const float* __restrict__ s1, const
   }
 }
 
-at::Tensor token_importance_cpu(const at::Tensor& field, int64_t height, int64_t width) {
+at::Tensor token_importance_cpu(const at::Tensor& field, int64_t height, int64_t width, bool /*validate*/) {
   constexpr const char* op = "token_importance";
   check_tokens(op, "field", field);
   check_grid(op, height, width, field.size(1));
@@ -112,7 +112,8 @@ inline uint64_t rank_key(float score, int64_t index) {
   return (static_cast<uint64_t>(bits) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(index));
 }
 
-at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor& active_in, int64_t count) {
+at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor& active_in, int64_t count,
+                                 bool validate) {
   constexpr const char* op = "select_new_tokens";
   TORCH_CHECK_VALUE(importance.dim() == 2 && at::isFloatingType(importance.scalar_type()), op,
                     ": importance must be a float [B, N] tensor, got ", importance.scalar_type(), " ",
@@ -121,7 +122,7 @@ at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor&
   check_index_meta(op, "active_idx", active_in, b);
   check_same_device(op, importance, "importance", active_in, "active_idx");
   const at::Tensor active = active_in.contiguous();
-  check_index_values(op, "active_idx", active, n, /*unique=*/true);
+  if (validate) check_index_values(op, "active_idx", active, n, /*unique=*/true);
   const int64_t m = active.size(-1);
   TORCH_CHECK_VALUE(count >= 0 && count <= n - m, op, ": count must be in [0, ", n - m,
                     "] (inactive tokens), got ", count);

@@ -64,14 +64,14 @@ void nearest_rings(const int64_t* anchors, int64_t m, int64_t h, int64_t w, int6
   });
 }
 
-at::Tensor nearest_anchor_map_cpu(const at::Tensor& anchor_idx_in, int64_t height, int64_t width) {
+at::Tensor nearest_anchor_map_cpu(const at::Tensor& anchor_idx_in, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "nearest_anchor_map";
   check_grid(op, height, width, -1);
   check_index_meta(op, "anchor_idx", anchor_idx_in, anchor_idx_in.dim() == 2 ? anchor_idx_in.size(0) : 1);
   TORCH_CHECK_VALUE(anchor_idx_in.size(-1) > 0, op, ": anchor_idx is empty; at least one anchor is required");
   const at::Tensor a = anchor_idx_in.contiguous();
   const int64_t n = height * width;
-  check_index_values(op, "anchor_idx", a, n, /*unique=*/true);
+  if (validate) check_index_values(op, "anchor_idx", a, n, /*unique=*/true);
   const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
   at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
   // Ring search costs about N * (N / M) cell visits, brute force N * M.
@@ -99,13 +99,15 @@ struct LiftArgs {
 };
 
 LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
-                     const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width) {
+                     const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width,
+                     bool validate) {
   check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous(),
              height, width};
-  check_index_values(op, "anchor_idx", a.anchors, n, /*unique=*/false);
-  check_index_values(op, "nearest", a.nearest, m, /*unique=*/false);
+  if (validate) check_index_values(op, "anchor_idx", a.anchors, n, /*unique=*/false);
+  if (validate) check_index_values(op, "nearest", a.nearest, m, /*unique=*/false);
+  if (validate) check_nearest_consistent(op, a.anchors, a.nearest);
   return a;
 }
 
@@ -197,8 +199,8 @@ void lift_rows(const LiftArgs& a, Emit emit) {
 }
 
 at::Tensor lift_field_cpu(const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                          const at::Tensor& weights, int64_t height, int64_t width) {
-  const LiftArgs a = lift_checks("lift_field", values, anchor_idx, nearest, weights, height, width);
+                          const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
+  const LiftArgs a = lift_checks("lift_field", values, anchor_idx, nearest, weights, height, width, validate);
   const int64_t b = values.size(0), c = values.size(2), n = height * width;
   at::Tensor out = at::empty({b, n, c}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "lift_field_cpu", [&] {
@@ -212,10 +214,10 @@ at::Tensor lift_field_cpu(const at::Tensor& values, const at::Tensor& anchor_idx
 }
 
 void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                    const at::Tensor& weights, int64_t height, int64_t width, double dt) {
+                    const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
   constexpr const char* op = "lift_euler_";
   check_tokens(op, "y", y);
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   check_same_device(op, y, "y", values, "values");
   const int64_t c = values.size(2), n = height * width;
   check_euler_target(op, y, values, n);

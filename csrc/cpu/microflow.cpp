@@ -10,7 +10,8 @@
 namespace jit_kernels {
 namespace {
 
-void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Tensor& target, double weight) {
+void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Tensor& target, double weight,
+                          bool validate) {
   constexpr const char* op = "microflow_update_";
   check_tokens(op, "y", y);
   check_tokens(op, "target", target);
@@ -23,7 +24,7 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
   const int64_t b = y.size(0), n = y.size(1), c = y.size(2), r = idx.size(-1);
   TORCH_CHECK_VALUE(target.size(0) == b && target.size(1) == r && target.size(2) == c, op,
                     ": target must be [B, R, C] = [", b, ", ", r, ", ", c, "], got ", target.sizes());
-  check_index_values(op, "new_idx", idx, n, /*unique=*/true);
+  if (validate) check_index_values(op, "new_idx", idx, n, /*unique=*/true);
   const at::Tensor t = target.to(at::kFloat).contiguous();
   const float wv = static_cast<float>(weight);
   const int64_t ibs = index_batch_stride(idx);
@@ -50,7 +51,7 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
 at::Tensor microflow_target_cpu(const at::Tensor& y_prev, const at::Tensor& v_prev, const at::Tensor& anchor_in,
                                 const at::Tensor& nearest_in, const at::Tensor& weights, const at::Tensor& new_in,
                                 const at::Tensor& eps, double sigma_prev, double sigma, int64_t height,
-                                int64_t width) {
+                                int64_t width, bool validate) {
   constexpr const char* op = "microflow_target";
   check_tokens(op, "y_prev", y_prev);
   check_tokens(op, "v_prev", v_prev);
@@ -75,9 +76,10 @@ at::Tensor microflow_target_cpu(const at::Tensor& y_prev, const at::Tensor& v_pr
   TORCH_CHECK_VALUE(0.0 <= sigma && sigma <= sigma_prev && sigma_prev <= 1.0, op,
                     ": need 0 <= sigma <= sigma_prev <= 1, got sigma=", sigma, ", sigma_prev=", sigma_prev);
   const at::Tensor anc = anchor_in.contiguous(), near = nearest_in.contiguous(), idx = new_in.contiguous();
-  check_index_values(op, "anchor_idx", anc, n, false);
-  check_index_values(op, "nearest", near, m, false);
-  check_index_values(op, "new_idx", idx, n, true);
+  if (validate) check_index_values(op, "anchor_idx", anc, n, false);
+  if (validate) check_index_values(op, "nearest", near, m, false);
+  if (validate) check_index_values(op, "new_idx", idx, n, true);
+  if (validate) check_nearest_consistent(op, anc, near);
   const at::Tensor yp = y_prev.to(at::kFloat).contiguous(), vp = v_prev.to(at::kFloat).contiguous();
   const at::Tensor ep = eps.to(at::kFloat).contiguous(), wt = weights.contiguous();
   const int64_t k = wt.size(0), rad = k / 2, abs_ = index_batch_stride(anc), ibs = index_batch_stride(idx);

@@ -51,13 +51,13 @@ void copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t src_rows_
   });
 }
 
-at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx_in) {
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx_in, bool validate) {
   constexpr const char* op = "gather_tokens";
   check_tokens(op, "x", x);
   check_index_meta(op, "idx", idx_in, x.size(0));
   check_same_device(op, x, "x", idx_in, "idx");
   const at::Tensor idx = idx_in.contiguous();
-  check_index_values(op, "idx", idx, x.size(1), /*unique=*/false);
+  if (validate) check_index_values(op, "idx", idx, x.size(1), /*unique=*/false);
   const int64_t b = x.size(0), m = idx.size(-1);
   at::Tensor out = at::empty({b, m, x.size(2)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_tokens_cpu", [&] {
@@ -78,20 +78,21 @@ void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src
   });
 }
 
-void scatter_tokens_inplace_cpu(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+void scatter_tokens_inplace_cpu(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src, bool validate) {
   constexpr const char* op = "scatter_tokens_";
   scatter_checks(op, base, idx_in, src);
   const at::Tensor idx = idx_in.contiguous();
   // Unique rows: with duplicates the result would depend on thread timing.
-  check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
+  if (validate) check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
   scatter_into(base, idx, src);
 }
 
-at::Tensor scatter_tokens_cpu(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+at::Tensor scatter_tokens_cpu(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src,
+                              bool validate) {
   constexpr const char* op = "scatter_tokens";
   scatter_checks(op, base, idx_in, src);
   const at::Tensor idx = idx_in.contiguous();
-  check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
+  if (validate) check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);
   at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
   scatter_into(out, idx, src);
   return out;

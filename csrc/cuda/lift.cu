@@ -50,7 +50,7 @@ __global__ void nearest_map_kernel(const int64_t* __restrict__ anchors, int64_t 
   if (p < n) out[blockIdx.y * n + p] = bj;
 }
 
-at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t height, int64_t width) {
+at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "nearest_anchor_map";
   check_grid(op, height, width, -1);
   check_cuda(op, "anchor_idx", anchor_idx_in);
@@ -59,7 +59,7 @@ at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t heig
   const c10::cuda::CUDAGuard guard(anchor_idx_in.device());
   const at::Tensor a = anchor_idx_in.contiguous();
   const int64_t n = height * width;
-  check_index_values_cuda(op, "anchor_idx", a, n, /*unique=*/true);
+  if (validate) check_index_values_cuda(op, "anchor_idx", a, n, /*unique=*/true);
   const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
   at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
   if (rows == 0) return out;
@@ -129,14 +129,15 @@ struct LiftArgs {
 };
 
 LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                     const at::Tensor& weights, int64_t height, int64_t width) {
+                     const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
   check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_cuda(op, "values", values);
   const int64_t b = values.size(0), m = values.size(1), n = height * width;
   TORCH_CHECK_VALUE(b <= 65535, op, ": batch ", b, " exceeds the CUDA grid limit of 65535");
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous()};
-  check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
-  check_index_values_cuda(op, "nearest", a.nearest, m, /*unique=*/false);
+  if (validate) check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
+  if (validate) check_index_values_cuda(op, "nearest", a.nearest, m, /*unique=*/false);
+  if (validate) check_nearest_consistent(op, a.anchors, a.nearest);
   return a;
 }
 
@@ -161,23 +162,23 @@ void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float
 }
 
 at::Tensor lift_field_cuda(const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                           const at::Tensor& weights, int64_t height, int64_t width) {
+                           const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "lift_field";
   const c10::cuda::CUDAGuard guard(values.device());
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   at::Tensor out = at::empty({values.size(0), height * width, values.size(2)}, values.options());
   launch_lift<false>(a, out, height, width, 0.f);
   return out;
 }
 
 void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                     const at::Tensor& weights, int64_t height, int64_t width, double dt) {
+                     const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
   constexpr const char* op = "lift_euler_";
   check_tokens(op, "y", y);
   check_cuda(op, "y", y);
   check_same_device(op, y, "y", values, "values");
   const c10::cuda::CUDAGuard guard(y.device());
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width);
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   check_euler_target(op, y, values, height * width);
   launch_lift<true>(a, y, height, width, static_cast<float>(dt));
 }

@@ -53,7 +53,7 @@ void launch_copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t sr
   });
 }
 
-at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx_in) {
+at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx_in, bool validate) {
   constexpr const char* op = "gather_tokens";
   check_tokens(op, "x", x);
   check_cuda(op, "x", x);
@@ -61,7 +61,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx_in) {
   check_same_device(op, x, "x", idx_in, "idx");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor idx = idx_in.contiguous();
-  check_index_values_cuda(op, "idx", idx, x.size(1), /*unique=*/false);
+  if (validate) check_index_values_cuda(op, "idx", idx, x.size(1), /*unique=*/false);
   const int64_t b = x.size(0), m = idx.size(-1);
   at::Tensor out = at::empty({b, m, x.size(2)}, x.options());
   launch_copy_rows(x, idx.data_ptr<int64_t>(), index_batch_stride(idx), out, nullptr, 0, b, m);
@@ -79,22 +79,24 @@ void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src
                    idx.size(-1));
 }
 
-void scatter_tokens_inplace_cuda(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+void scatter_tokens_inplace_cuda(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src,
+                                 bool validate) {
   constexpr const char* op = "scatter_tokens_";
   scatter_checks(op, base, idx_in, src);
   const c10::cuda::CUDAGuard guard(base.device());
   const at::Tensor idx = idx_in.contiguous();
   // Unique rows: with duplicates the result would depend on thread timing.
-  check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
+  if (validate) check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
   scatter_into(base, idx, src);
 }
 
-at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src) {
+at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src,
+                               bool validate) {
   constexpr const char* op = "scatter_tokens";
   scatter_checks(op, base, idx_in, src);
   const c10::cuda::CUDAGuard guard(base.device());
   const at::Tensor idx = idx_in.contiguous();
-  check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
+  if (validate) check_index_values_cuda(op, "idx", idx, base.size(1), /*unique=*/true);
   at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
   scatter_into(out, idx, src);
   return out;

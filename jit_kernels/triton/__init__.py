@@ -14,19 +14,26 @@ get their launcher registered as the CUDA kernel of the main op, so
 kernel when this module is imported is left alone.
 
 Launcher naming rule: the launcher of op ``<op>`` is ``launch_<op>`` (e.g.
-``launch_lift_euler_``), a plain function taking the op's schema arguments.
+``launch_lift_euler_``), a plain function taking the op's schema arguments except the
+trailing ``validate``. What is registered is :data:`KERNELS`: each launcher wrapped by
+:func:`guarded`, which runs the op's index-value checks when ``validate`` is true (the
+same Python checks the public functions run, :mod:`jit_kernels._values`) and launches
+under a device guard of the tensors' device, so a tensor on ``cuda:1`` launches on
+``cuda:1`` and its current stream whatever device is current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 from typing import Callable
 
 import torch
 
 from .._library import OPS
 
-__all__ = ["LAUNCHERS", "TRITON_OPS", "CUDA_ROUTABLE", "ROUTED_TO_TRITON", "route_to_cuda"]
+__all__ = ["LAUNCHERS", "KERNELS", "guarded", "TRITON_OPS", "CUDA_ROUTABLE", "ROUTED_TO_TRITON", "route_to_cuda"]
 
 # op name -> plain launcher (launch_<op> of jit_kernels.triton.<family>)
 LAUNCHERS: dict[str, Callable] = {
@@ -34,9 +41,48 @@ LAUNCHERS: dict[str, Callable] = {
 }
 
 
+def _device_of(*args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def _guard(device):
+    """Make ``device`` current for a launch (Triton launches on the current device's current stream)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def guarded(name: str, launcher: Callable) -> Callable:
+    """``launcher`` with the schema's trailing ``validate`` argument and a device guard.
+
+    Generated with the launcher's exact parameter names (the custom-op machinery binds
+    arguments by name), plus ``validate=True``.
+    """
+    params = list(inspect.signature(launcher).parameters)
+    arglist = ", ".join(params)
+    src = (f"def {name}({arglist}, validate=True):\n"
+           f"    if validate:\n"
+           f"        _values({arglist})\n"
+           f"    with _guard(_device_of({arglist})):\n"
+           f"        return _launch({arglist})\n")
+    scope = {"_values": OPS[name].values, "_guard": _guard, "_device_of": _device_of, "_launch": launcher}
+    exec(compile(src, f"<jit_kernels.triton.guarded {name}>", "exec"), scope)
+    fn = scope[name]
+    fn.__doc__ = launcher.__doc__
+    fn.__wrapped_launcher__ = launcher
+    return fn
+
+
+# op name -> what is registered: the launcher with value checks and a device guard
+KERNELS: dict[str, Callable] = {name: guarded(name, fn) for name, fn in LAUNCHERS.items()}
+
+
 def _register_twin(name: str):
     op = OPS[name]
-    twin = torch.library.custom_op(f"jit_kernels::{op.triton_op}", LAUNCHERS[name], mutates_args=op.mutates,
+    twin = torch.library.custom_op(f"jit_kernels::{op.triton_op}", KERNELS[name], mutates_args=op.mutates,
                                    schema=op.schema)
     twin.register_fake(op.fake)
     return twin
@@ -46,9 +92,9 @@ def _register_twin(name: str):
 TRITON_OPS: dict = {name: _register_twin(name) for name in OPS}
 
 # Ops the CUDA extension does not implement in C++; their CUDA kernel is the Triton launcher.
-# (The plain launchers behind the custom ops: registering those, rather than the custom
+# (The guarded launchers behind the custom ops: registering those, rather than the custom
 # ops, avoids a second trip through the dispatcher.)
-CUDA_ROUTABLE: dict[str, Callable] = {name: LAUNCHERS[name] for name, op in OPS.items() if op.cuda_via_triton}
+CUDA_ROUTABLE: dict[str, Callable] = {name: KERNELS[name] for name, op in OPS.items() if op.cuda_via_triton}
 
 _CUDA_LIB = torch.library.Library("jit_kernels", "IMPL")
 

@@ -1,0 +1,237 @@
+"""Index values are validated once per tensor, by one implementation for every backend.
+
+Covers the design of jit_kernels._checks: the cache keyed on identity and version, the
+nearest-map consistency rule, the kernels' own checks when called directly (C++ and the
+Triton launchers, which are also the CUDA kernels of ops without CUDA C++), and a sparse
+jit_sample step doing no validation beyond the once-per-stage one.
+"""
+
+import pytest
+import torch
+
+import jit_kernels as jk
+from jit_kernels import testing as T
+from jit_kernels.triton import CUDA_ROUTABLE, KERNELS, LAUNCHERS
+from jit_sampler import JiTConfig, beta_sigmas, jit_sample
+
+BACKENDS = T.compiled_backends() + ["reference"]
+H, W, C = 6, 8, 3
+N = H * W
+
+
+def _passes(op=None):
+    p = jk.validation_passes()
+    return sum(p.values()) if op is None else p.get(op, 0)
+
+
+def test_a_check_runs_once_per_unmodified_tensor():
+    x = T.tokens(2, N, C)
+    idx = T.anchors(N, 9)
+    before = _passes("gather_tokens")
+    for _ in range(5):
+        jk.gather_tokens(x, idx)
+    assert _passes("gather_tokens") == before + 1
+    idx2 = idx.clone()  # same values, another tensor: checked again
+    jk.gather_tokens(x, idx2)
+    assert _passes("gather_tokens") == before + 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_in_place_write_after_a_check_is_caught(backend):
+    x = T.tokens(1, N, C)
+    idx = T.anchors(N, 9)
+    jk.gather_tokens(x, idx, backend=backend)
+    idx[3] = N + 5  # bumps the version counter
+    with pytest.raises(IndexError, match="outside"):
+        jk.gather_tokens(x, idx, backend=backend)
+    view = idx.view(3, 3)  # a write through a view shares the counter
+    idx[3] = 0
+    jk.gather_tokens(x, idx, backend=backend)
+    view[0, 0] = -1
+    with pytest.raises(IndexError):
+        jk.gather_tokens(x, idx, backend=backend)
+
+
+def test_a_unique_check_covers_a_plain_range_check_but_not_the_reverse():
+    x = T.tokens(1, N, C)
+    dup = torch.tensor([1, 2, 2, 5])
+    jk.gather_tokens(x, dup)  # duplicates are fine for a gather
+    with pytest.raises(ValueError, match="duplicate"):
+        jk.scatter_tokens(x, dup, T.tokens(1, 4, C))
+    uniq = torch.tensor([1, 2, 5])
+    jk.scatter_tokens(x, uniq, T.tokens(1, 3, C))
+    before = _passes("gather_tokens")
+    jk.gather_tokens(x, uniq)
+    assert _passes("gather_tokens") == before
+
+
+def test_inference_tensors_are_checked_every_call():
+    x = T.tokens(1, N, C)
+    with torch.inference_mode():
+        idx = T.anchors(N, 9)
+        before = _passes("gather_tokens")
+        jk.gather_tokens(x, idx)
+        jk.gather_tokens(x, idx)
+        assert _passes("gather_tokens") == before + 2
+
+
+def test_clear_validation_cache_forces_a_new_check():
+    x = T.tokens(1, N, C)
+    idx = T.anchors(N, 9)
+    jk.gather_tokens(x, idx)
+    before = _passes("gather_tokens")
+    jk.clear_validation_cache()
+    jk.gather_tokens(x, idx)
+    assert _passes("gather_tokens") == before + 1
+
+
+# ---------------------------------------------------------------- nearest maps
+
+
+def _lift_ops(values, anchors, nearest, backend):
+    y = T.tokens(values.shape[0], N, C)
+    prev = T.tokens(values.shape[0], N, C, seed=3)
+    new = torch.tensor([0, 7]) if anchors.dim() == 1 else torch.tensor([[0, 7]] * values.shape[0])
+    if bool(torch.isin(new, anchors).any()):
+        new = new + 1
+    eps = T.tokens(values.shape[0], 2, C, seed=4)
+    yield lambda: jk.lift_field(values, anchors, H, W, nearest=nearest, backend=backend)
+    yield lambda: jk.lift_euler_(y, values, anchors, H, W, 0.1, nearest=nearest, backend=backend)
+    yield lambda: jk.microflow_target(prev, prev, anchors, new, eps, 0.8, 0.6, H, W, nearest=nearest,
+                                      backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_inconsistent_nearest_map_is_refused(backend):
+    anchors = torch.tensor([3, 10, 20, 40])
+    values = T.tokens(1, 4, C)
+    nearest = jk.nearest_anchor_map(anchors, H, W)
+    bad = nearest.clone()
+    bad[10] = 0  # anchor 1 no longer maps to itself (still in range)
+    for call in _lift_ops(values, anchors, bad, backend):
+        with pytest.raises(ValueError, match="its own nearest anchor"):
+            call()
+    for call in _lift_ops(values, anchors, nearest, backend):
+        call()  # the real map passes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_anchors_with_a_nearest_map_are_refused(backend):
+    anchors = torch.tensor([3, 10, 10, 40])
+    values = T.tokens(1, 4, C)
+    nearest = jk.nearest_anchor_map(torch.tensor([3, 10, 11, 40]), H, W)  # some in-range map
+    for call in _lift_ops(values, anchors, nearest, backend):
+        with pytest.raises(ValueError, match="its own nearest anchor"):
+            call()
+    per_sample = torch.stack([torch.tensor([3, 10, 20, 40]), anchors])
+    maps = torch.stack([jk.nearest_anchor_map(per_sample[0], H, W), nearest])
+    for call in _lift_ops(T.tokens(2, 4, C), per_sample, maps, backend):
+        with pytest.raises(ValueError, match="its own nearest anchor"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_map_values_out_of_range_are_an_index_error(backend):
+    anchors = torch.tensor([3, 10, 20, 40])
+    nearest = jk.nearest_anchor_map(anchors, H, W).clone()
+    nearest[5] = 4
+    with pytest.raises(IndexError, match="nearest has values"):
+        jk.lift_field(T.tokens(1, 4, C), anchors, H, W, nearest=nearest, backend=backend)
+
+
+def test_a_returned_nearest_map_needs_no_second_check():
+    anchors = T.anchors(N, 10)
+    nearest = jk.nearest_anchor_map(anchors, H, W)
+    before = _passes()
+    jk.lift_field(T.tokens(1, 10, C), anchors, H, W, nearest=nearest)
+    assert _passes() == before
+
+
+# ---------------------------------------------------------------- kernels called directly
+
+
+def test_direct_cpp_calls_validate_by_default():
+    if "cpp" not in T.compiled_backends():
+        pytest.skip("the compiled extension is not loaded")
+    ops = torch.ops.jit_kernels
+    x = T.tokens(1, N, C)
+    bad = torch.tensor([0, N])
+    with pytest.raises(IndexError):
+        ops.gather_tokens(x, bad)
+    good = torch.tensor([0, N - 1])
+    assert torch.equal(ops.gather_tokens(x, good, False), x[:, good])
+    anchors = torch.tensor([3, 10, 20, 40])
+    nearest = jk.nearest_anchor_map(anchors, H, W).clone()
+    nearest[20] = 0
+    w = jk.lift_weights(4, N)
+    with pytest.raises(ValueError, match="its own nearest anchor"):
+        ops.lift_field(T.tokens(1, 4, C), anchors, nearest, w, H, W)
+    with pytest.raises(IndexError):
+        ops.anchor_attention(*T.qkv(1, 5, 2, 4), torch.ones(5, 4), torch.zeros(5, 4), torch.tensor([6]), 0.5)
+
+
+@pytest.mark.skipif("triton" not in T.compiled_backends(), reason="triton is not importable")
+def test_triton_twins_and_routed_cuda_kernels_validate_by_default():
+    ops = torch.ops.jit_kernels
+    x = T.tokens(1, N, C)
+    with pytest.raises(IndexError):
+        ops.gather_tokens_triton(x, torch.tensor([0, N]))
+    with pytest.raises(ValueError, match="duplicate"):
+        ops.scatter_tokens_triton(x, torch.tensor([1, 1]), T.tokens(1, 2, C))
+    # The CUDA kernels of the ops without CUDA C++ are these same checked launchers.
+    assert set(CUDA_ROUTABLE) == {n for n, op in jk._library.OPS.items() if op.cuda_via_triton}
+    for name, fn in CUDA_ROUTABLE.items():
+        assert fn is KERNELS[name]
+    y = T.tokens(1, N, C)
+    keep = y.clone()
+    with pytest.raises(IndexError):
+        CUDA_ROUTABLE["microflow_update_"](y, torch.tensor([N]), T.tokens(1, 1, C), 1.0)
+    with pytest.raises(ValueError, match="duplicate"):
+        CUDA_ROUTABLE["select_new_tokens"](torch.rand(1, N), torch.tensor([2, 2]), 3)
+    with pytest.raises(IndexError):
+        CUDA_ROUTABLE["anchor_attention"](*T.qkv(1, 5, 2, 4), torch.ones(5, 4), torch.zeros(5, 4),
+                                          torch.tensor([0]), 0.5)
+    assert torch.equal(y, keep)
+
+
+def test_the_guarded_launchers_keep_the_launcher_parameters():
+    import inspect
+
+    for name, fn in KERNELS.items():
+        launcher = list(inspect.signature(LAUNCHERS[name]).parameters)
+        assert list(inspect.signature(fn).parameters) == launcher + ["validate"]
+        assert inspect.signature(fn).parameters["validate"].default is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_launches_on_the_tensors_device():
+    x = T.tokens(2, N, C).to("cuda:1")
+    idx = T.anchors(N, 9).to("cuda:1")
+    with torch.cuda.device(0):
+        out = torch.ops.jit_kernels.gather_tokens_triton(x, idx)
+    assert out.device == x.device
+    assert torch.equal(out.cpu(), x.cpu()[:, idx.cpu()])
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+def _velocity(x, idx, sigma, step):
+    return 0.5 * x + torch.tanh(x.roll(1, dims=-1)) * sigma
+
+
+@pytest.mark.parametrize("preset", ["4x", "7x"])
+@pytest.mark.parametrize("policy", ["shared", "per_sample"])
+def test_sparse_steps_do_no_validation(preset, policy):
+    """Validation passes per run depend on the number of stages, not of steps."""
+    counts = []
+    for steps in (18, 36):
+        cfg = JiTConfig.preset(preset, total_steps=steps, anchor_policy=policy)
+        x = torch.randn(2, N, C, generator=torch.Generator().manual_seed(0))
+        jk.reset_validation_passes()
+        jit_sample(_velocity, x, H, W, beta_sigmas(steps), cfg, torch.Generator().manual_seed(1))
+        counts.append(_passes())
+    assert counts[0] == counts[1]
+    # One new anchor set per sparse stage (checked by nearest_anchor_map), nothing per step.
+    assert 1 <= counts[0] <= 2 * JiTConfig.preset(preset).num_stages
