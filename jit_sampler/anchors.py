@@ -2,8 +2,15 @@
 
 Index conventions: a token is its row-major position ``n = row * W + col`` on the
 ``H x W`` grid. Active sets are int64 ``[M]`` (shared by the batch) or ``[B, M]`` (one
-set per sample), always sorted ascending and unique, so that the dense stage is exactly
-``arange(N)`` and nearest-anchor ties resolve to the lower token index.
+set per sample), unique, in one of two orders (``JiTConfig.anchor_order``):
+
+- ``"sorted"``: ascending, so nearest-anchor ties resolve to the lower token index;
+- ``"insertion"``: the published pipeline's order: the initial lattice row-major, then
+  the random fill in draw order, then each transition's picks in the order chosen (ITA:
+  descending importance; the last transition: the rest row-major), so ties resolve to
+  the earlier-activated anchor.
+
+The dense stage always uses ``arange(N)``.
 
 Every random draw uses the caller's ``torch.Generator`` (or a list of them, one per
 sample), so a seed reproduces the anchors bit for bit.
@@ -60,11 +67,14 @@ def _generator_for(generator, b: int):
     return generator
 
 
-def fit_to_budget(base: torch.Tensor, num_tokens: int, budget: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fit a sorted index set ``base [K]`` to exactly ``budget`` tokens: sorted int64 ``[budget]``.
+def fit_to_budget(base: torch.Tensor, num_tokens: int, budget: int, generator: torch.Generator | None = None,
+                  *, order: str = "sorted") -> torch.Tensor:
+    """Fit a sorted index set ``base [K]`` to exactly ``budget`` tokens: int64 ``[budget]``.
 
     Short: add ``budget - K`` tokens drawn uniformly (without replacement) from the rest.
     Over: keep a uniformly random ``budget`` of ``base``. Draws come from ``generator``.
+    ``order="sorted"`` returns the set ascending; ``"insertion"`` returns ``base``'s kept
+    tokens in their order, then the added ones in draw order.
     """
     if not 1 <= budget <= num_tokens:
         raise ValueError(f"budget must be in [1, {num_tokens}], got {budget}")
@@ -75,10 +85,11 @@ def fit_to_budget(base: torch.Tensor, num_tokens: int, budget: int, generator: t
     gdev = _gen_device(generator)
     if k > budget:
         keep = torch.randperm(k, generator=generator, device=gdev)[:budget].to(device)
-        return base[keep].sort().values
+        return base[keep.sort().values] if order == "insertion" else base[keep].sort().values
     rest = complement(base, num_tokens)
     pick = torch.randperm(rest.numel(), generator=generator, device=gdev)[: budget - k].to(device)
-    return torch.cat([base, rest[pick]]).sort().values
+    out = torch.cat([base, rest[pick]])
+    return out if order == "insertion" else out.sort().values
 
 
 def initial_anchors(
@@ -90,12 +101,13 @@ def initial_anchors(
     batch_size: int | None = None,
     generator=None,
     device=None,
+    order: str = "sorted",
 ) -> torch.Tensor:
     """The static anchors of the sparsest stage.
 
-    Returns sorted int64 ``[budget]`` (shared; ``batch_size=None``) or ``[B, budget]`` (one
+    Returns int64 ``[budget]`` (shared; ``batch_size=None``) or ``[B, budget]`` (one
     fitted draw per sample, from ``generator[b]`` when a list is given, else sequentially
-    from the one generator).
+    from the one generator), in ``order`` (see the module docstring).
     """
     n = height * width
     if grid == "checkerboard":
@@ -105,8 +117,9 @@ def initial_anchors(
     else:
         raise ValueError(f"grid must be 'checkerboard' or 'stride', got {grid!r}")
     if batch_size is None:
-        return fit_to_budget(base, n, budget, _generator_for(generator, 0))
-    return torch.stack([fit_to_budget(base, n, budget, _generator_for(generator, b)) for b in range(batch_size)])
+        return fit_to_budget(base, n, budget, _generator_for(generator, 0), order=order)
+    return torch.stack([fit_to_budget(base, n, budget, _generator_for(generator, b), order=order)
+                        for b in range(batch_size)])
 
 
 def complement(active: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -122,9 +135,11 @@ def complement(active: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return mask.nonzero()[:, 1].reshape(b, num_tokens - active.shape[1])
 
 
-def merge_active(active: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Sorted union of disjoint sets: ``[M] + [R] -> [M + R]`` (or per sample ``[B, .]``)."""
-    return torch.cat([active, new], dim=-1).sort(dim=-1).values
+def merge_active(active: torch.Tensor, new: torch.Tensor, *, order: str = "sorted") -> torch.Tensor:
+    """Union of disjoint sets: ``[M] + [R] -> [M + R]`` (or per sample ``[B, .]``): sorted, or
+    with ``order="insertion"`` ``active`` followed by ``new`` as given."""
+    out = torch.cat([active, new], dim=-1)
+    return out if order == "insertion" else out.sort(dim=-1).values
 
 
 def _distance_score(active: torch.Tensor, nearest: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -12,6 +12,17 @@ two thirds of the over-noised interpolated value in place. The presets ``"4x"`` 
 argument supports. ``"reference"`` (alias ``"4x-reference"``) and ``"7x-reference"``
 reproduce the published pipeline (``blend`` with 3 relax steps) except that every random
 draw comes from the caller's generator.
+
+Anchor-list order. The nearest-anchor fill resolves ties (frequent on lattices) to the
+anchor listed first, so the order of the active-token list changes the result. The
+published pipeline keeps the list in insertion order (``anchor_order="insertion"``: the
+initial lattice row-major, then the random fill in draw order, then each transition's ITA
+picks in descending importance; the last transition appends the rest row-major); the
+reference presets do the same, and with the same ``init_anchors`` and ``dmf_noise`` they
+equal that pipeline to float tolerance. The paper presets keep the list sorted
+(``anchor_order="sorted"``): ties then go to the lower token index, a rule that depends on
+the set alone (not on the history that built it), and gathers read memory in order. The
+two orders give different but equally valid lifts.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ _SCHEDULES = ("beta", "pipeline")
 _DMF_MODES = ("assign", "blend", "substeps")
 _DMF_NOISE = ("independent", "initial")
 _POLICIES = ("shared", "per_sample")
+_ORDERS = ("sorted", "insertion")
 
 
 def is_int_at_least(value, lowest: int) -> bool:
@@ -88,6 +100,14 @@ class JiTConfig:
         blur_scale: the lift's blur scale (``sigma_blur = clip(scale / sqrt(rho), 1, 10)``).
         anchor_policy: ``"shared"`` (one token set for the batch, batch-mean importance) or
             ``"per_sample"`` (each sample its own set of equal size).
+        anchor_order: ``"sorted"`` (the active list ascending; nearest-anchor ties go to the
+            lower token index) or ``"insertion"`` (the published pipeline's list order, see
+            the module docstring; ties go to the earlier-activated anchor).
+        init_anchors: ``None`` (draw the initial anchors: lattice + random fill from the
+            generator) or an int64 tensor ``[M0]`` (``[B, M0]`` with ``anchor_policy=
+            "per_sample"``) of unique token indices, the initial anchor list in the order to
+            use (``M0`` = the first stage's budget; sorted first under ``"sorted"``). With
+            ``dmf_noise`` a tensor too, a run draws nothing.
         backend: ``jit_kernels`` backend passed to every op.
         token_bucket: ``0`` (off) or a multiple such as 64: the transformer sees the active
             tokens padded up to a multiple of it, the padding masked out of attention, so a
@@ -114,6 +134,8 @@ class JiTConfig:
     dmf_noise: Any = field(default="independent", compare=False)
     blur_scale: float = 0.4
     anchor_policy: str = "shared"
+    anchor_order: str = "sorted"
+    init_anchors: Any = field(default=None, compare=False)
     backend: str = "auto"
     token_bucket: int = 0
     token_multiple: int = 1
@@ -135,7 +157,7 @@ class JiTConfig:
             raise _err("total_steps", f"{self.total_steps} steps are too few for stage_ratios {self.stage_ratios} "
                        f"(stage ends {ends}; every stage needs >= 1 step; try >= {self._min_steps()})")
         for name, allowed in (("init_grid", _INIT_GRIDS), ("sigma_schedule", _SCHEDULES), ("dmf_mode", _DMF_MODES),
-                              ("anchor_policy", _POLICIES), ("backend", jk.BACKENDS)):
+                              ("anchor_policy", _POLICIES), ("anchor_order", _ORDERS), ("backend", jk.BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise _err(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.ita, bool):
@@ -159,6 +181,16 @@ class JiTConfig:
                            f"{tuple(self.dmf_noise.shape)}")
         elif not isinstance(self.dmf_noise, str) or self.dmf_noise not in _DMF_NOISE:
             raise _err("dmf_noise", f"must be one of {_DMF_NOISE} or a [B, N, C] tensor, got {self.dmf_noise!r}")
+        a = self.init_anchors
+        if a is not None:
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"JiTConfig.init_anchors: must be None or an int64 tensor, got {type(a).__name__}")
+            if a.dtype != torch.int64:
+                raise TypeError(f"JiTConfig.init_anchors: must be int64, got {a.dtype}")
+            want = 1 if self.anchor_policy == "shared" else 2
+            if a.dim() != want or a.shape[-1] == 0:
+                raise _err("init_anchors", f"must be a non-empty {'[M0]' if want == 1 else '[B, M0]'} tensor with "
+                           f"anchor_policy={self.anchor_policy!r}, got shape {tuple(a.shape)}")
 
     def _min_steps(self) -> int:
         for n in range(1, 10_000):
@@ -245,7 +277,7 @@ class JiTConfig:
 
 _PAPER = dict(stage_ratios=STAGE_RATIOS, init_grid="checkerboard", ita=True, sigma_schedule="beta",
               beta_alpha=1.4, beta_beta=0.425, dmf_mode="assign", dmf_noise="independent")
-_REFERENCE = dict(_PAPER, dmf_mode="blend", relax_steps=3)
+_REFERENCE = dict(_PAPER, dmf_mode="blend", relax_steps=3, anchor_order="insertion")
 
 #: Preset name -> JiTConfig keyword arguments.
 PRESETS: dict[str, dict] = {

@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import torch
+
 __all__ = ["FluxFlops", "flux_transformer_flops", "flux_run_flops", "flop_summary", "JiTReport", "FLUX1_DEV_CONFIG"]
 
 #: The dimensions of FLUX.1-dev's transformer (diffusers config keys).
@@ -215,7 +217,7 @@ class JiTReport:
         cfg = d["config"]
         if cfg is not None and dataclasses.is_dataclass(cfg):
             d["config"] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                           if f.name != "dmf_noise" or isinstance(getattr(cfg, f.name), str)}
+                           if not isinstance(getattr(cfg, f.name), torch.Tensor)}
         d.update(num_tokens=self.num_tokens, steps=self.steps, full_step_equivalents=self.full_step_equivalents,
                  sampler_overhead=self.sampler_overhead)
         return d

@@ -167,6 +167,33 @@ def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, init_noise
     return draw_normal((b, new.shape[-1], c), generator, y.device, y.dtype)
 
 
+def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device) -> torch.Tensor:
+    """The first stage's active list: ``config.init_anchors`` (checked) or a fitted draw."""
+    h, w = plan.height, plan.width
+    n, m0 = h * w, plan.token_counts[0]
+    per_sample = config.anchor_policy == "per_sample"
+    given = config.init_anchors
+    if given is not None:
+        want = (b, m0) if per_sample else (m0,)
+        if tuple(given.shape) != want:
+            raise ValueError(f"JiTConfig.init_anchors: must be {list(want)} (the first stage's budget of "
+                             f"{m0} tokens{' per sample' if per_sample else ''}), got {tuple(given.shape)}")
+        jk._checks.validate_index("jit_sample", "JiTConfig.init_anchors", given, n, unique=True)
+    if m0 == n:
+        return _dense_active(n, b, per_sample, device)
+    if given is not None:
+        active = given.to(device)
+        return active if config.anchor_order == "insertion" else active.sort(dim=-1).values
+    return initial_anchors(h, w, m0, grid=config.init_grid, batch_size=b if per_sample else None,
+                           generator=generator, device=device, order=config.anchor_order)
+
+
+def _dense_active(n: int, b: int, per_sample: bool, device) -> torch.Tensor:
+    """The dense stage's list: every token in row-major order (whatever ``anchor_order``)."""
+    active = torch.arange(n, device=device)
+    return active.expand(b, n).contiguous() if per_sample else active
+
+
 @torch.no_grad()
 def jit_sample(
     velocity_fn: VelocityFn,
@@ -218,15 +245,8 @@ def jit_sample(
     y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # inputs may be strided views
     init_noise = y.clone() if isinstance(config.dmf_noise, str) and config.dmf_noise == "initial" else None
 
-    m0 = plan.token_counts[0]
-    if m0 < n:
-        active = initial_anchors(height, width, m0, grid=config.init_grid, batch_size=b if per_sample else None,
-                                 generator=generator, device=device)
-        nearest = jk.nearest_anchor_map(active, height, width, backend=be)
-    else:
-        active = torch.arange(n, device=device)
-        active = active.expand(b, n).contiguous() if per_sample else active
-        nearest = None
+    active = _initial_active(config, plan, b, generator, device)
+    nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
     y_prev = v_prev = None
     sig = plan.sigmas
 
@@ -248,8 +268,11 @@ def jit_sample(
                         jk.microflow_update_(y, new, target, mode="assign", backend=be)
                     else:
                         jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be)
-                active = merge_active(active, new)
-                nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
+                active = merge_active(active, new, order=config.anchor_order)
+                if active.shape[-1] < n:
+                    nearest = jk.nearest_anchor_map(active, height, width, backend=be)
+                else:
+                    active, nearest = _dense_active(n, b, per_sample, device), None
                 report.new_tokens[i] = int(count)
             y_prev = v_prev = None  # free the cache
         dense = active.shape[-1] == n
