@@ -167,7 +167,7 @@ def test_quality_suite_small_run(model, clf, tmp_path):
                if m.name in ("dense-50", "dense-7", "JiT 7x assign/independent", "RAS-style 20 steps r=0.35",
                              "dense-50 + FBCache 0.2")]
     res = q.run_quality(seeds=1, labels=5, repeats=2, model=model, classifier=clf, methods=methods,
-                        log=lambda *_: None)
+                        log=lambda *_: None, headline_seeds=2)
     rows = {r["method"]: r for r in res["rows"]}
     assert set(m.name for m in methods) <= set(rows)
     assert rows["dense-50"]["psnr_db"] == "ref" and rows["dense-50"]["flop_ratio"] == 1.0
@@ -177,12 +177,22 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     for r in res["rows"]:
         if r["family"] != "data":
             assert 0.0 <= r["accuracy"] <= 100.0 and r["fd"] >= 0.0 and r["speedup"] > 0
-            assert 0.0 < r["ink"] < 1.0 and r["images"] == 5
+            headline = r["method"] in q.HEADLINE or r["family"] == "jit+cache"
+            assert 0.0 < r["ink"] < 1.0 and r["images"] == (10 if headline else 5)
             assert r["kid_std"] >= 0.0 and 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
             assert r["fd_ci"][0] <= r["fd_ci"][1]
-            assert r["ink_bias_pct"] == pytest.approx(100 * (r["ink"] / rows["dense-50"]["ink"] - 1), abs=0.06)
+            for key in ("precision", "recall"):
+                assert r[f"{key}_ci"][0] <= r[key] <= r[f"{key}_ci"][1]
+            assert r["ink_bias_pct"] == pytest.approx(100 * r["ink_bias"], abs=0.051)
+            if headline:  # same images as dense-50's
+                assert r["ink_bias"] == pytest.approx(r["ink"] / rows["dense-50"]["ink"] - 1, abs=2e-3)
     assert rows["dense-50"]["ink_bias_pct"] == 0.0
     assert any("JiT 7x vs dense-7" in v for v in res["verdicts"])
+    assert any(v.startswith("JiT 7x assign/independent: ink bias") for v in res["verdicts"])
+    assert any("vs RAS-style" in v for v in res["verdicts"])
+    # a non-headline row is compared with dense-50's first seed only
+    ras = rows["RAS-style 20 steps r=0.35"]
+    assert ras["images"] == 5 and rows["dense-50"]["images"] == 10
     q.save_svg(str(tmp_path / "q.svg"), res["rows"])
     q.save_png(str(tmp_path / "q.png"), res["grid"])
     assert (tmp_path / "q.svg").read_text().count("<circle") >= 4
