@@ -128,3 +128,25 @@ def test_flux_velocity_with_anchor_attention_does_not_sync():
                                 interrupt=interrupt, step_callback=after)
     assert sorted(seen) == sorted(quiet) and rep.model_calls == cfg.total_steps
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_key_lengths_from_mask_reads_the_device_once(additive):
+    import warnings
+
+    from jit_sampler.pipelines.attention_processor import key_lengths_from_mask
+
+    mask = torch.arange(20, device="cuda")[None, :] < torch.tensor([[20], [13]], device="cuda")
+    if additive:
+        mask = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            lengths = key_lengths_from_mask(mask, 2, 20)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, [str(w.message) for w in caught]
+    assert lengths.tolist() == [20, 13]

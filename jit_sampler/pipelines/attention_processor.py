@@ -72,7 +72,8 @@ def key_lengths_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch
 
     Accepted: bool ``[L]``, ``[B, L]``, ``[B, 1, L]``, ``[B, 1, 1, L]`` (``True`` = attend) and
     float masks of the same shapes holding only ``0`` (attend) and ``-inf`` (ignore). Each
-    row must be ``True`` on a prefix of at least one token and ``False`` after it.
+    row must be ``True`` on a prefix of at least one token and ``False`` after it. Reads the
+    mask on the host once (one device sync on CUDA).
     """
     if not isinstance(mask, torch.Tensor) or mask.shape[-1] != seq_len:
         return None
@@ -85,16 +86,16 @@ def key_lengths_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch
     if mask.dim() != 2 or mask.shape[0] not in (1, batch):
         return None
     if mask.dtype == torch.bool:
-        keep = mask
+        keep, ok = mask, None
     elif mask.is_floating_point():
         keep = mask == 0
-        if not bool((keep | (mask == float("-inf"))).all()):
-            return None  # a real additive bias, not a padding mask
+        ok = (keep | (mask == float("-inf"))).all()  # else a real additive bias, not a padding mask
     else:
         return None
     lengths = keep.sum(dim=1)
     prefix = torch.arange(seq_len, device=mask.device)[None, :] < lengths[:, None]
-    if not bool((prefix == keep).all()) or int(lengths.min()) < 1:
+    valid = (prefix == keep).all() & (lengths >= 1).all()
+    if not bool(valid if ok is None else valid & ok):  # the one host read of the conversion
         return None
     return lengths.expand(batch).to(torch.int64).contiguous()
 
