@@ -108,12 +108,12 @@ _LENGTHS_CACHE_SIZE = 16
 def _forget(key, ref) -> None:
     entry = _LENGTHS_CACHE.get(key)
     if entry is not None and entry[0] is ref:
-        del _LENGTHS_CACHE[key]
+        _LENGTHS_CACHE.pop(key, None)
 
 
 def _cached_key_lengths(mask, batch: int, seq_len: int):
     """:func:`key_lengths_from_mask`, computed once per (mask tensor, version, batch, length)."""
-    if (not isinstance(mask, torch.Tensor) or mask.is_inference() or torch.compiler.is_compiling()
+    if (torch.compiler.is_compiling() or not isinstance(mask, torch.Tensor) or mask.is_inference()
             or mask.shape[-1] != seq_len):
         return key_lengths_from_mask(mask, batch, seq_len)
     key, version = id(mask), mask._version
@@ -123,7 +123,7 @@ def _cached_key_lengths(mask, batch: int, seq_len: int):
     lengths = key_lengths_from_mask(mask, batch, seq_len)
     _LENGTHS_CACHE.pop(key, None)
     while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
-        del _LENGTHS_CACHE[next(iter(_LENGTHS_CACHE))]  # the oldest
+        _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)), None)  # the oldest
     ref = weakref.ref(mask, lambda r, k=key: _forget(k, r))
     _LENGTHS_CACHE[key] = (ref, version, batch, seq_len, lengths)
     return lengths
