@@ -9,12 +9,17 @@ digit 0-9. ``--model tiny:random`` uses a randomly initialised tiny model (smoke
 ``--compare`` also runs the dense sampler (``--dense-steps``, default 50) with the same seed
 and writes both images side by side with both timings; a JSON report is written next to
 ``--out``.
+
+Every argument is checked before a model is loaded: a bad one prints the usage and a one-line
+``jit-flux: error: ...`` and exits with status 2 (as argparse's own errors do).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import sys
 import time
@@ -102,11 +107,7 @@ def _run_tiny(args, device, dtype) -> dict:
         except (FileNotFoundError, OSError) as exc:
             raise SystemExit(f"jit-flux: the embedded default model has no trained checkpoint ({exc}); "
                              f"pass --model <FLUX.1 folder or hub id> or --model tiny:random")
-    prompt = "7" if args.prompt is None else args.prompt
-    if not (len(prompt) == 1 and prompt.isdigit()):
-        raise SystemExit(f"jit-flux: the tiny model's --prompt is a digit 0-9, got {prompt!r}")
-    if args.height not in (None, 32) or args.width not in (None, 32):
-        raise SystemExit("jit-flux: the tiny model generates 32 x 32 images only")
+    prompt = "7" if args.prompt is None else args.prompt  # a digit 0-9 (checked by _check_args)
     from .report import flop_summary
     from .sampler import jit_sample
 
@@ -155,13 +156,7 @@ def _dtype_kwarg(dtype) -> dict:
 def _run_flux(args, device, dtype) -> dict:
     from .pipelines import JiTFluxPipeline
 
-    # Check the cheap things before loading a multi-GB model.
-    if args.prompt is None:
-        raise SystemExit("jit-flux: --prompt is required with --model")
-    height, width = args.height or 1024, args.width or 1024
-    for name, v in (("--height", height), ("--width", width)):
-        if v <= 0 or v % 16:
-            raise SystemExit(f"jit-flux: {name} must be a positive multiple of 16, got {v}")
+    height, width = args.height or 1024, args.width or 1024  # checked by _check_args
     pipe = JiTFluxPipeline.from_pretrained(args.model, **_dtype_kwarg(dtype)).to(device)
     common = dict(prompt=args.prompt, height=height, width=width, guidance_scale=args.guidance)
     if args.negative_prompt is not None:
@@ -189,20 +184,130 @@ def _run_flux(args, device, dtype) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``jit-flux`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+_DIGITS = tuple("0123456789")
+
+
+def _is_tiny(args) -> bool:
+    return args.model is None or args.model == "tiny:random"
+
+
+def _check_device(spec: str) -> str | None:
+    """Why ``--device spec`` cannot be used here (``None`` if it can)."""
     try:
-        _config(args)  # validate the preset overrides before loading anything
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device: unknown device {spec!r} (expected cpu, cuda, cuda:<index>, mps, ...)"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {spec}: no CUDA GPU is available here; use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here"
+        return None
+    if dev.type == "mps":
+        ok = torch.backends.mps.is_available()
+    else:  # xpu, ...: a torch submodule with is_available()
+        avail = getattr(getattr(torch, dev.type, None), "is_available", None)
+        ok = callable(avail) and bool(avail())
+    return None if ok else f"--device {spec}: device type {dev.type!r} is not available here"
+
+
+def _check_out(out: str, mode: str) -> str | None:
+    """Why the image (in PIL ``mode``) and its ``.json`` report cannot be written at ``out`` (``None`` if they can)."""
+    from PIL import Image
+
+    if os.path.isdir(out):
+        return f"--out {out!r} is a directory; give an image file path such as {os.path.join(out, 'jit.png')!r}"
+    ext = os.path.splitext(out)[1].lower()
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        return f"--out {out!r}: unknown image file extension {ext or '(none)'!r} (use e.g. .png, .jpg or .webp)"
+    try:  # a plugin may be registered for saving but refuse this image mode (or lack its encoder)
+        Image.new(mode, (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception as exc:  # noqa: BLE001  (PIL raises OSError, KeyError, ValueError, ...)
+        return f"--out {out!r}: cannot write {mode} images as {fmt} ({exc}); use e.g. .png"
+    report = os.path.splitext(out)[0] + ".json"
+    if os.path.isdir(report):
+        return f"--out {out!r}: the report path {report!r} is a directory"
+    for path in (out, report):
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return f"--out {out!r}: {path!r} exists and is not writable"
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {out!r}: {parent!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out!r}: the directory {parent!r} is not writable"
+    return None
+
+
+def _check_args(args) -> str | None:
+    """Every argument check that needs no model: the first problem found, or ``None``."""
+    try:
+        _config(args)  # the preset overrides
     except ValueError as exc:
-        print(f"jit-flux: {exc}", file=sys.stderr)
-        return 2
+        return str(exc)
+    for flag, v in (("--guidance", args.guidance), ("--cfg-scale", args.cfg_scale)):
+        if not (math.isfinite(v) and v >= 0):
+            return f"{flag} must be a finite number >= 0, got {v}"
+    if args.dense_steps < 1:
+        return f"--dense-steps must be >= 1, got {args.dense_steps}"
+    if not -(2 ** 63) <= args.seed < 2 ** 64:
+        return f"--seed must fit in 64 bits (-2**63 <= seed < 2**64), got {args.seed}"
+    bad_device = _check_device(args.device)
+    if bad_device:
+        return bad_device
+    if _is_tiny(args):
+        if args.prompt is not None and args.prompt not in _DIGITS:
+            return f"the tiny model's --prompt is a digit 0-9, got {args.prompt!r}"
+        if args.height not in (None, 32) or args.width not in (None, 32):
+            return "the tiny model generates 32 x 32 images only (--height / --width 32 or unset)"
+    else:
+        if args.prompt is None:
+            return "--prompt is required with --model"
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line (surrogate escapes)
+            return f"--prompt is not valid text (undecodable bytes): {args.prompt!r}"
+        for flag, v in (("--height", args.height), ("--width", args.width)):
+            if v is not None and (v <= 0 or v % 16):
+                return f"{flag} must be a positive multiple of 16, got {v}"
+    mode = "L" if _is_tiny(args) and not args.compare else "RGB"
+    return _check_out(args.out, mode)
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    """``parser.error``'s output (usage, then ``jit-flux: error: message``), returning 2 instead of exiting."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``jit-flux`` console script; returns the exit status.
+
+    Bad arguments (those argparse itself rejects, and the checks of :func:`_check_args`: preset
+    overrides, non-finite or negative numbers, ``--dense-steps``, the seed range, the device,
+    the prompt, the image size and the output path) print argparse's usage and a one-line
+    ``jit-flux: error: ...`` and give exit status 2 before any model is loaded.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        return _usage_error(parser, problem)
     device = args.device
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
     try:
-        if args.model is None or args.model == "tiny:random":
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        return _usage_error(parser, f"--out {args.out!r}: cannot create {out_dir!r} ({exc.strerror or exc})")
+    try:
+        if _is_tiny(args):
             result = _run_tiny(args, device, dtype)
         else:
             result = _run_flux(args, device, dtype)

@@ -25,6 +25,8 @@ anyway, and rounding the full latent to bf16 every step is what a scheduler avoi
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -94,15 +96,52 @@ class JiTPlan:
         return 0 < i < self.steps and self.stage_of_step[i] != self.stage_of_step[i - 1]
 
 
-def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float]) -> JiTPlan:
-    """Check ``sigmas`` (``total_steps + 1`` floats, non-increasing, in [0, 1]) and lay out the stages."""
-    sig = tuple(float(s) for s in sigmas)
-    if len(sig) != config.total_steps + 1:
-        raise ValueError(f"sigmas must have total_steps + 1 = {config.total_steps + 1} entries, got {len(sig)}")
+def _grid_size(name: str, value) -> int:
+    """``height`` / ``width``: an integer (``int`` or anything with ``__index__``, not a bool) ``>= 1``."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError as exc:  # e.g. a floating 0-dim tensor
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from exc
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_sigmas(sigmas, total_steps: int) -> tuple[float, ...]:
+    """``total_steps + 1`` finite floats in [0, 1], non-increasing."""
+    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
+        raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
+    sig = []
+    for s in sigmas:
+        if isinstance(s, (str, bytes, bool)):
+            raise TypeError(f"sigmas must be a sequence of floats, got an element {s!r}")
+        try:
+            sig.append(float(s))
+        except (TypeError, ValueError, RuntimeError) as exc:  # complex, a multi-element tensor, ...
+            raise TypeError(f"sigmas must be a sequence of floats, got an element of type {type(s).__name__}") from exc
+    sig = tuple(sig)
+    if len(sig) != total_steps + 1:
+        raise ValueError(f"sigmas must have total_steps + 1 = {total_steps + 1} entries, got {len(sig)}")
+    if not all(math.isfinite(s) for s in sig):
+        raise ValueError(f"sigmas must be finite, got {sig}")
     if any(not 0.0 <= s <= 1.0 for s in sig) or any(b > a for a, b in zip(sig, sig[1:])):
         raise ValueError(f"sigmas must be non-increasing and in [0, 1], got {sig}")
-    if height < 1 or width < 1:
-        raise ValueError(f"the token grid must be at least 1 x 1, got {height} x {width}")
+    return sig
+
+
+def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float]) -> JiTPlan:
+    """Check ``sigmas`` (``total_steps + 1`` floats, non-increasing, in [0, 1]) and lay out the stages.
+
+    Raises ``TypeError`` for a ``config`` that is not a :class:`JiTConfig`, a non-integer
+    ``height`` / ``width`` or non-numeric ``sigmas``; ``ValueError`` for a grid under 1 x 1 or
+    sigmas of the wrong length, non-finite, outside [0, 1] or increasing.
+    """
+    if not isinstance(config, JiTConfig):
+        raise TypeError(f"config must be a JiTConfig, got {type(config).__name__}")
+    height, width = _grid_size("height", height), _grid_size("width", width)
+    sig = _check_sigmas(sigmas, config.total_steps)
     return JiTPlan(height, width, tuple(config.token_counts(height * width)),
                    tuple(stage_layout(config.total_steps, config.stage_ratios)), sig)
 
@@ -153,14 +192,62 @@ class _ModelTimer:
         return self.seconds
 
 
+def _check_generator(generator, batch: int) -> None:
+    """``None``, one ``torch.Generator`` or a list / tuple of ``batch`` of them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if bad:
+            raise TypeError(f"generator: a list must hold torch.Generator objects only, got {bad[0]}")
+        if len(generator) != batch:
+            raise ValueError(f"a list of generators needs one per sample ({batch}), got {len(generator)}")
+        return
+    raise TypeError(f"generator must be a torch.Generator, a list of one per sample or None, "
+                    f"got {type(generator).__name__}")
+
+
+def _check_dmf_noise(config: JiTConfig, batch: int, num_tokens: int, channels: int) -> None:
+    """A ``JiTConfig.dmf_noise`` tensor must be ``[B or 1, N, C]`` (its dtype is checked by the config)."""
+    src = config.dmf_noise
+    if isinstance(src, torch.Tensor) and (tuple(src.shape[1:]) != (num_tokens, channels) or src.shape[0] not in (1, batch)):
+        raise ValueError(f"JiTConfig.dmf_noise: tensor must be [B, N, C] = {(batch, num_tokens, channels)} "
+                         f"(or batch 1), got {tuple(src.shape)}")
+
+
+def _check_velocity(v, x: torch.Tensor, step: int) -> None:
+    """What ``velocity_fn`` returned at ``step`` for the active tokens ``x``: metadata only, no host sync."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"velocity_fn must return a tensor v [B, M, C] = {list(x.shape)}, got "
+                        f"{type(v).__name__} at step {step}")
+    if not v.is_floating_point():
+        raise TypeError(f"velocity_fn must return a floating-point tensor, got {v.dtype} at step {step}")
+    if v.shape != x.shape:
+        raise ValueError(f"velocity_fn returned {tuple(v.shape)}, expected {tuple(x.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"velocity_fn returned a tensor on {v.device}, expected the latents' device {x.device} "
+                         f"(step {step})")
+
+
+def _check_callback_result(out, y: torch.Tensor, step: int) -> None:
+    """A tensor returned by ``step_callback`` replaces the latent: exactly its shape and device, floating."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"step_callback must return None or a tensor [B, N, C] = {list(y.shape)}, got "
+                        f"{type(out).__name__} at step {step}")
+    if not out.is_floating_point():
+        raise TypeError(f"step_callback returned a {out.dtype} tensor at step {step}; the latent is floating-point")
+    if out.shape != y.shape:
+        raise ValueError(f"step_callback returned shape {tuple(out.shape)} at step {step}; a replacement latent "
+                         f"must have exactly the latent's shape {tuple(y.shape)} (no broadcasting)")
+    if out.device != y.device:
+        raise ValueError(f"step_callback returned a tensor on {out.device} at step {step}; the latent is on {y.device}")
+
+
 def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, init_noise, generator) -> torch.Tensor:
     """``eps [B, R, C]`` of the newly activated tokens ``new`` (``[R]`` or ``[B, R]``)."""
     b, _, c = y.shape
-    if isinstance(config.dmf_noise, torch.Tensor):
-        src = config.dmf_noise
-        if src.shape[1:] != y.shape[1:] or src.shape[0] not in (1, b):
-            raise ValueError(f"JiTConfig.dmf_noise: tensor must be [B, N, C] = {tuple(y.shape)} (or batch 1), got {tuple(src.shape)}")
-        src = src.to(device=y.device, dtype=y.dtype).expand(b, -1, -1)
+    if isinstance(config.dmf_noise, torch.Tensor):  # shape checked by _check_dmf_noise before the loop
+        src = config.dmf_noise.to(device=y.device, dtype=y.dtype).expand(b, -1, -1)
         return jk.gather_tokens(src, new, backend=config.backend)
     if config.dmf_noise == "initial":
         return jk.gather_tokens(init_noise, new, backend=config.backend)
@@ -212,33 +299,66 @@ def jit_sample(
     Args:
         velocity_fn: the model on active tokens (see the module docstring). If it has an
             int attribute ``calls`` (transformer forwards so far), the report counts those.
-        latents: the initial latent, packed ``[B, N, C]``; not modified.
-        height, width: the token grid.
-        sigmas: ``config.total_steps + 1`` non-increasing floats.
+            It must return a floating-point tensor of exactly ``x``'s shape on ``x``'s device.
+        latents: the initial latent, packed ``[B, N, C]``, floating point, ``C >= 1``; not
+            modified. An empty batch (``B = 0``) returns an empty ``[0, N, C]`` result at once,
+            without calling ``velocity_fn`` (the report has no steps, like a run interrupted
+            before step 0).
+        height, width: the token grid (ints ``>= 1``).
+        sigmas: ``config.total_steps + 1`` finite, non-increasing floats in [0, 1].
         config: the :class:`JiTConfig`.
         generator: ``torch.Generator``, a list of ``B`` generators, or ``None`` (global RNG);
             every draw (anchor fit, DMF noise) comes from it.
         step_callback: called after each step as ``(i, sigma_i, y [B, N, C] in the latent
-            dtype)``; a returned tensor replaces the latent.
+            dtype)``; ``y`` is a copy the callback may keep. A returned tensor replaces the
+            latent: it must be floating point with exactly ``y``'s shape (no broadcasting) and
+            device; ``None`` keeps it.
         interrupt: checked before each step; ``True`` stops the loop.
 
     Returns:
         ``(y [B, N, C] in latents.dtype at sigmas[-1], JiTReport)``.
+
+    Raises:
+        TypeError: ``velocity_fn`` / ``step_callback`` / ``interrupt`` not callable, ``latents``
+            not a floating-point tensor, ``config`` not a :class:`JiTConfig`, a non-integer
+            ``height`` / ``width``, non-numeric ``sigmas``, a ``generator`` that is not a
+            ``torch.Generator`` (or a list of them); during the run, a ``velocity_fn`` or
+            ``step_callback`` result that is not a floating-point tensor.
+        ValueError: a latent that is not ``[B, N, C]`` with ``N = height * width`` and
+            ``C >= 1``, bad ``sigmas`` (length, non-finite, outside [0, 1], increasing), a list
+            of generators of the wrong length, a ``JiTConfig.dmf_noise`` tensor of the wrong
+            shape; during the run, a ``velocity_fn`` or ``step_callback`` result of the wrong
+            shape or device. Everything but the results is checked before the first model call.
     """
+    # Everything is checked before the first model call (and before any other work).
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor [B, N, C], got {type(latents).__name__}")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
     if latents.dim() != 3:
         raise ValueError(f"latents must be packed [B, N, C], got shape {tuple(latents.shape)}")
+    for name, fn in (("step_callback", step_callback), ("interrupt", interrupt)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     b, n, c = latents.shape
+    plan = make_plan(config, height, width, sigmas)
+    height, width = plan.height, plan.width
     if n != height * width:
         raise ValueError(f"latents have {n} tokens but the grid is {height} x {width} = {height * width}")
-    if isinstance(generator, (list, tuple)) and len(generator) != b:
-        raise ValueError(f"a list of generators needs one per sample ({b}), got {len(generator)}")
-    plan = make_plan(config, height, width, sigmas)
+    if c == 0:
+        raise ValueError(f"latents have no channels (shape {tuple(latents.shape)}); C must be >= 1")
+    _check_generator(generator, b)
+    _check_dmf_noise(config, b, n, c)
     be = config.backend
     device, out_dtype = latents.device, latents.dtype
     per_sample = config.anchor_policy == "per_sample"
     calls0 = getattr(velocity_fn, "calls", None)
     report = JiTReport(config=config, height=height, width=width, batch_size=b, sigmas=list(plan.sigmas),
                        stage_of_step=list(plan.stage_of_step))
+    if b == 0:  # an empty batch: nothing to integrate, no model call (like a run interrupted before step 0)
+        return latents.to(out_dtype, memory_format=torch.contiguous_format, copy=True), report
     timer = _ModelTimer(device)
     t_start = time.perf_counter()
 
@@ -280,8 +400,7 @@ def jit_sample(
         tok = timer.start()
         v = velocity_fn(x_act, active, sig[i], i)
         timer.stop(tok)
-        if v.shape != x_act.shape:
-            raise ValueError(f"velocity_fn returned {tuple(v.shape)}, expected {tuple(x_act.shape)}")
+        _check_velocity(v, x_act, i)
         v = v.to(torch.float32)
         if dense and v.data_ptr() == y.data_ptr():
             v = v.clone()  # a callable that returns its input must not alias the in-place update
@@ -298,8 +417,10 @@ def jit_sample(
             jk.lift_euler_(y, v, active, height, width, dt, nearest=nearest, blur_scale=config.blur_scale, backend=be)
         report.active_tokens.append(int(active.shape[-1]))
         if step_callback is not None:
-            out = step_callback(i, sig[i], y.to(out_dtype))
+            # A copy: the callback may keep it (the working latent is overwritten in place by later steps).
+            out = step_callback(i, sig[i], y.to(out_dtype, copy=True))
             if out is not None:
+                _check_callback_result(out, y, i)
                 y.copy_(out)
 
     report.model_evals = len(report.active_tokens)

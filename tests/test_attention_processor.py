@@ -208,3 +208,207 @@ def test_gpu_processor_matches_stock(tiny):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     finally:
         tiny.to("cpu")
+
+
+# ---------------------------------------------------------------- key lengths: once per mask
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """Count the processor's mask -> key-length conversions (each one reads the mask on the host)."""
+    import jit_sampler.pipelines.attention_processor as ap
+
+    calls = []
+    real = ap.key_lengths_from_mask
+
+    def counting(mask, batch, seq_len):
+        calls.append(mask)
+        return real(mask, batch, seq_len)
+
+    monkeypatch.setattr(ap, "key_lengths_from_mask", counting)
+    return calls
+
+
+def _padded_batch(n=64, text=4, counts=(64, 40)):
+    from jit_eval.tiny_flux import image_ids
+
+    x, lab = _inputs(n, len(counts), seed=4)
+    mask = torch.arange(text + n)[None, :] < torch.tensor([text + c for c in counts])[:, None]
+    return x, lab, image_ids(8, 8), mask
+
+
+def test_key_lengths_once_per_mask(tiny, conversions):
+    # 4 attention layers (2 double + 2 single blocks): one conversion per forward, none when the
+    # same mask comes back, a new one after the mask changed in place.
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
+
+    tr = tiny.transformer
+    x, lab, ids, mask = _padded_batch()
+    with use_anchor_attention(tr):
+        first = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
+        assert len(conversions) == 1
+        again = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
+        assert len(conversions) == 1
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        mask[1, 30:] = False  # in place: sample 1 now has 26 valid keys
+        changed = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
+        assert len(conversions) == 2
+        fresh = tr(**_transformer_kwargs(tiny, x, lab, ids, mask.clone()))[0]
+        assert len(conversions) == 3  # another tensor (same values): converted again, once
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    assert not torch.equal(changed[1, :26], first[1, :26])
+    stock = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
+    torch.testing.assert_close(changed[1:, :26], stock[1:, :26], rtol=1e-4, atol=1e-5)
+
+
+def test_key_lengths_cache_does_not_keep_masks_alive(tiny):
+    import gc
+
+    import jit_sampler.pipelines.attention_processor as ap
+
+    tr = tiny.transformer
+    x, lab, ids, mask = _padded_batch()
+    with ap.use_anchor_attention(tr):
+        tr(**_transformer_kwargs(tiny, x, lab, ids, mask))
+    key = id(mask)
+    assert key in ap._LENGTHS_CACHE
+    del mask
+    gc.collect()
+    assert key not in ap._LENGTHS_CACHE
+
+
+def test_inference_mode_masks_are_converted_every_time(tiny, conversions):
+    # No version counter on inference tensors: no caching (correct, one conversion per layer).
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
+
+    tr = tiny.transformer
+    x, lab, ids, mask = _padded_batch()
+    want = tr(**_transformer_kwargs(tiny, x, lab, ids, mask))[0]
+    with torch.inference_mode(), use_anchor_attention(tr):
+        imask = mask.clone()
+        got = tr(**_transformer_kwargs(tiny, x, lab, ids, imask))[0]
+    assert len(conversions) == 4
+    torch.testing.assert_close(got[:, :40], want[:, :40], rtol=1e-4, atol=1e-5)
+
+
+def test_token_bucket_run_converts_once_per_stage(tiny, conversions):
+    # FluxVelocity hands the processor one mask tensor per stage shape: a 7x run on the 16 x 16
+    # grid pads stages 0 and 1 (81 -> 128, 153 -> 192 tokens; the dense stage needs no mask), so
+    # two conversions in all (with CFG: cond and uncond have the same text length, so one mask).
+    from jit_eval.tiny_flux import TinyVelocity
+    from jit_sampler import JiTConfig, beta_sigmas, jit_sample
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
+
+    labels = torch.tensor([3, 6])
+    noise = torch.randn(2, 256, 4, generator=_gen(7))
+    out = {}
+    for anchor in (False, True):
+        cfg = JiTConfig.preset("7x", token_bucket=64)
+        fn = TinyVelocity(tiny, labels, 2.0, token_bucket=64)
+        with use_anchor_attention(tiny.transformer, enabled=anchor):
+            out[anchor], rep = jit_sample(fn, noise, 16, 16, beta_sigmas(11), cfg, _gen(1))
+    assert rep.model_calls == 22 and len(conversions) == 2
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- context parallelism
+
+
+def _cp_config():
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    return ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+
+
+def test_context_parallel_transformer_is_refused_at_install(tiny):
+    # What enable_parallelism leaves on a model (the config on the model and on every stock
+    # processor), set by hand: no process group is needed for the check.
+    from jit_sampler.pipelines.attention_processor import install_anchor_attention, use_anchor_attention
+
+    tr = tiny.transformer
+    before = _processors(tr)
+    cfg = _cp_config()
+    try:
+        tr._parallel_config = cfg
+        with pytest.raises(ValueError, match="context parallelism"):
+            install_anchor_attention(tr)
+        with pytest.raises(ValueError, match="context parallelism"):
+            with use_anchor_attention(tr):
+                pass
+        assert _processors(tr) == before
+        del tr._parallel_config  # back to the class default; now only the processors carry it
+        for p in before.values():
+            p._parallel_config = cfg
+        with pytest.raises(ValueError, match="context parallelism"):
+            install_anchor_attention(tr)
+        assert _processors(tr) == before
+    finally:
+        vars(tr).pop("_parallel_config", None)
+        for p in before.values():
+            vars(p).pop("_parallel_config", None)
+
+
+def test_context_parallel_enabled_after_install_is_refused_at_call(tiny):
+    from jit_sampler.pipelines.attention_processor import install_anchor_attention, remove_anchor_attention
+
+    tr = tiny.transformer
+    before = _processors(tr)
+    x, lab = _inputs(64, 2)
+    from jit_eval.tiny_flux import image_ids
+
+    cfg = _cp_config()
+    install_anchor_attention(tr)
+    try:
+        for p in tr.attn_processors.values():  # what enable_parallelism does to the installed processors
+            p._parallel_config = cfg
+        for devices in (("cpu",), ()):  # the fused path and the fallback path alike
+            for p in tr.attn_processors.values():
+                p.devices = devices
+            with pytest.raises(ValueError, match="context parallelism.*remove_anchor_attention"):
+                tiny.velocity(x, 0.5, lab, image_ids(8, 8))
+    finally:
+        assert remove_anchor_attention(tr) == 4
+    # The restored stock processors carry the parallel config now (they implement the split).
+    assert all(tr.attn_processors[n] is p and p._parallel_config is cfg for n, p in before.items())
+    for p in before.values():
+        vars(p).pop("_parallel_config", None)
+
+
+def test_tensor_parallel_config_is_not_refused(tiny):
+    from diffusers.models._modeling_parallel import ParallelConfig, TensorParallelConfig
+
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
+
+    tr = tiny.transformer
+    tr._parallel_config = ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2))
+    try:
+        with use_anchor_attention(tr):
+            assert len(tr.attn_processors) == 4
+    finally:
+        del tr._parallel_config
+
+
+@pytest.mark.slow
+def test_ulysses_two_gloo_ranks(tmp_path):
+    """Real context parallelism (Ulysses over 2 gloo ranks on CPU): anchor attention refuses it at
+    call time and at install time; the stock processors restored by remove_anchor_attention give
+    the single-process result (they used to lose the parallel config: each rank attended to its
+    shard only)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           os.path.join(root, "tests", "_cp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["stock_cp_diff"] < 1e-5  # diffusers' own CP reproduces the one-process forward
+        assert "context parallelism" in res["call_error"]
+        assert res["restored_diff"] < 1e-5
+        assert "context parallelism" in res["install_error"] and res["install_swapped_nothing"]

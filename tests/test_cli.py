@@ -89,3 +89,98 @@ def test_flux_path_on_a_real_pipeline_folder(tmp_path):
     rep = json.loads((tmp_path / "fox.json").read_text())
     assert rep["model"] == folder and rep["jit"]["report"]["model_calls"] == 11
     assert Image.open(out).size == (128, 128)
+
+
+# ----------------------------------------------------------------------------- argument errors
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail loudly if the CLI builds a model or samples (argument errors must come first)."""
+    import jit_eval.tiny_flux as tiny_flux
+    import jit_sampler.sampler as sampler
+    from jit_sampler.pipelines.flux import JiTFluxPipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the CLI did work before rejecting its arguments")
+
+    for mod, name in ((tiny_flux, "build_tiny_flux"), (tiny_flux, "load_tiny_flux"), (sampler, "jit_sample")):
+        monkeypatch.setattr(mod, name, boom)
+    monkeypatch.setattr(JiTFluxPipeline, "from_pretrained", staticmethod(boom))
+
+
+def _usage_error(capsys, argv, phrase):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and err.startswith("usage: jit-flux")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jit-flux: error: ") and phrase in last, err
+    return last
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--prompt", "²"], "digit 0-9"),  # str.isdigit() is True for '²', int('²') is not
+    (["--prompt", "٣"], "digit 0-9"),  # an Arabic-Indic digit
+    (["--compare", "--dense-steps", "0"], "--dense-steps must be >= 1"),
+    (["--dense-steps", "-4"], "--dense-steps must be >= 1"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "meta"], "not available"),
+    (["--seed", str(2 ** 64)], "--seed must fit in 64 bits"),
+    (["--seed", str(-(2 ** 63) - 1)], "--seed must fit in 64 bits"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number >= 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 0"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
+    (["--guidance=-inf"], "--guidance must be a finite number >= 0"),
+    (["--height", "64"], "32 x 32"),
+    (["--steps", "2"], "JiTConfig.total_steps"),
+])
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, no_work, extra, phrase):
+    _usage_error(capsys, ["--model", "tiny:random", "--out", str(tmp_path / "x.png"), *extra], phrase)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys, no_work, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _usage_error(capsys, ["--model", "tiny:random", "--device", "cuda", "--out", str(tmp_path / "x.png")],
+                 "no CUDA GPU")
+    _usage_error(capsys, ["--model", "tiny:random", "--device", "cuda:1", "--out", str(tmp_path / "x.png")],
+                 "no CUDA GPU")
+
+
+def test_bad_out_paths_are_usage_errors(tmp_path, capsys, no_work):
+    base = ["--model", "tiny:random"]
+    _usage_error(capsys, base + ["--out", str(tmp_path)], "is a directory")
+    _usage_error(capsys, base + ["--out", str(tmp_path / "x.xyz")], "unknown image file extension '.xyz'")
+    _usage_error(capsys, base + ["--out", str(tmp_path / "x")], "unknown image file extension")
+    _usage_error(capsys, base + ["--out", str(tmp_path / "x.xbm")], "cannot write L images as XBM")
+    (tmp_path / "file").write_text("")
+    _usage_error(capsys, base + ["--out", str(tmp_path / "file" / "x.png")], "is not a directory")
+    (tmp_path / "r.json").mkdir()
+    _usage_error(capsys, base + ["--out", str(tmp_path / "r.png")], "report path")
+
+
+def test_uncreatable_out_directory_is_a_usage_error(tmp_path, capsys, no_work, monkeypatch):
+    import os
+
+    def refuse(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    _usage_error(capsys, ["--model", "tiny:random", "--out", str(tmp_path / "new" / "x.png")], "cannot create")
+
+
+def test_flux_argument_errors_come_before_loading(tmp_path, capsys, no_work):
+    base = ["--model", "some/flux", "--out", str(tmp_path / "x.png")]
+    _usage_error(capsys, base, "--prompt is required")
+    _usage_error(capsys, base + ["--prompt", "a cat", "--height", "70"], "--height must be a positive multiple of 16")
+    _usage_error(capsys, base + ["--prompt", "a cat", "--width", "-16"], "--width must be a positive multiple of 16")
+    _usage_error(capsys, base + ["--prompt", "caf\udce9"], "--prompt is not valid text")
+    _usage_error(capsys, base + ["--prompt", "a cat", "--cfg-scale", "inf"], "--cfg-scale")
+
+
+def test_valid_edge_arguments_still_run(tmp_path):
+    # A negative seed (torch wraps it) and a zero CFG scale are accepted as before.
+    assert cli.main(["--model", "tiny:random", "--preset", "7x", "--seed", "-1", "--cfg-scale", "0",
+                     "--out", str(tmp_path / "x.PNG")]) == 0
+    assert Image.open(tmp_path / "x.PNG").size == (128, 128)

@@ -11,8 +11,24 @@ Attention masks: a pure key-padding mask (bool ``[B, L]`` / ``[B, 1, 1, L]`` who
 entries are a prefix of every row, or the additive ``0 / -inf`` equivalent) becomes the op's
 ``key_lengths``; valid rows are then exactly what the stock processor gives, padded query
 rows are zero (the stock processor gives them an attention output over the valid keys;
-they are padding either way). Any other mask, a missing rotary embedding or a
-context-parallel config falls back to the processor that was installed before.
+they are padding either way). Any other mask or a missing rotary embedding falls back to
+the processor that was installed before.
+
+Reading a mask's lengths is a host sync, so it is done once per distinct mask, not once per
+attention layer: the result is cached on the mask tensor's identity and version counter (a
+weak reference; an in-place change of the mask recomputes it), shared by every processor.
+A forward with a mask therefore syncs at most once for it, and a caller that passes the same
+mask tensor again (``FluxVelocity`` with ``token_bucket`` does, for every step of a stage)
+not at all. Inference tensors (made under ``torch.inference_mode``) have no version counter
+and are converted on every call.
+
+Context parallelism (diffusers' ``enable_parallelism`` with a ``ContextParallelConfig``:
+Ulysses / ring) is refused with a ``ValueError``: the fused op would attend only to the
+rank's shard of the sequence. :func:`install_anchor_attention` refuses a transformer that
+already has it, and the processor refuses to run once it has been enabled after the
+installation (:func:`remove_anchor_attention` then hands the parallel config to the restored
+stock processors). Tensor parallelism, which diffusers keeps out of the processors (each rank
+runs ordinary attention over its own heads), is not affected.
 
 ``install_anchor_attention(transformer)`` swaps every stock ``FluxAttnProcessor`` (exact
 type; IP-adapter and custom processors are left alone) and remembers the previous objects;
@@ -22,6 +38,7 @@ type; IP-adapter and custom processors are left alone) and remembers the previou
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -55,7 +72,8 @@ def key_lengths_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch
 
     Accepted: bool ``[L]``, ``[B, L]``, ``[B, 1, L]``, ``[B, 1, 1, L]`` (``True`` = attend) and
     float masks of the same shapes holding only ``0`` (attend) and ``-inf`` (ignore). Each
-    row must be ``True`` on a prefix of at least one token and ``False`` after it.
+    row must be ``True`` on a prefix of at least one token and ``False`` after it. Reads the
+    mask on the host once (one device sync on CUDA).
     """
     if not isinstance(mask, torch.Tensor) or mask.shape[-1] != seq_len:
         return None
@@ -68,18 +86,66 @@ def key_lengths_from_mask(mask: torch.Tensor, batch: int, seq_len: int) -> torch
     if mask.dim() != 2 or mask.shape[0] not in (1, batch):
         return None
     if mask.dtype == torch.bool:
-        keep = mask
+        keep, ok = mask, None
     elif mask.is_floating_point():
         keep = mask == 0
-        if not bool((keep | (mask == float("-inf"))).all()):
-            return None  # a real additive bias, not a padding mask
+        ok = (keep | (mask == float("-inf"))).all()  # else a real additive bias, not a padding mask
     else:
         return None
     lengths = keep.sum(dim=1)
     prefix = torch.arange(seq_len, device=mask.device)[None, :] < lengths[:, None]
-    if not bool((prefix == keep).all()) or int(lengths.min()) < 1:
+    valid = (prefix == keep).all() & (lengths >= 1).all()
+    if not bool(valid if ok is None else valid & ok):  # the one host read of the conversion
         return None
     return lengths.expand(batch).to(torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------- key lengths, once per mask
+_LENGTHS_CACHE: dict = {}  # id(mask) -> (weakref(mask), version, batch, seq_len, lengths | None)
+_LENGTHS_CACHE_SIZE = 16
+
+
+def _forget(key, ref) -> None:
+    entry = _LENGTHS_CACHE.get(key)
+    if entry is not None and entry[0] is ref:
+        _LENGTHS_CACHE.pop(key, None)
+
+
+def _cached_key_lengths(mask, batch: int, seq_len: int):
+    """:func:`key_lengths_from_mask`, computed once per (mask tensor, version, batch, length)."""
+    if (torch.compiler.is_compiling() or not isinstance(mask, torch.Tensor) or mask.is_inference()
+            or mask.shape[-1] != seq_len):
+        return key_lengths_from_mask(mask, batch, seq_len)
+    key, version = id(mask), mask._version
+    entry = _LENGTHS_CACHE.get(key)
+    if entry is not None and entry[0]() is mask and entry[1:4] == (version, batch, seq_len):
+        return entry[4]
+    lengths = key_lengths_from_mask(mask, batch, seq_len)
+    _LENGTHS_CACHE.pop(key, None)
+    while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
+        _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)), None)  # the oldest
+    ref = weakref.ref(mask, lambda r, k=key: _forget(k, r))
+    _LENGTHS_CACHE[key] = (ref, version, batch, seq_len, lengths)
+    return lengths
+
+
+# ---------------------------------------------------------------- context parallelism
+def _context_parallel(config) -> bool:
+    """Whether a diffusers parallel config (``ParallelConfig`` or ``ContextParallelConfig``) splits the sequence."""
+    if config is None:
+        return False
+    try:
+        from diffusers.models._modeling_parallel import ParallelConfig, TensorParallelConfig
+    except ImportError:  # another diffusers layout: anything set there is taken as context parallelism
+        return True
+    if isinstance(config, ParallelConfig):
+        return config.context_parallel_config is not None
+    return not isinstance(config, TensorParallelConfig)  # a ContextParallelConfig (or unknown): refuse
+
+
+_CP_REASON = ("the fused anchor attention attends only to the tokens of its own rank, so under diffusers' context "
+              "parallelism (enable_parallelism with a ContextParallelConfig) every rank would attend to its shard "
+              "of the sequence only")
 
 
 class AnchorAttnProcessor:
@@ -88,12 +154,15 @@ class AnchorAttnProcessor:
     Args:
         backend: the ``jit_kernels`` backend (``None``: the global default, ``auto``).
         fallback: the processor used for inputs the op does not take (an arbitrary mask, no
-            rotary embedding, context parallelism); default a fresh ``FluxAttnProcessor``.
+            rotary embedding); default a fresh ``FluxAttnProcessor``.
         devices: device types on which the fused op runs; tensors elsewhere take the
             fallback. Default CPU only: on an H100 the Triton kernel measured 1.1-1.5x
             rotary + PyTorch's flash SDPA at 512 + 1310 tokens but 0.61x at 512 + 4096 with
             FLUX's 24 x 128 heads (bf16; benchmarks/NOTES.md), so CUDA is opt-in
             (``devices=("cpu", "cuda")``).
+
+    Raises ``ValueError`` when called with a context-parallel config (set by diffusers'
+    ``enable_parallelism`` on this processor or on its fallback).
     """
 
     # diffusers' set_attention_backend / context parallelism set these on processors.
@@ -108,12 +177,15 @@ class AnchorAttnProcessor:
         self.devices = tuple(devices)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if _context_parallel(self._parallel_config) or _context_parallel(getattr(self.fallback, "_parallel_config", None)):
+            raise ValueError(f"AnchorAttnProcessor: {_CP_REASON}; call remove_anchor_attention(transformer) (the "
+                             f"stock processors it restores take the parallel config) or do not use anchor "
+                             f"attention with context parallelism")
         lengths = None
         joint = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-        usable = (image_rotary_emb is not None and self._parallel_config is None
-                  and hidden_states.device.type in self.devices)
+        usable = image_rotary_emb is not None and hidden_states.device.type in self.devices
         if usable and attention_mask is not None:
-            lengths = key_lengths_from_mask(attention_mask, hidden_states.shape[0], joint)
+            lengths = _cached_key_lengths(attention_mask, hidden_states.shape[0], joint)
             usable = lengths is not None
         if not usable:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -154,8 +226,16 @@ def install_anchor_attention(transformer, backend: str | None = None, devices=("
     ``backend`` and ``devices`` are passed to the processors. Returns the number swapped. The
     replaced objects are kept on the model and restored by :func:`remove_anchor_attention`.
     Installing twice swaps nothing more.
+
+    Raises ``ValueError`` (swapping nothing) when the transformer has diffusers' context
+    parallelism enabled: the fused op does not take part in the sequence split.
     """
     flux_attention, flux_processor = _flux_classes()
+    configs = [getattr(transformer, "_parallel_config", None)]
+    configs += [getattr(getattr(m, "processor", None), "_parallel_config", None) for m in transformer.modules()]
+    if any(_context_parallel(c) for c in configs):
+        raise ValueError(f"install_anchor_attention: the transformer has context parallelism enabled; {_CP_REASON}. "
+                         f"Run it with the stock attention processors")
     previous = getattr(transformer, _PREVIOUS, None)
     if previous is None:
         previous = {}
@@ -170,7 +250,12 @@ def install_anchor_attention(transformer, backend: str | None = None, devices=("
 
 
 def remove_anchor_attention(transformer) -> int:
-    """Put back the exact processors :func:`install_anchor_attention` replaced; returns how many."""
+    """Put back the exact processors :func:`install_anchor_attention` replaced; returns how many.
+
+    What diffusers set on the installed processors since (``_parallel_config`` by
+    ``enable_parallelism``, ``_attention_backend`` by ``set_attention_backend``) is handed to
+    the restored ones, so they run as if they had been installed all along.
+    """
     previous = getattr(transformer, _PREVIOUS, None)
     if not previous:
         if previous is not None:
@@ -181,6 +266,10 @@ def remove_anchor_attention(transformer) -> int:
     for name, proc in previous.items():
         module = modules.get(name)
         if module is not None and isinstance(module.processor, AnchorAttnProcessor):
+            mine = vars(module.processor)
+            for attr in ("_parallel_config", "_attention_backend"):
+                if attr in mine and hasattr(proc, attr):
+                    setattr(proc, attr, mine[attr])
             module.set_processor(proc)
             restored += 1
     delattr(transformer, _PREVIOUS)

@@ -76,6 +76,7 @@ class FluxVelocity:
         self._ids_key = None
         self._ids = None
         self._last_tokens = None
+        self._masks: dict = {}  # token_bucket key-padding masks, one tensor per (batch, text, tokens, pad, device)
 
     def _reset_cache_hooks(self) -> None:
         tr = self.transformer
@@ -98,6 +99,26 @@ class FluxVelocity:
             self._ids_key = active_idx  # the loop keeps one tensor object per stage
         return self._ids
 
+    def _padding_mask(self, b: int, text: int, m: int, pad: int, device) -> torch.Tensor:
+        """The bool key-padding mask ``[B, 1, 1, text + m + pad]`` (``False`` on the padding), one tensor per shape.
+
+        The same tensor object for every step of a stage, so the anchor-attention processor reads
+        its key lengths (a host sync) once per stage instead of once per step. Built outside
+        inference mode so it has a version counter (the processor's cache needs one); rebuilt if
+        anything changed it in place.
+        """
+        key = (b, text, m, pad, device)
+        hit = self._masks.get(key)
+        if hit is not None and hit[0]._version == hit[1]:
+            return hit[0]
+        with torch.inference_mode(False):
+            keep = torch.ones(b, 1, 1, text + m + pad, dtype=torch.bool, device=device)
+            keep[..., text + m:] = False
+        if len(self._masks) >= 16:
+            self._masks.clear()
+        self._masks[key] = (keep, keep._version)
+        return keep
+
     def _forward(self, x, ids, sl, sigma, cond: bool):
         tr = self.transformer
         b, m = x.shape[0], x.shape[1]
@@ -110,9 +131,7 @@ class FluxVelocity:
             x = torch.cat([x, x.new_zeros(b, pad, x.shape[2])], 1)
             ids = torch.cat([ids, ids[:1].expand(pad, -1)], 0)
             text = (self.prompt_embeds if cond else self.negative[0]).shape[1]
-            keep = torch.ones(b, 1, 1, text + m + pad, dtype=torch.bool, device=x.device)
-            keep[..., text + m:] = False
-            kwargs["attention_mask"] = keep
+            kwargs["attention_mask"] = self._padding_mask(b, text, m, pad, x.device)
         emb = self.image_embeds if cond else self.negative_image_embeds
         if emb is not None:
             kwargs["ip_adapter_image_embeds"] = [e[sl] for e in emb]
