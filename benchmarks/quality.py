@@ -166,7 +166,7 @@ def _noise(seed: int, labels: int, device="cpu") -> torch.Tensor:
 
 
 def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool = False, model=None,
-                classifier=None, methods: list[Method] | None = None, cfg_scale: float = 3.0, log=print,
+                classifier=None, methods: list[Method] | None = None, cfg_scale: float = 3.0, log=None,
                 headline_seeds: int | None = None) -> dict:
     """Run the suite: ``seeds`` seeds (x ``labels`` digits) per row, ``headline_seeds`` (default:
     ``seeds``; at least ``seeds``) for the :attr:`Method.headline` rows."""
@@ -177,6 +177,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
         raise ValueError(f"labels must be in [1, 10], got {labels}")
     if seeds < 1 or repeats < 1:
         raise ValueError(f"seeds and repeats must be >= 1, got {seeds}, {repeats}")
+    log = log or (lambda *a: print(*a, flush=True))  # progress must show through a pipe too
     headline_seeds = seeds if headline_seeds is None else headline_seeds
     if headline_seeds < seeds:
         raise ValueError(f"headline_seeds must be >= seeds ({seeds}), got {headline_seeds}")

@@ -9,7 +9,8 @@ Backends:
 - ``reference``: the plain-PyTorch references (any device).
 
 Selection: the ``backend=`` argument of each public function, else :func:`set_backend` /
-:func:`use_backend`, else the ``JIT_KERNELS_BACKEND`` environment variable, else ``auto``.
+:func:`use_backend`, else the ``JIT_KERNELS_BACKEND`` environment variable (read once, when
+``jit_kernels`` is imported: it sits on every op's hot path), else ``auto``.
 ``auto`` never fails: it picks the fastest available backend for the tensors' device. An
 explicit request that cannot be met raises :class:`BackendUnavailableError`.
 """
@@ -118,14 +119,13 @@ def _usable(name: str, device: torch.device, op: str = "gather_tokens") -> bool:
 
 
 _state = threading.local()
+_ENV_BACKEND = os.environ.get("JIT_KERNELS_BACKEND", "auto") or "auto"
 
 
 def get_backend() -> str:
     """The backend in force for calls that pass no ``backend=``."""
     b = getattr(_state, "backend", None)
-    if b is None:
-        b = os.environ.get("JIT_KERNELS_BACKEND", "auto") or "auto"
-    return b
+    return _ENV_BACKEND if b is None else b
 
 
 def set_backend(name: str | None) -> None:
