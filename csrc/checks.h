@@ -6,11 +6,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <iterator>
+#include <utility>
 #include <vector>
 
 // Hot CPU loops are compiled twice, for AVX2 and for the baseline ISA,
@@ -115,8 +118,14 @@ inline float* scratch_floats(int slot, size_t count) {
   return v.data();
 }
 
+// Largest grid (H * W cells) of the grid ops: the Triton kernels address cells in int32, tiles
+// included, so 2^30 leaves them headroom (jit_kernels/_checks.py: MAX_GRID_TOKENS, same message).
+constexpr int64_t kMaxGridTokens = int64_t{1} << 30;
+
 inline void check_grid(const char* op, int64_t height, int64_t width, int64_t n) {
   TORCH_CHECK_VALUE(height >= 1 && width >= 1, op, ": height and width must be >= 1, got ", height, " x ", width);
+  TORCH_CHECK_VALUE(height <= kMaxGridTokens / width, op, ": grid ", height, " x ", width,
+                    " is too large: at most 2^30 = ", kMaxGridTokens, " cells are supported");
   TORCH_CHECK_VALUE(n < 0 || height * width == n, op, ": grid ", height, " x ", width, " = ", height * width,
                     " does not match N = ", n, " tokens");
 }
@@ -165,12 +174,103 @@ inline void check_lift_meta(const char* op, const at::Tensor& values, const at::
                     ": nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])");
 }
 
-// The in-place target of lift_euler_: y [B, H*W, C] matching values, contiguous.
-inline void check_euler_target(const char* op, const at::Tensor& y, const at::Tensor& values, int64_t n) {
+// --- Memory overlap of in-place targets (metadata only; same rules as jit_kernels/_checks.py) ---------
+
+// Element offsets of t (in elements from its first element), in row-major order of its indices.
+inline std::vector<int64_t> element_offsets(const at::Tensor& t) {
+  std::vector<int64_t> offs{0};
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    std::vector<int64_t> next;
+    next.reserve(offs.size() * static_cast<size_t>(size));
+    for (const int64_t o : offs)
+      for (int64_t i = 0; i < size; ++i) next.push_back(o + i * stride);
+    offs.swap(next);
+  }
+  return offs;
+}
+
+// Whether two elements of t share a memory location (exact). ATen's test decides dense layouts and a
+// stride 0; for the rest, dims sorted by stride, each stride beyond the span of the smaller ones, prove
+// there is none, and the rare remaining layouts are decided by enumerating the offsets.
+inline bool has_internal_overlap(const at::Tensor& t) {
+  const at::MemOverlap quick = at::has_internal_overlap(t);
+  if (quick != at::MemOverlap::TooHard) return quick == at::MemOverlap::Yes;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) {
+      std::vector<int64_t> offs = element_offsets(t);
+      std::sort(offs.begin(), offs.end());
+      return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
+    }
+    span += (size - 1) * stride;
+  }
+  return false;
+}
+
+// Whether a (free of internal overlap) and b share any byte (exact). Disjoint address ranges decide
+// at once; interleaved views of one buffer are decided element by element.
+inline bool tensors_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device() || a.device().is_meta()) return false;
+  auto extent = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return (last + 1) * static_cast<int64_t>(t.element_size());
+  };
+  const int64_t ia = a.element_size(), ib = b.element_size();
+  const int64_t a0 = reinterpret_cast<int64_t>(a.data_ptr()), b0 = reinterpret_cast<int64_t>(b.data_ptr());
+  const int64_t a1 = a0 + extent(a), b1 = b0 + extent(b);
+  if (a1 <= b0 || b1 <= a0) return false;
+  std::vector<int64_t> sa = element_offsets(a);
+  for (int64_t& o : sa) o = a0 + o * ia;
+  std::sort(sa.begin(), sa.end());
+  for (const int64_t o : element_offsets(b)) {
+    const int64_t s = b0 + o * ib;
+    // The element of a starting last at or before this element's last byte is the only one that may reach it.
+    auto it = std::upper_bound(sa.begin(), sa.end(), s + ib - 1);
+    if (it != sa.begin() && *std::prev(it) + ia > s) return true;
+  }
+  return false;
+}
+
+// The tensor an op writes in place: no internal overlap (an expand()-ed tensor would be written through
+// aliases), no memory shared with an input the op reads meanwhile. Messages match the Python checks.
+inline void check_inplace_target(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(!has_internal_overlap(t), op, ": ", name,
+                    " has internally overlapping memory (several elements share one memory location, e.g. an "
+                    "expand()-ed tensor) and cannot be written in place; pass ",
+                    name, ".clone()");
+}
+
+inline void check_no_alias(const char* op, const char* target_name, const at::Tensor& target, const char* name,
+                           const at::Tensor& input) {
+  TORCH_CHECK_VALUE(!tensors_overlap(target, input), op, ": ", name, " overlaps the memory of ", target_name,
+                    ", which the op writes in place; pass a copy (", name, ".clone())");
+}
+
+// The in-place target of scatter_tokens_: base (any strides) not overlapping itself, idx or src.
+inline void check_scatter_target(const char* op, const at::Tensor& base, const at::Tensor& idx,
+                                 const at::Tensor& src) {
+  check_inplace_target(op, "base", base);
+  check_no_alias(op, "base", base, "idx", idx);
+  check_no_alias(op, "base", base, "src", src);
+}
+
+// The in-place target of lift_euler_: y [B, H*W, C] matching values, any strides, not overlapping
+// itself nor the inputs.
+inline void check_euler_target(const char* op, const at::Tensor& y, const at::Tensor& values,
+                               const at::Tensor& anchor_idx, const at::Tensor& nearest, int64_t n) {
   const int64_t c = values.size(2);
   TORCH_CHECK_VALUE(y.size(0) == values.size(0) && y.size(1) == n && y.size(2) == c, op,
                     ": y must be [B, H*W, C] = [", values.size(0), ", ", n, ", ", c, "], got ", y.sizes());
-  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  check_inplace_target(op, "y", y);
+  check_no_alias(op, "y", y, "values", values);
+  check_no_alias(op, "y", y, "anchor_idx", anchor_idx);
+  check_no_alias(op, "y", y, "nearest", nearest);
 }
 
 }  // namespace jit_kernels

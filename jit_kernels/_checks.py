@@ -24,6 +24,11 @@ backend and device:
 - While ``torch.compile`` traces, no Python value check runs (it would read the
   tensors); the kernels are called with ``validate=True`` instead.
 
+Also metadata, checked first on every backend (see the section "devices, memory overlap,
+size bounds" below): every tensor on one device (before anything reads a value or picks a
+kernel), grids of at most 2^30 cells, and in-place targets that neither overlap themselves
+(``expand``-ed tensors) nor share memory with any input of the op.
+
 Exception types: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
 shape, device, value or overlap, ``IndexError`` for an index out of range.
 """
@@ -104,6 +109,9 @@ def check_grid(op: str, height, width, num_tokens: int | None = None) -> None:
             raise TypeError(f"{op}: {n} must be an int, got {type(v).__name__}")
         if v < 1:
             raise ValueError(f"{op}: {n} must be >= 1, got {v}")
+    if height * width > MAX_GRID_TOKENS:  # Python ints: the product cannot overflow here
+        raise ValueError(f"{op}: grid {height} x {width} is too large: at most 2^30 = {MAX_GRID_TOKENS} cells "
+                         "are supported")
     if num_tokens is not None and height * width != num_tokens:
         raise ValueError(f"{op}: grid {height} x {width} = {height * width} does not match N = {num_tokens} tokens")
 
@@ -304,3 +312,110 @@ def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:
     if lo < 1 or hi > n:
         raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [1, {n}]")
     remember(claim, lengths)
+
+
+# ---------------------------------------------------------------- devices, memory overlap, size bounds
+#
+# Metadata checks added for the hardening of the kernel layer; none of them reads a tensor's values,
+# so they run on every backend (and while torch.compile traces) before anything else.
+
+# Largest grid (H * W cells) and token count of the grid ops. The Triton kernels address cells
+# with int32 arithmetic, tiles included (a tile's last lanes may run up to 2^16 past the end), so
+# 2^30 leaves them headroom; csrc/checks.h enforces the same bound for direct calls of the kernels.
+MAX_GRID_TOKENS = 1 << 30
+
+
+def check_devices(op: str, /, **tensors) -> None:
+    """The tensors among ``tensors`` on one device (``None`` and non-tensors are skipped: their types
+    are checked afterwards). Called first, before any check that reads values or picks a kernel, so a
+    mixed call (a CPU tensor with a meta or CUDA one) is refused the same way on every backend."""
+    named = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    if len(named) > 1:
+        first = named[0][1].device
+        if any(t.device != first for _, t in named):
+            check_same_device(op, **dict(named))
+
+
+def check_num_tokens(op: str, name: str, n: int) -> None:
+    """A token count of a grid op (``select_new_tokens``' ``N``) within :data:`MAX_GRID_TOKENS`."""
+    if n > MAX_GRID_TOKENS:
+        raise ValueError(f"{op}: {name} has {n} tokens; at most 2^30 = {MAX_GRID_TOKENS} are supported")
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """Element offsets of ``t`` (in elements, from its first element), flattened; built from metadata only."""
+    off = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return off.reshape(-1)
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share a memory location (exact; from sizes and strides only).
+
+    PyTorch's own test answers for dense layouts and for a stride 0 (``expand``); for the rest,
+    dims sorted by stride, each stride larger than the span of the smaller ones, prove there is
+    none, and only the rare remaining layouts are decided by enumerating the offsets.
+    """
+    quick = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for it
+    if quick != 2:
+        return quick == 1
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    span = 0
+    for st, sz in dims:
+        if st <= span:
+            offs = _offsets(t)
+            return offs.unique().numel() != offs.numel()
+        span += (sz - 1) * st
+    return False
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from the first element of ``t`` (numel > 0) to the end of its last."""
+    if t.is_contiguous():
+        return t.numel() * t.element_size()
+    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` (free of internal overlap) and ``b`` share any byte of memory (exact, metadata only).
+
+    Disjoint address ranges (the common case: different buffers) decide at once; views of one
+    buffer whose ranges interleave are decided element by element.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.is_meta:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    if a0 + _extent(a) <= b0 or b0 + _extent(b) <= a0:
+        return False
+    ia, ib = a.element_size(), b.element_size()
+    starts_a = (_offsets(a) * ia + a0).sort().values
+    starts_b = _offsets(b) * ib + b0
+    # The element of a starting last at or before each element's last byte of b is the only one that may reach it.
+    k = torch.searchsorted(starts_a, starts_b + (ib - 1), right=True) - 1
+    hit = (k >= 0) & (starts_a[k.clamp(min=0)] + ia > starts_b)
+    return bool(hit.any())
+
+
+def check_inplace(op: str, out_name: str, out: torch.Tensor, /, **inputs) -> None:
+    """``out``, the tensor an op writes in place: no internal overlap (an ``expand``-ed tensor would be
+    written through aliases, so the result would depend on the order of the writes), and no memory
+    shared with any of ``inputs`` (non-tensors skipped: their types are checked elsewhere), which the
+    op reads while it writes ``out``."""
+    if has_internal_overlap(out):
+        raise ValueError(f"{op}: {out_name} has internally overlapping memory (several elements share one "
+                         f"memory location, e.g. an expand()-ed tensor) and cannot be written in place; "
+                         f"pass {out_name}.clone()")
+    if out.numel() == 0 or out.is_meta:
+        return
+    o0 = out.data_ptr()
+    o1 = o0 + _extent(out)
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        t0 = t.data_ptr()
+        if t0 >= o1 or t0 + _extent(t) <= o0:  # disjoint address ranges (on any device): the common case
+            continue
+        if overlaps(out, t):
+            raise ValueError(f"{op}: {name} overlaps the memory of {out_name}, which the op writes in place; "
+                             f"pass a copy ({name}.clone())")

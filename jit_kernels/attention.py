@@ -47,11 +47,12 @@ def anchor_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``auto | cuda | triton | cpp | reference`` (see :mod:`jit_kernels`).
 
-    Returns ``[B, L, H, D]`` contiguous in ``q.dtype``; the arithmetic is fp32 (online
-    softmax). Equals diffusers' ``FluxAttnProcessor`` math (rotary + SDPA) within the
+    Returns ``[B, L, H, D]`` contiguous in ``q.dtype`` (empty when ``B``, ``L``, ``H`` or ``D``
+    is 0); the arithmetic is fp32 (online softmax). Equals diffusers' ``FluxAttnProcessor`` math (rotary + SDPA) within the
     attention tolerances, per valid row exactly what a batch of one unpadded sample gives.
     """
     op = "anchor_attention"
+    C.check_devices(op, q=q, k=k, v=v, cos=cos, sin=sin, key_lengths=key_lengths)
     C.check_heads(op, "q", q)
     for name, t in (("k", k), ("v", v)):
         C.check_heads(op, name, t)

@@ -14,10 +14,13 @@ __all__ = ["token_importance", "select_new_tokens"]
 def token_importance(field: torch.Tensor, height: int, width: int, *, backend: str | None = None) -> torch.Tensor:
     """Per-token importance: 3x3 local variance (zero padding counted), averaged over channels.
 
-    ``field [B, H*W, C]`` -> fp32 ``[B, H*W]``.
+    ``field [B, H*W, C]`` -> fp32 ``[B, H*W]``. ``C = 0`` is refused (``ValueError``: a mean
+    over no channels is undefined); ``B = 0`` gives an empty ``[0, H*W]``.
     """
     op = "token_importance"
     C.check_tokens(op, "field", field)
+    if field.shape[2] == 0:
+        raise ValueError(f"{op}: field has no channels (C = 0): the channel mean of the local variance is undefined")
     C.check_grid(op, height, width, field.shape[1])
     be = resolve(op, field.device, backend)
     if be == "reference":
@@ -32,14 +35,17 @@ def select_new_tokens(
 
     ``importance [B, N]`` (float), ``active_idx`` int64 ``[M]`` or ``[B, M]``
     (unique) -> int64 ``[B, count]``, ordered by score descending, ties to the
-    lower token index (NaN ranks first).
+    lower token index (NaN ranks first). ``N`` at most 2^30 (``ValueError``); ``B = 0``
+    gives an empty ``[0, count]``.
     """
     op = "select_new_tokens"
+    C.check_devices(op, importance=importance, active_idx=active_idx)
     if not isinstance(importance, torch.Tensor):
         raise TypeError(f"{op}: importance must be a torch.Tensor, got {type(importance).__name__}")
     if importance.dim() != 2 or not importance.is_floating_point():
         raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
     b, n = importance.shape
+    C.check_num_tokens(op, "importance", n)
     be = resolve(op, importance.device, backend)
     C.check_index(op, "active_idx", active_idx, b, n)
     C.check_same_device(op, importance=importance, active_idx=active_idx)

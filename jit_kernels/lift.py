@@ -9,7 +9,7 @@ import torch
 from . import _checks as C
 from . import _values as V
 from ._backends import backend_op, resolve
-from .blur import blur_params, gaussian_weights
+from .blur import MAX_KERNEL_SIZE, blur_params, check_kernel_size, gaussian_weights
 from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
 
 __all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights", "lift_plan"]
@@ -23,6 +23,10 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
     measured in (row, col) token coordinates; ties go to the anchor that comes
     first in ``anchor_idx``. Depends only on the anchor set: compute it once
     per stage and pass it to :func:`lift_field` as ``nearest=``.
+
+    ``height`` and ``width`` are ints >= 1 (``TypeError`` / ``ValueError``) and the grid holds
+    at most 2^30 cells (``ValueError``; the same bound for every op that takes a grid). Per-sample
+    anchors of an empty batch (``[0, M]``) give an empty ``[0, H*W]``.
     """
     op = "nearest_anchor_map"
     C.check_grid(op, height, width)
@@ -69,19 +73,37 @@ def lift_weights(
     Defaults follow docs/method.md section 3 (``sigma = clip(blur_scale / sqrt(M/N), 1, 10)``,
     ``K = 2 ceil(3 sigma) + 1``); an explicit ``sigma`` without ``kernel_size`` gets the
     matching ``K``. Cached per (sigma, K, device): do not modify the returned tensor.
+
+    Bounds (``ValueError``; ``TypeError`` for a non-number or a non-int ``kernel_size``):
+    ``blur_scale`` and ``sigma`` finite and positive; ``kernel_size`` a positive odd int of at
+    most :data:`jit_kernels.blur.MAX_KERNEL_SIZE` (1025, the window of radius 512: twice the
+    radius a 256 x 256 grid can use), also when it is derived from ``sigma`` (``sigma`` up to
+    about 170): a huge ``sigma`` or ``K`` is refused rather than allocated or looped over.
     """
+    return _lift_weights("lift_weights", num_anchors, num_tokens, sigma, kernel_size, blur_scale, device)
+
+
+def _lift_weights(op, num_anchors, num_tokens, sigma, kernel_size, blur_scale, device) -> torch.Tensor:
+    """:func:`lift_weights`, its errors named after ``op`` (the lift op that asked)."""
+    blur_scale = C.check_float(op, "blur_scale", blur_scale)
+    if blur_scale <= 0:
+        raise ValueError(f"{op}: blur_scale must be positive, got {blur_scale}")
+    if kernel_size is not None:
+        kernel_size = check_kernel_size(op, kernel_size)
     if sigma is None:
         s, k = blur_params(num_anchors, num_tokens, blur_scale)
         sigma = s
         kernel_size = k if kernel_size is None else kernel_size
     else:
-        sigma = C.check_float("lift_weights", "sigma", sigma)
+        sigma = C.check_float(op, "sigma", sigma)
         if sigma <= 0:
-            raise ValueError(f"lift_weights: sigma must be positive, got {sigma}")
+            raise ValueError(f"{op}: sigma must be positive, got {sigma}")
         if kernel_size is None:
             kernel_size = 2 * math.ceil(3.0 * sigma) + 1
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"lift_weights: kernel_size must be a positive odd int, got {kernel_size!r}")
+            if kernel_size > MAX_KERNEL_SIZE:
+                raise ValueError(f"{op}: sigma = {sigma} asks for a {kernel_size}-tap blur (2 ceil(3 sigma) + 1), "
+                                 f"more than the {MAX_KERNEL_SIZE} supported; pass a smaller sigma or an explicit "
+                                 "kernel_size")
     return _weights_cached(float(sigma), int(kernel_size), torch.device(device))
 
 
@@ -109,7 +131,7 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
         C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
         C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx, nearest=nearest)
         C.validate_nearest(op, nearest, anchor_idx, n)
-    w = lift_weights(m, n, sigma=sigma, kernel_size=kernel_size, blur_scale=blur_scale, device=lead.device)
+    w = _lift_weights(op, m, n, sigma, kernel_size, blur_scale, lead.device)
     return nearest, w
 
 
@@ -131,8 +153,11 @@ def lift_field(
     every cell takes its nearest anchor's value, the filled field is blurred by a
     separable Gaussian with reflect padding, and anchors keep their exact values.
     Pass ``nearest`` (from :func:`nearest_anchor_map`) to skip recomputing the map.
+    An empty batch or ``C = 0`` gives an empty result (at least one anchor is required);
+    bounds of the blur arguments: :func:`lift_weights`; of the grid: :func:`nearest_anchor_map`.
     """
     op = "lift_field"
+    C.check_devices(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
     C.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
@@ -159,15 +184,22 @@ def lift_euler_(
     """Fused lift + Euler step, in place: ``y [B, H*W, C] += dt * lift_field(values, ...)``; returns ``y``.
 
     The lifted field is never materialised; arithmetic is fp32 and ``y`` is rounded once.
+    ``y`` may be strided (every backend gives the result of the contiguous case) but must not
+    overlap itself (an ``expand``-ed tensor), and no input (``values``, ``anchor_idx``,
+    ``nearest``) may share memory with it: ``ValueError`` on every backend; pass copies.
     """
     op = "lift_euler_"
+    C.check_devices(op, y=y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     C.check_tokens(op, "y", y)
     be = resolve(op, y.device, backend)
     C.check_tokens(op, "values", values)
-    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
-                           backend, be, rows=values.shape[1])
+    C.check_grid(op, height, width)
     if y.shape != (values.shape[0], height * width, values.shape[2]):
         raise ValueError(f"{op}: y must be [B, H*W, C] = {(values.shape[0], height * width, values.shape[2])}, got {tuple(y.shape)}")
+    # Metadata, so before the value checks and the nearest map of lift_plan.
+    C.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
+                           backend, be, rows=values.shape[1])
     C.check_same_device(op, y=y, values=values)
     dt = C.check_float(op, "dt", dt)
     if be == "reference":

@@ -58,13 +58,16 @@ def microflow_update_(
     paper's Algorithm 1). ``mode="blend"``: ``y[R] = (1 - w) y[R] + w target``
     with ``weight=w`` in ``(0, 1]`` (the published pipeline uses ``w = 1/3``;
     a sequence ``1/n, 1/(n-1), ..., 1`` is the ``substeps`` discretisation).
-    Returns ``y``.
+    Returns ``y``. ``y`` may be strided (every backend gives the result of the contiguous
+    case) but must not overlap itself (an ``expand``-ed tensor), and ``new_idx`` and
+    ``target`` must not share memory with it: ``ValueError`` on every backend; pass copies.
     """
     return _microflow_update(y, new_idx, target, mode, weight, True, backend)
 
 
 def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
     op = "microflow_update_" if inplace else "microflow_update"
+    C.check_devices(op, y=y, new_idx=new_idx, target=target)
     if mode not in MICROFLOW_MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MICROFLOW_MODES}")
     if mode == "assign":
@@ -84,6 +87,8 @@ def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
     C.check_same_device(op, y=y, new_idx=new_idx, target=target)
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
+    if inplace:  # metadata, so before the value checks
+        C.check_inplace(op, "y", y, new_idx=new_idx, target=target)
     C.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
     out = y if inplace else y.clone()
     if be == "reference":
@@ -116,9 +121,12 @@ def microflow_target(
     OLD anchors ``anchor_idx`` (``[M]`` or ``[B, M]``, with their ``nearest``
     map) and read at the new tokens ``new_idx`` (``[R]`` or ``[B, R]``);
     ``eps [B, R, C]`` is the noise of those tokens. Returns ``[B, R, C]`` in
-    ``y_prev.dtype``. The blur uses the old anchor density unless given.
+    ``y_prev.dtype``. The blur uses the old anchor density unless given (bounds of the blur
+    arguments: :func:`jit_kernels.lift_weights`). An empty batch, no new tokens or ``C = 0``
+    give an empty result.
     """
     op = "microflow_target"
+    C.check_devices(op, y_prev=y_prev, v_prev=v_prev, anchor_idx=anchor_idx, new_idx=new_idx, eps=eps, nearest=nearest)
     C.check_tokens(op, "y_prev", y_prev)
     C.check_tokens(op, "v_prev", v_prev)
     if v_prev.shape != y_prev.shape:

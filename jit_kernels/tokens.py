@@ -13,8 +13,12 @@ __all__ = ["gather_tokens", "scatter_tokens", "scatter_tokens_"]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Rows ``idx`` of each sample: ``x [B, N, C]``, ``idx`` int64 ``[M]`` (shared) or ``[B, M]`` -> ``[B, M, C]``."""
+    """Rows ``idx`` of each sample: ``x [B, N, C]``, ``idx`` int64 ``[M]`` (shared) or ``[B, M]`` -> ``[B, M, C]``.
+
+    Empty ``B``, ``M`` or ``C`` give an empty result. Every tensor on one device (``ValueError``).
+    """
     op = "gather_tokens"
+    C.check_devices(op, x=x, idx=idx)
     be = resolve(op, C.check_tensor(op, "x", x).device, backend)
     C.check_tokens(op, "x", x)
     C.check_index(op, "idx", idx, x.shape[0], x.shape[1])
@@ -26,6 +30,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
 
 
 def _check_scatter(op: str, base, idx, src, backend) -> str:
+    C.check_devices(op, base=base, idx=idx, src=src)
     be = resolve(op, C.check_tensor(op, "base", base).device, backend)
     C.check_tokens(op, "base", base)
     C.check_tokens(op, "src", src, channels=base.shape[2])
@@ -33,6 +38,8 @@ def _check_scatter(op: str, base, idx, src, backend) -> str:
     C.check_same_device(op, base=base, idx=idx, src=src)
     if src.shape[:2] != (base.shape[0], idx.shape[-1]):
         raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")
+    if op == "scatter_tokens_":  # metadata, so before the value checks
+        C.check_inplace(op, "base", base, idx=idx, src=src)
     V.scatter_tokens(base, idx, src)
     return be
 
@@ -50,7 +57,11 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, 
 
 
 def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """In-place :func:`scatter_tokens`: writes ``src`` into rows ``idx`` of ``base`` and returns ``base``."""
+    """In-place :func:`scatter_tokens`: writes ``src`` into rows ``idx`` of ``base`` and returns ``base``.
+
+    ``base`` may be strided but must not overlap itself (an ``expand``-ed tensor), and ``src`` and
+    ``idx`` must not share memory with it (``ValueError``, on every backend): pass copies.
+    """
     op = "scatter_tokens_"
     be = _check_scatter(op, base, idx, src, backend)
     if be == "reference":

@@ -76,6 +76,8 @@ JIT_KERNELS_HOT static void importance_vpass(const float* __restrict__ s1, const
 at::Tensor token_importance_cpu(const at::Tensor& field, int64_t height, int64_t width, bool /*validate*/) {
   constexpr const char* op = "token_importance";
   check_tokens(op, "field", field);
+  TORCH_CHECK_VALUE(field.size(2) > 0, op,
+                    ": field has no channels (C = 0): the channel mean of the local variance is undefined");
   check_grid(op, height, width, field.size(1));
   const at::Tensor f = field.to(at::kFloat).contiguous();
   const int64_t b = f.size(0), n = f.size(1), c = f.size(2);
@@ -119,6 +121,9 @@ at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor&
                     ": importance must be a float [B, N] tensor, got ", importance.scalar_type(), " ",
                     importance.sizes());
   const int64_t b = importance.size(0), n = importance.size(1);
+  // The keys pack ~index into 32 bits; the bound is the grid ops' one (same message as Python).
+  TORCH_CHECK_VALUE(n <= kMaxGridTokens, op, ": importance has ", n, " tokens; at most 2^30 = ", kMaxGridTokens,
+                    " are supported");
   check_index_meta(op, "active_idx", active_in, b);
   check_same_device(op, importance, "importance", active_in, "active_idx");
   const at::Tensor active = active_in.contiguous();
@@ -126,7 +131,6 @@ at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor&
   const int64_t m = active.size(-1);
   TORCH_CHECK_VALUE(count >= 0 && count <= n - m, op, ": count must be in [0, ", n - m,
                     "] (inactive tokens), got ", count);
-  TORCH_CHECK_VALUE(n < (int64_t{1} << 32), op, ": at most 2^32 tokens are supported, got ", n);
   const at::Tensor s = importance.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({b, count}, active.options());
   const int64_t abs_ = index_batch_stride(active);

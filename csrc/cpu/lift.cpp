@@ -175,7 +175,7 @@ void lift_rows(const LiftArgs& a, Emit emit) {
     for (int64_t t = 0; t < k; ++t) colmap[x * k + t] = reflect_index(x + t - rad, w);
   for (int64_t y = 0; y < h; ++y)
     for (int64_t t = 0; t < k; ++t) rowmap[y * k + t] = reflect_index(y + t - rad, h);
-  const int64_t grain = std::max<int64_t>(1, 4096 / c);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(c, 1));
   for (int64_t b = 0; b < bsz; ++b) {
     const int64_t* near = a.nearest.data_ptr<int64_t>() + b * nbs;
     const int64_t* anc = a.anchors.data_ptr<int64_t>() + b * abs_;
@@ -203,6 +203,7 @@ at::Tensor lift_field_cpu(const at::Tensor& values, const at::Tensor& anchor_idx
   const LiftArgs a = lift_checks("lift_field", values, anchor_idx, nearest, weights, height, width, validate);
   const int64_t b = values.size(0), c = values.size(2), n = height * width;
   at::Tensor out = at::empty({b, n, c}, values.options());
+  if (out.numel() == 0) return out;  // no samples or no channels: nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "lift_field_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     lift_rows(a, [&](int64_t bb, int64_t p, const float* src) {
@@ -213,14 +214,8 @@ at::Tensor lift_field_cpu(const at::Tensor& values, const at::Tensor& anchor_idx
   return out;
 }
 
-void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                    const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
-  constexpr const char* op = "lift_euler_";
-  check_tokens(op, "y", y);
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
-  check_same_device(op, y, "y", values, "values");
-  const int64_t c = values.size(2), n = height * width;
-  check_euler_target(op, y, values, n);
+// y += dt * lift for a contiguous y.
+void euler_rows(const LiftArgs& a, at::Tensor& y, int64_t n, int64_t c, double dt) {
   const float fdt = static_cast<float>(dt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lift_euler_cpu", [&] {
     scalar_t* yo = y.data_ptr<scalar_t>();
@@ -229,6 +224,25 @@ void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& a
       for (int64_t ch = 0; ch < c; ++ch) dst[ch] = static_cast<scalar_t>(static_cast<float>(dst[ch]) + fdt * src[ch]);
     });
   });
+}
+
+void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
+                    const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
+  constexpr const char* op = "lift_euler_";
+  check_tokens(op, "y", y);
+  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
+  check_same_device(op, y, "y", values, "values");
+  const int64_t c = values.size(2), n = height * width;
+  check_euler_target(op, y, values, anchor_idx, nearest, n);  // any strides, no overlap
+  if (y.numel() == 0) return;  // no samples or no channels: nothing to update
+  if (y.is_contiguous()) {
+    euler_rows(a, y, n, c, dt);
+    return;
+  }
+  // A strided y: update a contiguous copy and write it back (the same arithmetic, so the same bits).
+  at::Tensor yc = y.contiguous();
+  euler_rows(a, yc, n, c, dt);
+  y.copy_(yc);
 }
 
 }  // namespace

@@ -19,12 +19,16 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
   check_same_device(op, y, "y", new_in, "new_idx");
   check_same_device(op, y, "y", target, "target");
   TORCH_CHECK_VALUE(weight > 0.0 && weight <= 1.0, op, ": weight must be in (0, 1], got ", weight);
-  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
-  const at::Tensor idx = new_in.contiguous();
-  const int64_t b = y.size(0), n = y.size(1), c = y.size(2), r = idx.size(-1);
+  const int64_t b = y.size(0), n = y.size(1), c = y.size(2), r = new_in.size(-1);
   TORCH_CHECK_VALUE(target.size(0) == b && target.size(1) == r && target.size(2) == c, op,
                     ": target must be [B, R, C] = [", b, ", ", r, ", ", c, "], got ", target.sizes());
+  // y may have any strides, but must not overlap itself nor share memory with the inputs.
+  check_inplace_target(op, "y", y);
+  check_no_alias(op, "y", y, "new_idx", new_in);
+  check_no_alias(op, "y", y, "target", target);
+  const at::Tensor idx = new_in.contiguous();
   if (validate) check_index_values(op, "new_idx", idx, n, /*unique=*/true);
+  if (b * r * c == 0) return;  // nothing to update
   const at::Tensor t = target.to(at::kFloat).contiguous();
   const float wv = static_cast<float>(weight);
   const int64_t ibs = index_batch_stride(idx);
@@ -32,16 +36,34 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float* tp = t.data_ptr<float>();
     const int64_t* ip = idx.data_ptr<int64_t>();
+    if (y.is_contiguous()) {
+      at::parallel_for(0, b * r, std::max<int64_t>(1, 4096 / c), [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t bb = i / r, j = i % r;
+          scalar_t* dst = yp + (bb * n + ip[bb * ibs + j]) * c;
+          const float* src = tp + i * c;
+          if (weight == 1.0) {  // assign: land on the target exactly
+            for (int64_t ch = 0; ch < c; ++ch) dst[ch] = static_cast<scalar_t>(src[ch]);
+          } else {
+            for (int64_t ch = 0; ch < c; ++ch)
+              dst[ch] = static_cast<scalar_t>((1.f - wv) * static_cast<float>(dst[ch]) + wv * src[ch]);
+          }
+        }
+      });
+      return;
+    }
+    // A strided y (any layout without internal overlap, checked above): the same arithmetic through its strides.
+    const int64_t ys0 = y.stride(0), ys1 = y.stride(1), ys2 = y.stride(2);
     at::parallel_for(0, b * r, std::max<int64_t>(1, 4096 / c), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t bb = i / r, j = i % r;
-        scalar_t* dst = yp + (bb * n + ip[bb * ibs + j]) * c;
+        scalar_t* dst = yp + bb * ys0 + ip[bb * ibs + j] * ys1;
         const float* src = tp + i * c;
-        if (weight == 1.0) {  // assign: land on the target exactly
-          for (int64_t ch = 0; ch < c; ++ch) dst[ch] = static_cast<scalar_t>(src[ch]);
+        if (weight == 1.0) {
+          for (int64_t ch = 0; ch < c; ++ch) dst[ch * ys2] = static_cast<scalar_t>(src[ch]);
         } else {
           for (int64_t ch = 0; ch < c; ++ch)
-            dst[ch] = static_cast<scalar_t>((1.f - wv) * static_cast<float>(dst[ch]) + wv * src[ch]);
+            dst[ch * ys2] = static_cast<scalar_t>((1.f - wv) * static_cast<float>(dst[ch * ys2]) + wv * src[ch]);
         }
       }
     });
@@ -80,6 +102,7 @@ at::Tensor microflow_target_cpu(const at::Tensor& y_prev, const at::Tensor& v_pr
   if (validate) check_index_values(op, "nearest", near, m, false);
   if (validate) check_index_values(op, "new_idx", idx, n, true);
   if (validate) check_nearest_consistent(op, anc, near);
+  if (b * r * c == 0) return at::empty({b, r, c}, y_prev.options());  // no samples, new tokens or channels
   const at::Tensor yp = y_prev.to(at::kFloat).contiguous(), vp = v_prev.to(at::kFloat).contiguous();
   const at::Tensor ep = eps.to(at::kFloat).contiguous(), wt = weights.contiguous();
   const int64_t k = wt.size(0), rad = k / 2, abs_ = index_batch_stride(anc), ibs = index_batch_stride(idx);

@@ -81,6 +81,7 @@ void scatter_into(at::Tensor& base, const at::Tensor& idx, const at::Tensor& src
 void scatter_tokens_inplace_cpu(at::Tensor& base, const at::Tensor& idx_in, const at::Tensor& src, bool validate) {
   constexpr const char* op = "scatter_tokens_";
   scatter_checks(op, base, idx_in, src);
+  check_scatter_target(op, base, idx_in, src);
   const at::Tensor idx = idx_in.contiguous();
   // Unique rows: with duplicates the result would depend on thread timing.
   if (validate) check_index_values(op, "idx", idx, base.size(1), /*unique=*/true);

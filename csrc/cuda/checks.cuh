@@ -9,6 +9,9 @@
 
 namespace jit_kernels {
 
+// Largest grid size along axes y and z of a CUDA launch; kernels cover more by grid-stride loops.
+constexpr int64_t kMaxGridYZ = 65535;
+
 // CUDA tensors must pass every check on their own device.
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());

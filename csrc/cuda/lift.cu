@@ -16,38 +16,42 @@ namespace {
 
 constexpr int kNearThreads = 256;
 
-// One thread per grid cell, blockIdx.y = anchor row (sample). The anchors are
-// streamed through shared memory in tiles of kNearThreads; each thread keeps
-// the smallest exact integer squared distance. Anchors are visited in index
-// order and only a strictly smaller distance replaces the best, so ties go to
-// the anchor that comes first in anchor_idx, exactly like the reference argmin.
-__global__ void nearest_map_kernel(const int64_t* __restrict__ anchors, int64_t m, int64_t h, int64_t w,
-                                   int64_t* __restrict__ out) {
+// One thread per grid cell, blockIdx.y = anchor row (sample; rows past the
+// 65535 grid limit are visited by a grid-stride loop, uniform per block, so the
+// barriers stay block-wide). The anchors are streamed through shared memory in
+// tiles of kNearThreads; each thread keeps the smallest exact integer (int64)
+// squared distance. Anchors are visited in index order and only a strictly
+// smaller distance replaces the best, so ties go to the anchor that comes first
+// in anchor_idx, exactly like the reference argmin.
+__global__ void nearest_map_kernel(const int64_t* __restrict__ anchors, int64_t rows, int64_t m, int64_t h,
+                                   int64_t w, int64_t* __restrict__ out) {
   __shared__ int64_t srow[kNearThreads];
   __shared__ int64_t scol[kNearThreads];
   const int64_t n = h * w;
-  const int64_t* a = anchors + blockIdx.y * m;
   const int64_t p = blockIdx.x * int64_t(kNearThreads) + threadIdx.x;
   const int64_t r = p / w, c = p % w;
-  int64_t best = INT64_MAX, bj = 0;
-  for (int64_t t0 = 0; t0 < m; t0 += kNearThreads) {
-    // Every thread takes part in loading and in both barriers, even past the grid end.
-    const int64_t jl = t0 + threadIdx.x;
-    if (jl < m) {
-      const int64_t q = a[jl];
-      srow[threadIdx.x] = q / w;
-      scol[threadIdx.x] = q % w;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t* a = anchors + row * m;
+    int64_t best = INT64_MAX, bj = 0;
+    for (int64_t t0 = 0; t0 < m; t0 += kNearThreads) {
+      // Every thread takes part in loading and in both barriers, even past the grid end.
+      const int64_t jl = t0 + threadIdx.x;
+      if (jl < m) {
+        const int64_t q = a[jl];
+        srow[threadIdx.x] = q / w;
+        scol[threadIdx.x] = q % w;
+      }
+      __syncthreads();
+      const int64_t cnt = min(int64_t(kNearThreads), m - t0);
+      for (int64_t u = 0; u < cnt; ++u) {
+        const int64_t dr = r - srow[u], dc = c - scol[u];
+        const int64_t d2 = dr * dr + dc * dc;
+        if (d2 < best) best = d2, bj = t0 + u;
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    const int64_t cnt = min(int64_t(kNearThreads), m - t0);
-    for (int64_t u = 0; u < cnt; ++u) {
-      const int64_t dr = r - srow[u], dc = c - scol[u];
-      const int64_t d2 = dr * dr + dc * dc;
-      if (d2 < best) best = d2, bj = t0 + u;
-    }
-    __syncthreads();
+    if (p < n) out[row * n + p] = bj;
   }
-  if (p < n) out[blockIdx.y * n + p] = bj;
 }
 
 at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t height, int64_t width, bool validate) {
@@ -63,10 +67,10 @@ at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t heig
   const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
   at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
   if (rows == 0) return out;
-  TORCH_CHECK_VALUE(rows <= 65535, op, ": at most 65535 anchor rows are supported on CUDA, got ", rows);
-  const dim3 grid(static_cast<unsigned>((n + kNearThreads - 1) / kNearThreads), static_cast<unsigned>(rows));
-  nearest_map_kernel<<<grid, kNearThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a.data_ptr<int64_t>(), m, height,
-                                                                                  width, out.data_ptr<int64_t>());
+  const dim3 grid(static_cast<unsigned>((n + kNearThreads - 1) / kNearThreads),
+                  static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridYZ)));
+  nearest_map_kernel<<<grid, kNearThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      a.data_ptr<int64_t>(), rows, m, height, width, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -77,47 +81,54 @@ constexpr int kLanes = 32;  // threads over channels (one warp reads a contiguou
 constexpr int kCells = 8;   // cells per block (one warp each)
 
 // One thread per (sample, cell, channel): blockIdx.z = sample, blockIdx.x =
-// tile of kCells cells, blockIdx.y = tile of kLanes channels. The filled field
+// tile of kCells cells, blockIdx.y = tile of kLanes channels (samples and channel
+// tiles past the 65535 limit of grid axes y and z are visited by grid-stride
+// loops). The filled field
 // is never stored: each stencil tap reads its nearest anchor's row through the
 // map, so a warp's loads are one contiguous run of channels of one anchor row.
 // Horizontal taps are summed per stencil row, then weighted vertically, i.e.
 // the same separable order as the reference blur. Anchors keep their value.
-// kEuler: out[b, p, ch] += dt * lift (the latent y), else out = lift.
+// kEuler: out[b, p, ch] += dt * lift (the latent y), else out = lift; out is
+// addressed through its strides (os0, os1, os2), so a strided y is updated in place.
 template <typename T, bool kEuler>
-__global__ void lift_kernel(const float* __restrict__ vals, int64_t m, int64_t c, const int64_t* __restrict__ anchors,
-                            int64_t anchors_bstride, const int64_t* __restrict__ nearest, int64_t nearest_bstride,
+__global__ void lift_kernel(const float* __restrict__ vals, int64_t bsz, int64_t m, int64_t c,
+                            const int64_t* __restrict__ anchors, int64_t anchors_bstride,
+                            const int64_t* __restrict__ nearest, int64_t nearest_bstride,
                             const float* __restrict__ weights, int k, int64_t h, int64_t w, float dt,
-                            T* __restrict__ out) {
+                            T* __restrict__ out, int64_t os0, int64_t os1, int64_t os2) {
   extern __shared__ float sw[];  // the K blur taps
   for (int t = threadIdx.y * kLanes + threadIdx.x; t < k; t += kLanes * kCells) sw[t] = weights[t];
   __syncthreads();
   const int64_t n = h * w;
-  const int64_t b = blockIdx.z;
   const int64_t p = blockIdx.x * int64_t(kCells) + threadIdx.y;
-  const int64_t ch = blockIdx.y * int64_t(kLanes) + threadIdx.x;
-  if (p >= n || ch >= c) return;
-  const int64_t* near = nearest + b * nearest_bstride;
-  const float* vb = vals + b * m * c + ch;
-  const int64_t j = near[p];
-  float v;
-  if (anchors[b * anchors_bstride + j] == p) {
-    v = vb[j * c];  // an anchor keeps its exact value
-  } else {
-    const int rad = k / 2;
-    const int64_t row = p / w, col = p % w;
-    v = 0.f;
-    for (int ty = 0; ty < k; ++ty) {
-      const int64_t* nrow = near + reflect_index(row + ty - rad, h) * w;
-      float hs = 0.f;
-      for (int tx = 0; tx < k; ++tx) hs += sw[tx] * vb[nrow[reflect_index(col + tx - rad, w)] * c];
-      v += sw[ty] * hs;
+  if (p >= n) return;
+  const int rad = k / 2;
+  const int64_t row = p / w, col = p % w;
+  for (int64_t b = blockIdx.z; b < bsz; b += gridDim.z) {
+    const int64_t* near = nearest + b * nearest_bstride;
+    const int64_t j = near[p];
+    const bool is_anchor = anchors[b * anchors_bstride + j] == p;
+    for (int64_t ch = blockIdx.y * int64_t(kLanes) + threadIdx.x; ch < c; ch += int64_t(gridDim.y) * kLanes) {
+      const float* vb = vals + b * m * c + ch;
+      float v;
+      if (is_anchor) {
+        v = vb[j * c];  // an anchor keeps its exact value
+      } else {
+        v = 0.f;
+        for (int ty = 0; ty < k; ++ty) {
+          const int64_t* nrow = near + reflect_index(row + ty - rad, h) * w;
+          float hs = 0.f;
+          for (int tx = 0; tx < k; ++tx) hs += sw[tx] * vb[nrow[reflect_index(col + tx - rad, w)] * c];
+          v += sw[ty] * hs;
+        }
+      }
+      T* dst = out + b * os0 + p * os1 + ch * os2;
+      if (kEuler) {
+        *dst = static_cast<T>(static_cast<float>(*dst) + dt * v);
+      } else {
+        *dst = static_cast<T>(v);
+      }
     }
-  }
-  T* dst = out + (b * n + p) * c + ch;
-  if (kEuler) {
-    *dst = static_cast<T>(static_cast<float>(*dst) + dt * v);
-  } else {
-    *dst = static_cast<T>(v);
   }
 }
 
@@ -132,8 +143,7 @@ LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor&
                      const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
   check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_cuda(op, "values", values);
-  const int64_t b = values.size(0), m = values.size(1), n = height * width;
-  TORCH_CHECK_VALUE(b <= 65535, op, ": batch ", b, " exceeds the CUDA grid limit of 65535");
+  const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous()};
   if (validate) check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
   if (validate) check_index_values_cuda(op, "nearest", a.nearest, m, /*unique=*/false);
@@ -145,8 +155,9 @@ template <bool kEuler>
 void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float dt) {
   const int64_t b = a.vals.size(0), m = a.vals.size(1), c = a.vals.size(2), n = h * w;
   if (b == 0 || c == 0) return;
-  const dim3 grid(static_cast<unsigned>((n + kCells - 1) / kCells), static_cast<unsigned>((c + kLanes - 1) / kLanes),
-                  static_cast<unsigned>(b));
+  const dim3 grid(static_cast<unsigned>((n + kCells - 1) / kCells),
+                  static_cast<unsigned>(std::min<int64_t>((c + kLanes - 1) / kLanes, kMaxGridYZ)),
+                  static_cast<unsigned>(std::min<int64_t>(b, kMaxGridYZ)));
   const dim3 block(kLanes, kCells);
   const int k = static_cast<int>(a.weights.size(0));
   const size_t smem = sizeof(float) * k;
@@ -155,8 +166,9 @@ void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float
   const int64_t abs_ = index_batch_stride(a.anchors), nbs = a.nearest.dim() == 1 ? 0 : n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lift_cuda", [&] {
     lift_kernel<scalar_t, kEuler><<<grid, block, smem, stream>>>(
-        a.vals.data_ptr<float>(), m, c, a.anchors.data_ptr<int64_t>(), abs_, a.nearest.data_ptr<int64_t>(), nbs,
-        a.weights.data_ptr<float>(), k, h, w, dt, out.data_ptr<scalar_t>());
+        a.vals.data_ptr<float>(), b, m, c, a.anchors.data_ptr<int64_t>(), abs_, a.nearest.data_ptr<int64_t>(), nbs,
+        a.weights.data_ptr<float>(), k, h, w, dt, out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+        out.stride(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -179,7 +191,7 @@ void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& 
   check_same_device(op, y, "y", values, "values");
   const c10::cuda::CUDAGuard guard(y.device());
   const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
-  check_euler_target(op, y, values, height * width);
+  check_euler_target(op, y, values, anchor_idx, nearest, height * width);
   launch_lift<true>(a, y, height, width, static_cast<float>(dt));
 }
 

@@ -3,7 +3,8 @@
 //
 // Layout: one warp per token row, lanes stride over the channels, so every
 // warp reads and writes a contiguous run of C elements (coalesced when the
-// channel stride is 1). blockIdx.y is the sample.
+// channel stride is 1). blockIdx.y is the sample (samples past the 65535 limit
+// of grid axis y are visited by a grid-stride loop).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,29 +26,30 @@ template <typename T>
 __global__ void copy_rows_kernel(const T* __restrict__ src, int64_t ss0, int64_t ss1, int64_t ss2,
                                  const int64_t* __restrict__ src_rows, int64_t src_rows_bstride, T* __restrict__ dst,
                                  int64_t ds0, int64_t ds1, int64_t ds2, const int64_t* __restrict__ dst_rows,
-                                 int64_t dst_rows_bstride, int64_t m, int64_t c) {
-  const int64_t b = blockIdx.y;
+                                 int64_t dst_rows_bstride, int64_t batch, int64_t m, int64_t c) {
   const int64_t j = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
   if (j >= m) return;
   const int lane = threadIdx.x % kWarp;
-  const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
-  const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
-  const T* sp = src + b * ss0 + sr * ss1;
-  T* dp = dst + b * ds0 + dr * ds1;
-  for (int64_t k = lane; k < c; k += kWarp) dp[k * ds2] = sp[k * ss2];
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
+    const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
+    const T* sp = src + b * ss0 + sr * ss1;
+    T* dp = dst + b * ds0 + dr * ds1;
+    for (int64_t k = lane; k < c; k += kWarp) dp[k * ds2] = sp[k * ss2];
+  }
 }
 
 void launch_copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t src_rows_bstride, at::Tensor& dst,
                       const int64_t* dst_rows, int64_t dst_rows_bstride, int64_t batch, int64_t m) {
   if (batch == 0 || m == 0 || src.size(2) == 0) return;
-  TORCH_CHECK_VALUE(batch <= 65535, "jit_kernels: batch ", batch, " exceeds the CUDA grid limit of 65535");
-  const dim3 grid(static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(batch));
+  const dim3 grid(static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>(std::min<int64_t>(batch, kMaxGridYZ)));
   const dim3 block(kRowsPerBlock * kWarp);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_rows_cuda", [&] {
     copy_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(
         src.data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.stride(2), src_rows, src_rows_bstride,
-        dst.data_ptr<scalar_t>(), dst.stride(0), dst.stride(1), dst.stride(2), dst_rows, dst_rows_bstride, m,
+        dst.data_ptr<scalar_t>(), dst.stride(0), dst.stride(1), dst.stride(2), dst_rows, dst_rows_bstride, batch, m,
         src.size(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -83,6 +85,7 @@ void scatter_tokens_inplace_cuda(at::Tensor& base, const at::Tensor& idx_in, con
                                  bool validate) {
   constexpr const char* op = "scatter_tokens_";
   scatter_checks(op, base, idx_in, src);
+  check_scatter_target(op, base, idx_in, src);
   const c10::cuda::CUDAGuard guard(base.device());
   const at::Tensor idx = idx_in.contiguous();
   // Unique rows: with duplicates the result would depend on thread timing.

@@ -30,7 +30,7 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``x [B, L, H, D]``, ``cos, sin [L, D]`` (or ``[B, L, D]`` per sample) -> ``[B, L, H, D]`` fp32.
     """
     x = x.float()
-    xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    xr, xi = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).unbind(-1)  # explicit size: x may be empty
     rotated = torch.stack([-xi, xr], dim=-1).flatten(3)
     cos, sin = cos.float(), sin.float()
     cos, sin = (cos[:, :, None, :], sin[:, :, None, :]) if cos.dim() == 3 else (cos[None, :, None], sin[None, :, None])

@@ -27,6 +27,8 @@ def select_new_tokens_ref(importance: torch.Tensor, active_idx: torch.Tensor, co
     ties to the lower token index; NaN ranks above every number (torch.sort).
     """
     b, n = importance.shape
+    if b == 0:  # no samples (torch.stack needs at least one)
+        return torch.empty((0, count), dtype=torch.int64, device=importance.device)
     if active_idx.dim() == 1:
         active_idx = active_idx.unsqueeze(0).expand(b, -1)
     out = []

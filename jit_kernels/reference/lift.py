@@ -44,6 +44,8 @@ def nearest_anchor_map_ref(anchor_idx: torch.Tensor, height: int, width: int) ->
     """``anchor_idx [M] | [B, M]`` -> position in ``anchor_idx`` of each grid cell's nearest anchor, ``[N] | [B, N]``."""
     if anchor_idx.dim() == 1:
         return _nearest_one(anchor_idx, height, width)
+    if anchor_idx.shape[0] == 0:  # no samples (torch.stack needs at least one)
+        return anchor_idx.new_empty((0, height * width))
     return torch.stack([_nearest_one(a, height, width) for a in anchor_idx])
 
 

@@ -132,6 +132,18 @@ def _record_case(case: str, h: int, w: int, c: int, m: int, r: int, b: int, dtyp
     return out
 
 
+def _record_nearest_wide() -> list:
+    """The nearest map's int64-distance variant (``WIDE``), used on grids such as 1 x 50000."""
+    import torch
+
+    from jit_kernels.triton import lift
+
+    calls: list = []
+    with _recording(calls):
+        lift.launch_nearest_anchor_map(torch.tensor([0, 7, 49999]), 1, 50000)
+    return [("wide", "int64", fn, args, kwargs) for fn, args, kwargs in calls]
+
+
 def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths: bool) -> list:
     """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables)."""
     import torch
@@ -156,11 +168,13 @@ def _record_launches() -> list[tuple[str, str, object, tuple, dict]]:
     ``flux``: the FLUX 1024^2 shapes (64 x 64 grid, C = 64, 1310 anchors, 1147 new tokens,
     batch 2) in fp32 and bf16. ``edge``: a 1 x 17 grid, C = 1, one anchor, one new token,
     batch 1, where the JIT turns W, C, M, R and the unit strides into constants of 1.
+    ``wide``: the nearest map on a 1 x 50000 grid (squared distances beyond int32).
     """
     import torch
 
     return (_record_case("flux", 64, 64, 64, 1310, 1147, 2, (torch.float32, torch.bfloat16))
             + _record_case("edge", 1, 17, 1, 1, 1, 1, (torch.float32,))
+            + _record_nearest_wide()
             # attention: FLUX (512 text + 1310 anchors, 24 x 128, per-sample lengths), the tiny
             # model (4 x 32), and D = 2 on one token.
             + _record_attention("flux", 2, 512 + 1310, 24, 128, (torch.float32, torch.bfloat16, torch.float16), True)

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, f32
+from . import common
+from .common import INTERPRET, cast, f32, spans, sub
 
 __all__ = ["launch_anchor_attention", "attention_blocks"]
 
@@ -178,18 +179,29 @@ def launch_anchor_attention(
     bm, bn, warps, stages = attention_blocks(d, q.dtype)
     half = d // 2
     dot = _dot_dtype(q.dtype)
-    grid = (triton.cdiv(n, bm), b * h)
-    _anchor_attention_fwd_kernel[grid](
-        q, k, v, cs, sn, lens if lens is not None else cs, out,
-        n, h, d, half, float(scale) * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        cs.stride(0) if cs.dim() == 3 else 0, cs.stride(-2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        HAS_LENS=lens is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32 and not INTERPRET,
-        num_warps=warps, num_stages=stages,
-    )
+    # Grid axis 1 holds (sample, head) pairs, at most 65535 per launch: larger B * H is split
+    # into launches over samples (and over heads when H alone exceeds the limit).
+    limit = common.MAX_GRID_YZ
+    hspans = spans(h, limit)
+    for bs in spans(b, max(limit // h, 1)):
+        per_sample = cs.dim() == 3
+        csv = sub(cs, 0, bs, b) if per_sample else cs
+        snv = sub(sn, 0, bs, b) if per_sample else sn
+        lv = sub(lens, 0, bs, b) if lens is not None else None
+        for hs in hspans:
+            qv, kv, vv, ov = (sub(sub(t, 0, bs, b), 2, hs, h) for t in (q, k, v, out))
+            nh = hs[1] - hs[0]
+            _anchor_attention_fwd_kernel[(triton.cdiv(n, bm), (bs[1] - bs[0]) * nh)](
+                qv, kv, vv, csv, snv, lv if lv is not None else csv, ov,
+                n, nh, d, half, float(scale) * _LOG2E,
+                qv.stride(0), qv.stride(1), qv.stride(2),
+                kv.stride(0), kv.stride(1), kv.stride(2),
+                vv.stride(0), vv.stride(1), vv.stride(2),
+                csv.stride(0) if per_sample else 0, csv.stride(-2),
+                ov.stride(0), ov.stride(1), ov.stride(2),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+                BLOCK_D=max(16, triton.next_power_of_2(d)),
+                HAS_LENS=lens is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32 and not INTERPRET,
+                num_warps=warps, num_stages=stages,
+            )
     return out

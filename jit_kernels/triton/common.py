@@ -13,7 +13,8 @@ import triton.language as tl
 
 from .._env import triton_interpret
 
-__all__ = ["INTERPRET", "NUM_WARPS", "tile_shape", "batch_stride", "f32", "cast"]
+__all__ = ["INTERPRET", "NUM_WARPS", "MAX_GRID_YZ", "MAX_FLAT_ROWS", "tile_shape", "batch_stride", "spans",
+           "sub", "f32", "cast"]
 
 # The interpreter is chosen when @triton.jit runs, so this is read once, at import time.
 INTERPRET = triton_interpret()
@@ -35,6 +36,30 @@ def tile_shape(rows: int, cols: int, *, tile: int | None = None, interpret: bool
     block_c = min(triton.next_power_of_2(max(cols, 1)), cap)
     block_r = max(1, min(budget // block_c, triton.next_power_of_2(max(rows, 1))))
     return block_r, block_c
+
+
+# Launch limits. CUDA grids hold at most 65535 programs along axes 1 and 2 (the batch, B * H in
+# attention, channel tiles); and the kernels index a flattened (sample, row) axis, a row axis or a
+# cell axis with int32 arithmetic (program id * block + lane), so one launch covers at most 2^30 such
+# rows (the grid ops bound H * W by the same number). Launchers whose sizes exceed either split the
+# work into several launches over views of the tensors (``spans`` / ``sub``); in the common case
+# there is one span and no view is made. Read at call time: tests shrink them to exercise the splits.
+MAX_GRID_YZ = 65535
+MAX_FLAT_ROWS = 1 << 30
+
+
+def spans(total: int, step: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` pieces of at most ``step`` covering ``range(total)`` (one piece when it fits)."""
+    step = max(int(step), 1)
+    if total <= step:
+        return [(0, total)]
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
+
+
+def sub(t, dim: int, span: tuple[int, int], total: int):
+    """``t`` narrowed to ``span`` along ``dim`` (``t`` itself when the span is the whole ``total``)."""
+    lo, hi = span
+    return t if (lo, hi) == (0, total) else t.narrow(dim, lo, hi - lo)
 
 
 def batch_stride(idx: torch.Tensor) -> int:

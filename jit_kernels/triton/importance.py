@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, NUM_WARPS, batch_stride, f32, tile_shape
+from . import common
+from .common import INTERPRET, NUM_WARPS, batch_stride, f32, spans, sub, tile_shape
 
 __all__ = ["launch_token_importance", "launch_select_new_tokens"]
 
@@ -65,16 +66,19 @@ def importance_tile_shape(n: int, c: int, interpret: bool = INTERPRET) -> tuple[
 def launch_token_importance(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``field [B, H*W, C]`` -> fp32 ``[B, H*W]``: 3x3 local variance averaged over channels (Triton)."""
     b, n, c = field.shape
+    if c == 0:  # the public op's rule, also for direct calls: a mean over no channels is undefined
+        raise ValueError("token_importance: field has no channels (C = 0): the channel mean of the local "
+                         "variance is undefined")
     out = torch.empty((b, n), dtype=torch.float32, device=field.device)
     if out.numel() == 0:
         return out
-    if c == 0:  # mean over no channels: NaN, as torch's mean of an empty dim
-        return out.fill_(float("nan"))
     bp, bc = importance_tile_shape(n, c)
-    _token_importance_fwd_kernel[(triton.cdiv(n, bp), b)](
-        field, out, n, c, height, width, *field.stride(),
-        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs in spans(b, common.MAX_GRID_YZ):  # samples past the grid's axis-1 limit: more launches
+        fv, ov = sub(field, 0, bs, b), sub(out, 0, bs, b)
+        _token_importance_fwd_kernel[(triton.cdiv(n, bp), bs[1] - bs[0])](
+            fv, ov, n, c, height, width, *fv.stride(),
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -145,14 +149,17 @@ def launch_select_new_tokens(importance: torch.Tensor, active_idx: torch.Tensor,
         return torch.empty((b, count), dtype=torch.int64, device=importance.device)
     keys = torch.empty((b, n), dtype=torch.int64, device=importance.device)
     bn = select_block(n)
-    _select_new_tokens_fwd_kernel[(triton.cdiv(n, bn), b)](
-        importance, keys, n, *importance.stride(), BLOCK_N=bn, num_warps=NUM_WARPS,
-    )
     m = active_idx.shape[-1]
-    if m > 0:
-        bm = select_block(m)
-        _select_mask_active_kernel[(triton.cdiv(m, bm), b)](
-            keys, active_idx, n, m, batch_stride(active_idx), active_idx.stride(-1),
-            BLOCK_M=bm, num_warps=NUM_WARPS,
+    bm = select_block(m)
+    for bs in spans(b, common.MAX_GRID_YZ):  # samples past the grid's axis-1 limit: more launches
+        iv, kv = sub(importance, 0, bs, b), sub(keys, 0, bs, b)
+        _select_new_tokens_fwd_kernel[(triton.cdiv(n, bn), bs[1] - bs[0])](
+            iv, kv, n, *iv.stride(), BLOCK_N=bn, num_warps=NUM_WARPS,
         )
+        if m > 0:
+            av = sub(active_idx, 0, bs, b) if active_idx.dim() == 2 else active_idx
+            _select_mask_active_kernel[(triton.cdiv(m, bm), bs[1] - bs[0])](
+                kv, av, n, m, batch_stride(av), av.stride(-1),
+                BLOCK_M=bm, num_warps=NUM_WARPS,
+            )
     return torch.topk(keys, count, dim=1, largest=True, sorted=True).indices

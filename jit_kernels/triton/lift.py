@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, NUM_WARPS, batch_stride, cast, f32, tile_shape
+from .. import _checks
+from . import common
+from .common import INTERPRET, NUM_WARPS, batch_stride, cast, f32, spans, sub, tile_shape
 
 __all__ = ["launch_nearest_anchor_map", "launch_lift_field", "launch_lift_euler_"]
 
@@ -35,13 +37,17 @@ def _nearest_anchor_map_fwd_kernel(
     anchor_ptr, out_ptr,
     M, N, W,
     sa_b, sa_m, so_b,
-    BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_A: tl.constexpr, WIDE: tl.constexpr,
 ):
     """out[b, p] = first j minimising |cell p - cell anchor[b, j]|^2 (exact integer distances).
 
-    The packed key ``d2 * M + j`` is unique per anchor and orders by distance,
-    then by position in the anchor list, so one ``min`` yields both the nearest
-    anchor and the first-listed one on ties (the reference's argmin).
+    Grid coordinates and their differences fit int32 (N <= 2^30), and int32 arithmetic is far
+    cheaper on GPUs. When every squared distance fits int32 too (``WIDE`` off: (H-1)^2 + (W-1)^2
+    < 2^31), the packed key ``d2 * M + j`` (int64) is unique per anchor and orders by distance,
+    then by position in the anchor list, so one ``min`` yields both the nearest anchor and the
+    first-listed one on ties (the reference's argmin). ``WIDE`` grids (a 1 x 50000 grid, say)
+    square in int64, where ``d2 * M`` could overflow: a min over distances, then a min over the
+    positions that reach it, per anchor chunk (earlier chunks win ties).
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -49,21 +55,42 @@ def _nearest_anchor_map_fwd_kernel(
     pmask = pos < N
     pr = pos // W
     pc = pos % W
-    best = tl.full([BLOCK_P], 0x7FFFFFFFFFFFFFFF, tl.int64)
-    for a0 in range(0, M, BLOCK_A):
-        j = a0 + tl.arange(0, BLOCK_A)
-        amask = j < M
-        # Grid coordinates fit int32 (N < 2^31), and int32 division is far cheaper on GPUs.
-        a = tl.load(anchor_ptr + b * sa_b + j * sa_m, mask=amask, other=0).to(tl.int32)
-        ar = a // W
-        ac = a % W
-        dr = pr[:, None] - ar[None, :]
-        dc = pc[:, None] - ac[None, :]
-        d2 = dr * dr + dc * dc
-        key = d2.to(tl.int64) * M + j[None, :]  # int64: d2 * M can exceed 2^31
-        key = tl.where(amask[None, :], key, 0x7FFFFFFFFFFFFFFF)
-        best = tl.minimum(best, tl.min(key, axis=1))
-    tl.store(out_ptr + b * so_b + pos, best % M, mask=pmask)
+    if WIDE:
+        best_d = tl.full([BLOCK_P], 0x7FFFFFFFFFFFFFFF, tl.int64)
+        best_j = tl.zeros([BLOCK_P], dtype=tl.int64)
+        for a0 in range(0, M, BLOCK_A):
+            j = a0 + tl.arange(0, BLOCK_A)
+            amask = j < M
+            a = tl.load(anchor_ptr + b * sa_b + j * sa_m, mask=amask, other=0).to(tl.int32)
+            dr = (pr[:, None] - (a // W)[None, :]).to(tl.int64)
+            dc = (pc[:, None] - (a % W)[None, :]).to(tl.int64)
+            d2 = tl.where(amask[None, :], dr * dr + dc * dc, 0x7FFFFFFFFFFFFFFF)
+            cd = tl.min(d2, axis=1)
+            cj = tl.min(tl.where(d2 == cd[:, None], j[None, :].to(tl.int64), 0x7FFFFFFFFFFFFFFF), axis=1)
+            take = cd < best_d
+            best_j = tl.where(take, cj, best_j)
+            best_d = tl.where(take, cd, best_d)
+        tl.store(out_ptr + b * so_b + pos, best_j, mask=pmask)
+    else:
+        best = tl.full([BLOCK_P], 0x7FFFFFFFFFFFFFFF, tl.int64)
+        for a0 in range(0, M, BLOCK_A):
+            j = a0 + tl.arange(0, BLOCK_A)
+            amask = j < M
+            a = tl.load(anchor_ptr + b * sa_b + j * sa_m, mask=amask, other=0).to(tl.int32)
+            ar = a // W
+            ac = a % W
+            dr = pr[:, None] - ar[None, :]
+            dc = pc[:, None] - ac[None, :]
+            d2 = dr * dr + dc * dc
+            key = d2.to(tl.int64) * M + j[None, :]  # int64: d2 * M can exceed 2^31
+            key = tl.where(amask[None, :], key, 0x7FFFFFFFFFFFFFFF)
+            best = tl.minimum(best, tl.min(key, axis=1))
+        tl.store(out_ptr + b * so_b + pos, best % M, mask=pmask)
+
+
+def nearest_is_wide(height: int, width: int) -> bool:
+    """Whether some squared cell distance of an ``height x width`` grid exceeds int32 (the kernel's ``WIDE``)."""
+    return (height - 1) ** 2 + (width - 1) ** 2 > 2**31 - 1
 
 
 def nearest_block_shape(n: int, m: int, interpret: bool = INTERPRET) -> tuple[int, int]:
@@ -83,12 +110,15 @@ def launch_nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int)
     if out.numel() == 0:
         return out
     block_p, block_a = nearest_block_shape(n, m)
-    grid = (triton.cdiv(n, block_p), b)
-    _nearest_anchor_map_fwd_kernel[grid](
-        anchor_idx, out, m, n, width,
-        batch_stride(anchor_idx), anchor_idx.stride(-1), n if per_sample else 0,
-        BLOCK_P=block_p, BLOCK_A=block_a, num_warps=NUM_WARPS,
-    )
+    wide = nearest_is_wide(height, width)
+    for bs in spans(b, common.MAX_GRID_YZ):  # rows past the grid's axis-1 limit: more launches
+        av = sub(anchor_idx, 0, bs, b) if per_sample else anchor_idx
+        ov = sub(out, 0, bs, b) if per_sample else out
+        _nearest_anchor_map_fwd_kernel[(triton.cdiv(n, block_p), bs[1] - bs[0])](
+            av, ov, m, n, width,
+            batch_stride(av), av.stride(-1), n if per_sample else 0,
+            BLOCK_P=block_p, BLOCK_A=block_a, WIDE=wide, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -235,6 +265,13 @@ def _lift_euler_fwd_kernel(
 _LIFT_TILE_GPU = 2048
 
 
+def flat_launches(b: int, rows: int, c: int, bc: int):
+    """(batch span, channel span) of each launch of a (flattened sample x row tiles, channel tiles) grid:
+    at most ``MAX_FLAT_ROWS`` flattened rows (int32 row arithmetic) and ``MAX_GRID_YZ`` channel tiles each."""
+    return [(bs, cs) for bs in spans(b, common.MAX_FLAT_ROWS // max(rows, 1))
+            for cs in spans(c, common.MAX_GRID_YZ * bc)]
+
+
 def lift_tile_shape(rows: int, c: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     return tile_shape(rows, c, tile=None if interpret else _LIFT_TILE_GPU, interpret=interpret)
 
@@ -250,16 +287,21 @@ def launch_lift_field(
         return out
     w = weights.to(torch.float32).contiguous()
     bp, bc = lift_tile_shape(b * n, c)
-    grid = (triton.cdiv(b * n, bp), triton.cdiv(c, bc))
-    _lift_field_fwd_kernel[grid](
-        values, anchor_idx, nearest, w, out,
-        n, b * n, c, w.numel(), height, width,
-        *values.stride(),
-        batch_stride(anchor_idx), anchor_idx.stride(-1),
-        batch_stride(nearest), nearest.stride(-1),
-        *out.stride(),
-        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs, cs in flat_launches(b, n, c, bc):
+        nb, cc = bs[1] - bs[0], cs[1] - cs[0]
+        vv = sub(sub(values, 0, bs, b), 2, cs, c)
+        av = sub(anchor_idx, 0, bs, b) if anchor_idx.dim() == 2 else anchor_idx
+        nv = sub(nearest, 0, bs, b) if nearest.dim() == 2 else nearest
+        ov = sub(sub(out, 0, bs, b), 2, cs, c)
+        _lift_field_fwd_kernel[(triton.cdiv(nb * n, bp), triton.cdiv(cc, bc))](
+            vv, av, nv, w, ov,
+            n, nb * n, cc, w.numel(), height, width,
+            *vv.stride(),
+            batch_stride(av), av.stride(-1),
+            batch_stride(nv), nv.stride(-1),
+            *ov.stride(),
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -273,19 +315,29 @@ def launch_lift_euler_(
     width: int,
     dt: float,
 ) -> None:
-    """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass)."""
+    """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass).
+
+    ``y`` (any strides) must not overlap itself nor the inputs (``ValueError``): every cell reads
+    ``values`` rows while other programs write ``y``.
+    """
+    _checks.check_inplace("lift_euler_", "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     b, n, c = y.shape
     if y.numel() == 0:
         return
     w = weights.to(torch.float32).contiguous()
     bp, bc = lift_tile_shape(b * n, c)
-    grid = (triton.cdiv(b * n, bp), triton.cdiv(c, bc))
-    _lift_euler_fwd_kernel[grid](
-        y, values, anchor_idx, nearest, w,
-        n, b * n, c, w.numel(), height, width, float(dt),
-        *y.stride(),
-        *values.stride(),
-        batch_stride(anchor_idx), anchor_idx.stride(-1),
-        batch_stride(nearest), nearest.stride(-1),
-        BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs, cs in flat_launches(b, n, c, bc):
+        nb, cc = bs[1] - bs[0], cs[1] - cs[0]
+        yv = sub(sub(y, 0, bs, b), 2, cs, c)
+        vv = sub(sub(values, 0, bs, b), 2, cs, c)
+        av = sub(anchor_idx, 0, bs, b) if anchor_idx.dim() == 2 else anchor_idx
+        nv = sub(nearest, 0, bs, b) if nearest.dim() == 2 else nearest
+        _lift_euler_fwd_kernel[(triton.cdiv(nb * n, bp), triton.cdiv(cc, bc))](
+            yv, vv, av, nv, w,
+            n, nb * n, cc, w.numel(), height, width, float(dt),
+            *yv.stride(),
+            *vv.stride(),
+            batch_stride(av), av.stride(-1),
+            batch_stride(nv), nv.stride(-1),
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )

@@ -6,8 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .lift import _lift_tile, lift_tile_shape
-from .common import NUM_WARPS, batch_stride, cast, f32, tile_shape
+from .. import _checks
+from .common import NUM_WARPS, batch_stride, cast, f32, sub, tile_shape
+from .lift import _lift_tile, flat_launches, lift_tile_shape
+from .tokens import _index_view, _row_launches
 
 __all__ = ["launch_microflow_update_", "launch_microflow_target"]
 
@@ -48,19 +50,27 @@ def _microflow_update_fwd_kernel(
 
 
 def launch_microflow_update_(y: torch.Tensor, new_idx: torch.Tensor, target: torch.Tensor, weight: float) -> None:
-    """In place ``y[R] <- (1 - w) y[R] + w target``; ``y [B, N, C]``, ``new_idx [R] | [B, R]``, ``target [B, R, C]``."""
+    """In place ``y[R] <- (1 - w) y[R] + w target``; ``y [B, N, C]``, ``new_idx [R] | [B, R]``, ``target [B, R, C]``.
+
+    ``y`` (any strides) must not overlap itself nor ``new_idx``/``target`` (``ValueError``).
+    """
+    _checks.check_inplace("microflow_update_", "y", y, new_idx=new_idx, target=target)
     b, _, c = y.shape
     r = new_idx.shape[-1]
     if b * r * c == 0:
         return
     br, bc = tile_shape(r, c)
-    grid = (triton.cdiv(r, br), b, triton.cdiv(c, bc))
-    # 1 - w is formed in double here, like the reference's Python-scalar arithmetic.
-    _microflow_update_fwd_kernel[grid](
-        y, new_idx, target, r, c, float(weight), 1.0 - float(weight),
-        *y.stride(), batch_stride(new_idx), new_idx.stride(-1), *target.stride(),
-        BLOCK_R=br, BLOCK_C=bc, COPY=bool(weight == 1.0), num_warps=NUM_WARPS,
-    )
+    for bs, rs, cs in _row_launches(b, r, c, bc):  # one launch unless a grid limit is exceeded
+        yv = sub(sub(y, 0, bs, b), 2, cs, c)
+        iv = _index_view(new_idx, bs, b, rs, r)
+        tv = sub(sub(sub(target, 0, bs, b), 1, rs, r), 2, cs, c)
+        rr, cc = rs[1] - rs[0], cs[1] - cs[0]
+        # 1 - w is formed in double here, like the reference's Python-scalar arithmetic.
+        _microflow_update_fwd_kernel[(triton.cdiv(rr, br), bs[1] - bs[0], triton.cdiv(cc, bc))](
+            yv, iv, tv, rr, cc, float(weight), 1.0 - float(weight),
+            *yv.stride(), batch_stride(iv), iv.stride(-1), *tv.stride(),
+            BLOCK_R=br, BLOCK_C=bc, COPY=bool(weight == 1.0), num_warps=NUM_WARPS,
+        )
 
 
 # ------------------------------------------------------------------ target
@@ -127,16 +137,22 @@ def launch_microflow_target(
         return out
     w = weights.to(torch.float32).contiguous()
     br, bc = lift_tile_shape(b * r, c)
-    grid = (triton.cdiv(b * r, br), triton.cdiv(c, bc))
-    _microflow_target_fwd_kernel[grid](
-        y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, out,
-        r, b * r, c, w.numel(), height, width,
-        float(sigma_prev), float(sigma), 1.0 - float(sigma),
-        *y_prev.stride(), *v_prev.stride(),
-        batch_stride(anchor_idx), anchor_idx.stride(-1),
-        batch_stride(nearest), nearest.stride(-1),
-        batch_stride(new_idx), new_idx.stride(-1),
-        *eps.stride(), *out.stride(),
-        BLOCK_R=br, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs, cs in flat_launches(b, r, c, bc):  # one launch unless a grid limit is exceeded
+        nb, cc = bs[1] - bs[0], cs[1] - cs[0]
+        yv, vv = sub(sub(y_prev, 0, bs, b), 2, cs, c), sub(sub(v_prev, 0, bs, b), 2, cs, c)
+        av = sub(anchor_idx, 0, bs, b) if anchor_idx.dim() == 2 else anchor_idx
+        nv = sub(nearest, 0, bs, b) if nearest.dim() == 2 else nearest
+        rv = sub(new_idx, 0, bs, b) if new_idx.dim() == 2 else new_idx
+        ev, ov = sub(sub(eps, 0, bs, b), 2, cs, c), sub(sub(out, 0, bs, b), 2, cs, c)
+        _microflow_target_fwd_kernel[(triton.cdiv(nb * r, br), triton.cdiv(cc, bc))](
+            yv, vv, av, nv, w, rv, ev, ov,
+            r, nb * r, cc, w.numel(), height, width,
+            float(sigma_prev), float(sigma), 1.0 - float(sigma),
+            *yv.stride(), *vv.stride(),
+            batch_stride(av), av.stride(-1),
+            batch_stride(nv), nv.stride(-1),
+            batch_stride(rv), rv.stride(-1),
+            *ev.stride(), *ov.stride(),
+            BLOCK_R=br, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
     return out

@@ -1,7 +1,9 @@
 """Triton token gather / scatter: the launchers of ``gather_tokens``, ``scatter_tokens``, ``scatter_tokens_``.
 
 Every kernel works on a ``BLOCK_M x BLOCK_C`` tile of rows x channels; grid =
-(row tiles, B, channel tiles). Layout conventions: :mod:`jit_kernels.triton.common`.
+(row tiles, B, channel tiles), split into several launches when B or the channel tiles
+exceed the 65535 limit of grid axes 1 and 2 (or M the int32 row range). Layout
+conventions: :mod:`jit_kernels.triton.common`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NUM_WARPS, batch_stride, cast, tile_shape
+from .. import _checks
+from . import common
+from .common import NUM_WARPS, batch_stride, cast, spans, sub, tile_shape
 
 __all__ = ["launch_gather_tokens", "launch_scatter_tokens", "launch_scatter_tokens_"]
 
@@ -63,6 +67,19 @@ def _scatter_tokens_fwd_kernel(
     tl.store(dst, cast(vals, base_ptr.dtype.element_ty), mask=mask)
 
 
+def _row_launches(b: int, m: int, c: int, bc: int):
+    """(batch span, row span, channel span) of each launch of a (row tiles, B, channel tiles) grid."""
+    return [(bs, ms, cs) for bs in spans(b, common.MAX_GRID_YZ) for ms in spans(m, common.MAX_FLAT_ROWS)
+            for cs in spans(c, common.MAX_GRID_YZ * bc)]
+
+
+def _index_view(idx: torch.Tensor, bs, b: int, ms, m: int) -> torch.Tensor:
+    """An index ``[M] | [B, M]`` narrowed to a batch span (per-sample only) and a row span."""
+    if idx.dim() == 2:
+        idx = sub(idx, 0, bs, b)
+    return sub(idx, idx.dim() - 1, ms, m)
+
+
 def launch_gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x [B, N, C]``, ``idx`` int64 ``[M] | [B, M]`` -> ``[B, M, C]`` (Triton)."""
     b, _, c = x.shape
@@ -71,28 +88,42 @@ def launch_gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     bm, bc = tile_shape(m, c)
-    grid = (triton.cdiv(m, bm), b, triton.cdiv(c, bc))
-    _gather_tokens_fwd_kernel[grid](
-        x, idx, out, m, c,
-        *x.stride(), batch_stride(idx), idx.stride(-1), *out.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs, ms, cs in _row_launches(b, m, c, bc):
+        xv = sub(sub(x, 0, bs, b), 2, cs, c)
+        iv = _index_view(idx, bs, b, ms, m)
+        ov = sub(sub(sub(out, 0, bs, b), 1, ms, m), 2, cs, c)
+        mm, cc = ms[1] - ms[0], cs[1] - cs[0]
+        grid = (triton.cdiv(mm, bm), bs[1] - bs[0], triton.cdiv(cc, bc))
+        _gather_tokens_fwd_kernel[grid](
+            xv, iv, ov, mm, cc,
+            *xv.stride(), batch_stride(iv), iv.stride(-1), *ov.stride(),
+            BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
     return out
 
 
 def launch_scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """In place: rows ``idx`` (unique) of ``base [B, N, C]`` <- ``src [B, M, C]`` (Triton)."""
+    """In place: rows ``idx`` (unique) of ``base [B, N, C]`` <- ``src [B, M, C]`` (Triton).
+
+    ``base`` must not overlap itself nor ``idx``/``src`` (``ValueError``): the kernel writes through its strides.
+    """
+    _checks.check_inplace("scatter_tokens_", "base", base, idx=idx, src=src)
     b, _, c = base.shape
     m = idx.shape[-1]
     if b * m * c == 0:
         return
     bm, bc = tile_shape(m, c)
-    grid = (triton.cdiv(m, bm), b, triton.cdiv(c, bc))
-    _scatter_tokens_fwd_kernel[grid](
-        base, idx, src, m, c,
-        *base.stride(), batch_stride(idx), idx.stride(-1), *src.stride(),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )
+    for bs, ms, cs in _row_launches(b, m, c, bc):
+        bv = sub(sub(base, 0, bs, b), 2, cs, c)
+        iv = _index_view(idx, bs, b, ms, m)
+        sv = sub(sub(sub(src, 0, bs, b), 1, ms, m), 2, cs, c)
+        mm, cc = ms[1] - ms[0], cs[1] - cs[0]
+        grid = (triton.cdiv(mm, bm), bs[1] - bs[0], triton.cdiv(cc, bc))
+        _scatter_tokens_fwd_kernel[grid](
+            bv, iv, sv, mm, cc,
+            *bv.stride(), batch_stride(iv), iv.stride(-1), *sv.stride(),
+            BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )
 
 
 def launch_scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
