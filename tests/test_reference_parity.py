@@ -135,3 +135,19 @@ def test_init_anchors_are_checked_before_any_model_call():
     with pytest.raises(ValueError):
         cfg.replace(init_anchors=good[None])  # shared policy takes [M0]
     assert calls == []
+
+
+@pytest.mark.parametrize("backend", [b for b in T.compiled_backends() if b != "triton"] + ["reference"])
+def test_a_lattice_that_fills_the_budget_needs_no_given_anchors(backend):
+    """The first budget equals the checkerboard lattice (349 of 32 x 32): the sampler draws no
+    anchors, and with the shared noise tensor the run equals the published loop."""
+    base = lattice(H, W)
+    cfg = JiTConfig.preset("reference", token_ratios=(len(base) / N, 0.62, 1.0), backend=backend)
+    assert int(N * cfg.token_ratios[0]) == len(base)
+    g = torch.Generator().manual_seed(5)
+    y0, eps = torch.randn(1, N, C, generator=g), torch.randn(1, N, C, generator=g)
+    sig = beta_sigmas(cfg.total_steps)
+    want = published_loop(_velocity_list, y0[0], H, W, sig, cfg.total_steps, cfg.stage_ratios, cfg.token_ratios,
+                          base, eps[0], relax_steps=cfg.relax_steps)
+    got, _ = jit_sample(_velocity_packed, y0, H, W, sig, cfg.replace(dmf_noise=eps), torch.Generator().manual_seed(9))
+    assert _rel(got[0], want) <= 1e-4
