@@ -329,11 +329,13 @@ def check_devices(op: str, /, **tensors) -> None:
     """The tensors among ``tensors`` on one device (``None`` and non-tensors are skipped: their types
     are checked afterwards). Called first, before any check that reads values or picks a kernel, so a
     mixed call (a CPU tensor with a meta or CUDA one) is refused the same way on every backend."""
-    named = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
-    if len(named) > 1:
-        first = named[0][1].device
-        if any(t.device != first for _, t in named):
-            check_same_device(op, **dict(named))
+    first = None
+    for t in tensors.values():  # the common case (one device) without building anything
+        if isinstance(t, torch.Tensor):
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                check_same_device(op, **{n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)})
 
 
 def check_num_tokens(op: str, name: str, n: int) -> None:
@@ -402,7 +404,7 @@ def check_inplace(op: str, out_name: str, out: torch.Tensor, /, **inputs) -> Non
     written through aliases, so the result would depend on the order of the writes), and no memory
     shared with any of ``inputs`` (non-tensors skipped: their types are checked elsewhere), which the
     op reads while it writes ``out``."""
-    if has_internal_overlap(out):
+    if not out.is_contiguous() and has_internal_overlap(out):
         raise ValueError(f"{op}: {out_name} has internally overlapping memory (several elements share one "
                          f"memory location, e.g. an expand()-ed tensor) and cannot be written in place; "
                          f"pass {out_name}.clone()")
