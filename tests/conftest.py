@@ -2,17 +2,20 @@
 
 Triton runs on CPU only through its interpreter, which must be switched on
 before any ``@triton.jit`` function is defined, i.e. before ``jit_kernels`` is
-imported. Triton kernels are therefore tested through the interpreter on
-CPU-only machines; on a GPU machine export TRITON_INTERPRET=0 to test them
-compiled.
+imported. On a machine without a CUDA device the Triton kernels are therefore
+tested through the interpreter (TRITON_INTERPRET=1 is set here); on a CUDA
+machine they are tested compiled, on CUDA tensors. An explicit TRITON_INTERPRET
+in the environment (``0`` or ``1``) always wins. Only torch is imported to ask
+for a device: jit_kernels must not be imported before the switch is set.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
