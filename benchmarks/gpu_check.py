@@ -78,8 +78,8 @@ CHILD_TAG = "GPU_CHECK_CHILD "
 DIFFUSERS_HINT = (
     "diffusers is not importable. On an offline box bring the wheels (benchmarks/README.md, "
     "'GPU proof kit'): diffusers-0.42.1-py3-none-any.whl, importlib_metadata-10.2.0-py3-none-any.whl, "
-    "lazy_importer-0.1.0-py3-none-any.whl, then `python -m pip install --no-index --find-links wheels/ "
-    "diffusers==0.42.1` (or `--no-deps --target /tmp/site wheels/*.whl` and PYTHONPATH=/tmp/site)."
+    "lazy_importer-0.1.0-py3-none-any.whl, zipp-4.1.2-py3-none-any.whl, then `python -m pip install --no-index "
+    "--find-links wheels/ diffusers==0.42.1` (or `--no-deps --target /tmp/site wheels/*.whl` and PYTHONPATH=/tmp/site)."
 )
 
 # Differences between backends that are known and reported (not failures of the kit); a key
@@ -1718,7 +1718,7 @@ def main(argv=None) -> int:
     if build is not None and build["rc"] != 0:
         print(build["log_tail"], file=sys.stderr)
     _prepare_env(args.dry_run, argv if cli else None)
-    if args.dry_run:
+    if args.dry_run and cli:
         torch.set_num_threads(1)  # tiny shapes on a shared 2-core machine: threads only contend
     kit = Kit(out=Path(args.out), dry=args.dry_run, small=args.small,
               device="cpu" if args.dry_run else "cuda", backends=[], args=args)
