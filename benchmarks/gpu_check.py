@@ -1567,7 +1567,9 @@ def write_report(kit: Kit) -> None:
     res = kit.result
     res["ok"] = not kit.failures
     res["failures"] = kit.failures
-    res["known_issues"] = [f"{op} ({probe}): {txt}" for (op, probe), txt in KNOWN_ISSUES.items()]
+    probes = res.get("parity_summary", {}).get("strided_destination_probes", [])
+    res["known_issues"] = [f"{p['op']} ({p['probe']}): {p['known_issue']}" for p in probes if p.get("known_issue")]
+    res["known_issues_fixed"] = [f"{p['op']} ({p['probe']})" for p in probes if p.get("note", "").startswith("consistent now")]
     kit.out.mkdir(parents=True, exist_ok=True)
     (kit.out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     L = [f"# GPU proof kit{' (DRY RUN on CPU: proves the kit runs, not the GPU)' if kit.dry else ''}", "",
@@ -1669,7 +1671,11 @@ def write_report(kit: Kit) -> None:
     if san:
         L += ["", "## compute-sanitizer", "", f"Status: {san.get('status')}; {san.get('error_summary') or ''} "
               f"{san.get('note') or ''} (parity records {san.get('parity_records')}, failed {san.get('parity_failed')})"]
-    L += ["", "Known issues (reported, not counted as failures):"] + [f"- {k}" for k in res["known_issues"]]
+    if res["known_issues"]:
+        L += ["", "Known issues seen in this run (reported, not counted as failures):"] + [f"- {k}" for k in res["known_issues"]]
+    if res["known_issues_fixed"]:
+        L += ["", "Known issues no longer seen (remove them from KNOWN_ISSUES in benchmarks/gpu_check.py so a "
+              "regression fails): " + ", ".join(res["known_issues_fixed"])]
     (kit.out / "gpu_check.md").write_text("\n".join(L) + "\n")
 
 

@@ -206,3 +206,19 @@ def test_gpu_parity_small_subset(tmp_path):
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert out["ok"] and out["env"]["backends_under_test"] == ["cuda", "triton"] and len(out["parity"]) > 50
+
+
+def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeypatch):
+    kit = _kit(tmp_path)
+
+    def refuses_on_compiled(be):
+        if be != "reference":
+            raise ValueError("y must be contiguous")
+        return torch.ones(2)
+
+    monkeypatch.setattr(gc, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
+                                                                      ("fake_op_", refuses_on_compiled)])
+    probes = gc.run_probes(kit)
+    known, unknown = probes
+    assert not known["consistent"] and known["known_issue"] and not unknown["consistent"] and "known_issue" not in unknown
+    assert len(kit.failures) == 1 and "fake_op_ on a strided destination" in kit.failures[0]
