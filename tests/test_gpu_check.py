@@ -216,6 +216,7 @@ def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeyp
             raise ValueError("y must be contiguous")
         return torch.ones(2)
 
+    monkeypatch.setattr(gc, "KNOWN_ISSUES", {("lift_euler_", "strided destination"): "a tolerated disagreement"})
     monkeypatch.setattr(gc, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
                                                                       ("fake_op_", refuses_on_compiled)])
     probes = gc.run_probes(kit)
