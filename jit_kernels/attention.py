@@ -77,9 +77,6 @@ def anchor_attention(
     be = resolve(op, q.device, backend)
     if key_lengths is not None:
         C.check_lengths(op, "key_lengths", key_lengths, b, n)
-        C.check_same_device(op, q=q, key_lengths=key_lengths)
-    C.check_same_device(op, q=q, k=k, v=v, cos=cos, sin=sin)
-    if key_lengths is not None:
         C.validate_lengths(op, "key_lengths", key_lengths, n)
         key_lengths = key_lengths.to(torch.int64)
     if be == "reference":

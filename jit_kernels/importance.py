@@ -48,7 +48,6 @@ def select_new_tokens(
     C.check_num_tokens(op, "importance", n)
     be = resolve(op, importance.device, backend)
     C.check_index(op, "active_idx", active_idx, b, n)
-    C.check_same_device(op, importance=importance, active_idx=active_idx)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
     if count < 0 or count > n - active_idx.shape[-1]:

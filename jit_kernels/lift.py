@@ -115,7 +115,7 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     that fixes the batch and the device; ``rows``, when given, is the number of anchor value
     rows (``values.shape[1]``) that must match ``anchor_idx``. Computes the nearest map if
     absent (:func:`nearest_anchor_map` then checks the anchors itself) and the blur taps;
-    returns ``(nearest, weights)``.
+    returns ``(nearest, weights)``. Devices are the caller's to check first (``check_devices``).
     """
     C.check_grid(op, height, width)
     n = height * width
@@ -125,11 +125,9 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     if rows is not None and rows != m:
         raise ValueError(f"{op}: values has {rows} rows but anchor_idx has {m} anchors")
     if nearest is None:
-        C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx)
         nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend)
     else:
         C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
-        C.check_same_device(op, **{lead_name: lead}, anchor_idx=anchor_idx, nearest=nearest)
         C.validate_nearest(op, nearest, anchor_idx, n)
     w = _lift_weights(op, m, n, sigma, kernel_size, blur_scale, lead.device)
     return nearest, w
@@ -200,7 +198,6 @@ def lift_euler_(
     C.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
                            backend, be, rows=values.shape[1])
-    C.check_same_device(op, y=y, values=values)
     dt = C.check_float(op, "dt", dt)
     if be == "reference":
         return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)

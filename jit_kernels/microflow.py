@@ -84,7 +84,6 @@ def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
     be = resolve("microflow_update_", y.device, backend)
     C.check_tokens(op, "target", target, channels=y.shape[2])
     C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1])
-    C.check_same_device(op, y=y, new_idx=new_idx, target=target)
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
     if inplace:  # metadata, so before the value checks
@@ -145,7 +144,6 @@ def microflow_target(
     # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
     nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
                            backend, be)
-    C.check_same_device(op, y_prev=y_prev, v_prev=v_prev, new_idx=new_idx, eps=eps, anchor_idx=anchor_idx)
     C.validate_index(op, "new_idx", new_idx, n, unique=True)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)

@@ -22,7 +22,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
     be = resolve(op, C.check_tensor(op, "x", x).device, backend)
     C.check_tokens(op, "x", x)
     C.check_index(op, "idx", idx, x.shape[0], x.shape[1])
-    C.check_same_device(op, x=x, idx=idx)
     V.gather_tokens(x, idx)
     if be == "reference":
         return gather_tokens_ref(x, idx)
@@ -35,7 +34,6 @@ def _check_scatter(op: str, base, idx, src, backend) -> str:
     C.check_tokens(op, "base", base)
     C.check_tokens(op, "src", src, channels=base.shape[2])
     C.check_index(op, "idx", idx, base.shape[0], base.shape[1])
-    C.check_same_device(op, base=base, idx=idx, src=src)
     if src.shape[:2] != (base.shape[0], idx.shape[-1]):
         raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")
     if op == "scatter_tokens_":  # metadata, so before the value checks
