@@ -25,17 +25,30 @@ _MODULES = ("flux", "flux2_klein")
 _CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
 
 
-def _quiet_import(name: str):
-    """Import a pipeline module without transformers' "requires torchvision; falling back to the PIL
-    image processor" notice, which diffusers' pipeline imports trigger on machines without torchvision
-    (the fallback is what these pipelines use anyway)."""
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
+    `XImageProcessorPil`" notice, which importing diffusers' pipelines triggers on machines without
+    torchvision. The PIL fallback is what these pipelines use anyway; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("requires torchvision (not installed)" in msg and "falling back to" in msg)
+
+
+def _install_filter() -> None:
     log = logging.getLogger("transformers.utils.import_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    finally:
-        log.setLevel(level)
+    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in log.filters):
+        log.addFilter(_TorchvisionFallbackFilter())
+
+
+# Installed when the package is imported, so every way into a pipeline module (``enable_jit``,
+# the lazy names below, or ``import jit_sampler.pipelines.flux``) is quiet.
+_install_filter()
+
+
+def _quiet_import(name: str):
+    """Import a pipeline module of this package (the notice filter above is already in place)."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def _load_all() -> None:
