@@ -181,8 +181,8 @@ def test_jit_sample_runs_the_layout(name, steps):
     want = [counts[s] for s in stage_layout(steps, cfg.stage_ratios)]
     assert rep.active_tokens == want == rec.tokens and rep.model_evals == steps
     assert rep.stage_of_step == stage_layout(steps, cfg.stage_ratios)
-    starts = [e for e in cfg.stage_ends[:-1]]
-    assert sorted(rep.new_tokens) == [s for s in starts if counts[rep.stage_of_step[s]] > counts[rep.stage_of_step[s - 1]]]
+    # One transition at the start of every stage after the first (never at step 0), adding the budget difference.
+    assert rep.new_tokens == {e: counts[k + 1] - counts[k] for k, e in enumerate(cfg.stage_ends[:-1])}
     assert 0 not in rep.new_tokens
     assert rep.full_step_equivalents == pytest.approx(sum(want) / N)
     assert y.shape == (2, N, C) and torch.isfinite(y).all()
@@ -286,6 +286,26 @@ def test_klein_distilled_four_steps():
     rep = p.last_jit_report
     assert rep.active_tokens == [81, 153, 256, 256] == log.tokens  # 16 x 16 grid: 1 / 1 / 2 steps
     assert rep.model_calls == 4 and rep.new_tokens == {1: 72, 2: 103}
+    # FLOP accounting follows the stages that ran (image-linear FLOPs are linear in the tokens).
+    assert rep.flops["speedup_vs_same_steps"]["image_linear"] == pytest.approx(4 * 256 / (81 + 153 + 2 * 256))
     assert out.shape == (1, 8, 32, 32) and torch.isfinite(out).all()
     again = p(jit="7x", generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(out, again)
+
+
+def test_schnell_like_four_steps_on_the_pipeline_schedule():
+    # FLUX.1-schnell: no guidance embedding, 4 steps, the scheduler's own sigmas.
+    from _flux_fixtures import build_pipe, prompt_inputs
+
+    from jit_sampler import JiTFluxPipeline
+
+    p = JiTFluxPipeline.from_pipe(build_pipe(guidance_embeds=False))
+    p.set_progress_bar_config(disable=True)
+    cfg = JiTConfig.preset("7x", sigma_schedule="pipeline")
+    kw = dict(height=128, width=128, output_type="latent", num_inference_steps=4, **prompt_inputs())
+    with _TokenLog(p.transformer) as log:
+        out = p(generator=torch.Generator().manual_seed(0), jit=cfg, **kw).images
+    rep = p.last_jit_report
+    assert rep.active_tokens == [20, 38, 64, 64] == log.tokens and rep.stage_of_step == [0, 1, 2, 2]
+    assert rep.sigmas[0] == pytest.approx(1.0) and rep.sigmas[-1] == 0.0 and len(rep.sigmas) == 5
+    assert torch.isfinite(out).all()
