@@ -36,6 +36,8 @@ import torch
 
 import jit_kernels as jk
 
+from .schedule import StageLayout, resolve_stages
+
 __all__ = ["JiTConfig", "PRESETS", "STAGE_RATIOS", "available_presets"]
 
 #: Stage boundaries as fractions of the total steps (docs/method.md section 6).
@@ -82,10 +84,38 @@ def _check_ratios(name: str, ratios) -> tuple[float, ...]:
 class JiTConfig:
     """How one JiT run is scheduled.
 
+    Few steps. Any ``total_steps >= 1`` is accepted (FLUX.1-schnell and distilled FLUX.2-klein
+    run 4 steps, img2img ``steps * strength``). The stages that run (:meth:`layout`) obey: no
+    stage is empty, no transition falls at step 0, the last stage is dense. With ``K`` stages
+    and ``n`` steps:
+
+    - ``n >= K``: stage ``k`` ends at ``int(n * r_k)``, clamped into
+      ``[end_{k-1} + 1, n - (K - 1 - k)]``. The clamp is a no-op wherever ``int(n * r)`` is
+      already valid (the presets at 18 / 11 steps and every count accepted before), so those
+      layouts are unchanged; colliding ends move minimally (3 steps of (0.4, 0.65, 1.0):
+      ends 1 / 1 / 3 become 1 / 2 / 3).
+    - ``n < K``: the ``K - n`` sparsest stages are dropped and the ``n`` densest run one step
+      each (7x: 1 step = dense only, 2 steps = 60 % then 100 %). Why the densest: with so few
+      steps each one spans a large part of the sigma range, and the first one (at sigma = 1)
+      fixes the global layout that a distilled model never revisits. Dropping from the sparse
+      end degrades gracefully towards the dense sampler (1 step *is* dense Euler) and keeps
+      each transition small; keeping the sparsest stage instead (32 % then 100 %) would save
+      more, but the single transition would have to conjure 68 % of the tokens from one
+      coarse estimate, with one step left to repair them. At ``n = K`` the clamp has already
+      cut every stage to one step, so each step fewer must drop a whole stage; dropping the
+      sparsest moves the run towards dense Euler rather than away from it.
+
+    ``num_stages``, ``stage_ends``, ``stage_steps``, ``stage_token_ratios``,
+    ``token_counts``, ``full_step_equivalents``, the plan's ``stage_of_step`` and the report
+    all count the stages that run (``effective_stages`` maps them to the configured ones);
+    ``init_anchors`` must have the budget of the first stage that runs.
+
     Attributes:
-        total_steps: number of sampler steps (= velocity evaluations per sample and CFG branch).
+        total_steps: number of sampler steps (= velocity evaluations per sample and CFG branch),
+            any int ``>= 1`` (see "Few steps" above).
         stage_ratios: cumulative step fractions ending each stage, sparsest first
-            (``stage_ends = [int(total_steps * r)]``); strictly increasing, last 1.
+            (``stage_ends = [int(total_steps * r)]`` unless that collides, see above);
+            strictly increasing, last 1.
         token_ratios: active-token fraction per stage, sparsest first
             (``m_k = int(N * r)``); strictly increasing, last 1.0 (the final stage is dense).
         init_grid: ``"checkerboard"`` (stride-2 lattice + border) or ``"stride"``.
@@ -151,11 +181,6 @@ class JiTConfig:
         set_(self, "token_ratios", _check_ratios("token_ratios", self.token_ratios))
         if len(self.token_ratios) != len(self.stage_ratios):
             raise _err("token_ratios", f"needs one ratio per stage ({len(self.stage_ratios)}), got {len(self.token_ratios)}")
-        ends = self.stage_ends
-        # Every stage needs at least one step, so no transition can fall at step 0.
-        if ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
-            raise _err("total_steps", f"{self.total_steps} steps are too few for stage_ratios {self.stage_ratios} "
-                       f"(stage ends {ends}; every stage needs >= 1 step; try >= {self._min_steps()})")
         for name, allowed in (("init_grid", _INIT_GRIDS), ("sigma_schedule", _SCHEDULES), ("dmf_mode", _DMF_MODES),
                               ("anchor_policy", _POLICIES), ("anchor_order", _ORDERS), ("backend", jk.BACKENDS)):
             if getattr(self, name) not in allowed:
@@ -192,28 +217,41 @@ class JiTConfig:
                 raise _err("init_anchors", f"must be a non-empty {'[M0]' if want == 1 else '[B, M0]'} tensor with "
                            f"anchor_policy={self.anchor_policy!r}, got shape {tuple(a.shape)}")
 
-    def _min_steps(self) -> int:
-        for n in range(1, 10_000):
-            ends = [int(n * r) for r in self.stage_ratios]
-            if ends[0] >= 1 and all(b > a for a, b in zip(ends, ends[1:])):
-                return n
-        return -1
-
     # ----------------------------------------------------------------- derived
+    def layout(self) -> StageLayout:
+        """The stages this run keeps and where they end (:func:`~jit_sampler.schedule.resolve_stages`).
+
+        Every stage-indexed quantity below (``num_stages``, ``stage_ends``, ``stage_steps``,
+        ``stage_token_ratios``, ``token_counts``, :func:`~jit_sampler.make_plan`'s
+        ``stage_of_step``) counts these stages only.
+        """
+        return resolve_stages(self.total_steps, self.stage_ratios)
+
+    @property
+    def effective_stages(self) -> tuple[int, ...]:
+        """Configured index of every stage that runs, sparsest first: ``(0, 1, 2)`` for the
+        presets at their own steps, ``(1, 2)`` for a three-stage config at 2 steps, ``(2,)`` at 1."""
+        return self.layout().stages
+
     @property
     def num_stages(self) -> int:
-        return len(self.stage_ratios)
+        """Stages that run (``len(stage_ratios)`` unless ``total_steps`` is smaller)."""
+        return len(self.effective_stages)
+
+    @property
+    def stage_token_ratios(self) -> tuple[float, ...]:
+        """``token_ratios`` of the stages that run, sparsest first (last 1.0)."""
+        return tuple(self.token_ratios[k] for k in self.effective_stages)
 
     @property
     def stage_ends(self) -> list[int]:
-        """Exclusive end step of each stage, sparsest first, e.g. ``[7, 11, 18]`` for the 4x preset."""
-        return [int(self.total_steps * r) for r in self.stage_ratios]
+        """Exclusive end step of each stage that runs, sparsest first, e.g. ``[7, 11, 18]`` for the 4x preset."""
+        return list(self.layout().ends)
 
     @property
     def stage_steps(self) -> list[int]:
-        """Steps per stage, e.g. ``[7, 4, 7]`` for the 4x preset."""
-        ends = self.stage_ends
-        return [e - s for s, e in zip([0] + ends[:-1], ends)]
+        """Steps per stage that runs (each ``>= 1``), e.g. ``[7, 4, 7]`` for the 4x preset."""
+        return list(self.layout().steps)
 
     @property
     def dmf_weights(self) -> tuple[float, ...]:
@@ -226,10 +264,10 @@ class JiTConfig:
         return tuple(1.0 / (n - j) for j in range(n))
 
     def token_counts(self, num_tokens: int) -> list[int]:
-        """Active tokens per stage for an ``N``-token grid: ``[max(1, int(N * r))]``, last ``N``."""
+        """Active tokens per stage that runs for an ``N``-token grid: ``[max(1, int(N * r))]``, last ``N``."""
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-        counts = [max(1, min(num_tokens, int(num_tokens * r))) for r in self.token_ratios]
+        counts = [max(1, min(num_tokens, int(num_tokens * r))) for r in self.stage_token_ratios]
         if self.token_multiple > 1:  # round budgets up (sequence parallelism: divisible by the world size)
             q = self.token_multiple
             counts = [min(num_tokens, -(-c // q) * q) for c in counts]
@@ -238,7 +276,8 @@ class JiTConfig:
 
     def full_step_equivalents(self) -> float:
         """Sum over steps of the active-token ratio (11.93 for 4x): the linear cost model of docs/method.md section 7."""
-        return sum(s * r for s, r in zip(self.stage_steps, self.token_ratios))
+        lay = self.layout()
+        return sum(s * self.token_ratios[k] for s, k in zip(lay.steps, lay.stages))
 
     def replace(self, **changes) -> "JiTConfig":
         """A validated copy with some fields changed."""

@@ -165,7 +165,8 @@ class JiTReport:
         height, width: the token grid; ``num_tokens = height * width``.
         batch_size: samples in the run.
         sigmas: the ``steps + 1`` sigmas integrated over.
-        stage_of_step: stage index (0 = sparsest) of every step.
+        stage_of_step: stage index of every step (0 = the sparsest stage that runs; ``config.effective_stages``
+            maps it to the configured stage when a few-step run drops some).
         active_tokens: active image tokens per step (per sample).
         new_tokens: ``{step: tokens added at that transition}``.
         model_calls: transformer forward calls (CFG and per-sample calls each count).

@@ -69,7 +69,9 @@ class JiTPlan:
     """The static layout of a run: everything that depends only on the config and the grid.
 
     ``token_counts[k]`` active tokens in stage ``k`` (sparsest first, last ``N``);
-    ``stage_of_step[i]`` the stage of step ``i``; ``sigmas`` the ``steps + 1`` sigmas.
+    ``stage_of_step[i]`` the stage of step ``i``; ``sigmas`` the ``steps + 1`` sigmas. Stages
+    are those that run (``JiTConfig.effective_stages``: a run of fewer steps than configured
+    stages drops the sparsest ones), so every stage has at least one step.
     """
 
     height: int
@@ -263,8 +265,11 @@ def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device)
     if given is not None:
         want = (b, m0) if per_sample else (m0,)
         if tuple(given.shape) != want:
+            dropped = config.effective_stages[0]
+            note = (f"; {config.total_steps} step(s) drop the {dropped} sparsest stage(s), so the first stage "
+                    f"that runs is configured stage {dropped}") if dropped else ""
             raise ValueError(f"JiTConfig.init_anchors: must be {list(want)} (the first stage's budget of "
-                             f"{m0} tokens{' per sample' if per_sample else ''}), got {tuple(given.shape)}")
+                             f"{m0} tokens{' per sample' if per_sample else ''}{note}), got {tuple(given.shape)}")
         jk._checks.validate_index("jit_sample", "JiTConfig.init_anchors", given, n, unique=True)
     if m0 == n:
         return _dense_active(n, b, per_sample, device)

@@ -1,4 +1,4 @@
-"""Sigma schedules (docs/method.md section 6) and the stage layout of a run.
+"""Sigma schedules (docs/method.md section 6) and the stage layout of a run (also for few steps).
 
 The Beta schedule needs the inverse of the regularised incomplete beta function. scipy is
 not a dependency, so it is computed here in float64: ``I_x(a, b)`` by its continued
@@ -9,8 +9,9 @@ machine precision in ~60 halvings and costs well under a millisecond per step.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
-__all__ = ["beta_cdf", "beta_ppf", "beta_sigmas", "linear_sigmas", "stage_layout"]
+__all__ = ["beta_cdf", "beta_ppf", "beta_sigmas", "linear_sigmas", "StageLayout", "resolve_stages", "stage_layout"]
 
 
 def _betacf(x: float, a: float, b: float) -> float:
@@ -101,12 +102,68 @@ def linear_sigmas(num_steps: int) -> list[float]:
     return [1.0 - j * (1.0 - 1.0 / n) / max(n - 1, 1) for j in range(n)] + [0.0]
 
 
+class StageLayout(NamedTuple):
+    """The stages a run of ``total_steps`` steps actually runs (see :func:`resolve_stages`).
+
+    ``stages``: the configured index (into ``stage_ratios`` / ``token_ratios``) of every stage
+    that runs, sparsest first; always ends with the last (dense) stage. ``ends``: the exclusive
+    end step of each of them; strictly increasing, first ``>= 1``, last ``total_steps``.
+    """
+
+    stages: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Steps per stage that runs (every entry ``>= 1``)."""
+        return tuple(e - s for s, e in zip((0,) + self.ends[:-1], self.ends))
+
+
+def resolve_stages(total_steps: int, stage_ratios) -> StageLayout:
+    """Which stages a ``total_steps``-step run keeps, and where each ends.
+
+    The rule (docs/method.md section 6), for ``K`` configured stages and ``n`` steps:
+
+    1. ``n >= K``: every stage runs. Stage ``k`` ends at ``int(n * r_k)`` (the published
+       rule) clamped into ``[end_{k-1} + 1, n - (K - 1 - k)]``, i.e. at least one step for it
+       and one for each stage after it. Where ``int(n * r)`` already gives a valid layout (no
+       empty stage, no transition at step 0) the clamp changes nothing, so every preset and
+       every step count accepted before keeps exactly its layout; otherwise only colliding
+       ends move, by the least amount that separates them.
+    2. ``n < K``: only the ``n`` densest stages (the last ``n``) run, one step each: one step
+       is plain dense Euler, two steps of a three-stage config run the middle budget and then
+       the dense one. See :class:`~jit_sampler.JiTConfig` for why the sparsest are dropped.
+
+    Raises ``ValueError`` for ``total_steps`` that is not an int ``>= 1`` or no ratios.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    ratios = tuple(float(r) for r in stage_ratios)
+    if not ratios:
+        raise ValueError("stage_ratios must not be empty")
+    n, k_all = total_steps, len(ratios)
+    first = max(0, k_all - n)  # n < K: drop the sparsest K - n stages
+    kept = tuple(range(first, k_all))
+    k = len(kept)
+    ends: list[int] = []
+    prev = 0
+    for j, s in enumerate(kept):
+        raw = n if j == k - 1 else int(n * ratios[s])  # the last stage always runs to the end
+        prev = min(max(raw, prev + 1), n - (k - 1 - j))
+        ends.append(prev)
+    return StageLayout(kept, tuple(ends))
+
+
 def stage_layout(total_steps: int, stage_ratios) -> list[int]:
-    """Stage index (0 = sparsest) of every step: e.g. 4x -> ``[0]*7 + [1]*4 + [2]*7``."""
-    ends = [int(total_steps * r) for r in stage_ratios]
+    """Stage index of every step, counting only the stages that run (0 = the sparsest of them).
+
+    E.g. 4x -> ``[0]*7 + [1]*4 + [2]*7``; 3-stage ratios at 2 steps -> ``[0, 1]``, where 0 is
+    the configured *middle* stage (:func:`resolve_stages` says which stages run).
+    """
+    ends = resolve_stages(total_steps, stage_ratios).ends
     out, s = [], 0
     for i in range(total_steps):
-        while s < len(ends) - 1 and i >= ends[s]:
+        while i >= ends[s]:
             s += 1
         out.append(s)
     return out

@@ -43,7 +43,7 @@ def test_default_model_unavailable_exits_2(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    assert cli.main(["--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "JiTConfig.total_steps" in capsys.readouterr().err
     assert cli.main(["--model", "tiny:random", "--prompt", "cat", "--out", str(tmp_path / "x.png")]) == 2
     assert "digit" in capsys.readouterr().err
@@ -131,7 +131,7 @@ def _usage_error(capsys, argv, phrase):
     (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
     (["--guidance=-inf"], "--guidance must be a finite number >= 0"),
     (["--height", "64"], "32 x 32"),
-    (["--steps", "2"], "JiTConfig.total_steps"),
+    (["--steps", "0"], "JiTConfig.total_steps"),  # 2 steps run (few-step layouts)
 ])
 def test_bad_arguments_are_usage_errors(tmp_path, capsys, no_work, extra, phrase):
     _usage_error(capsys, ["--model", "tiny:random", "--out", str(tmp_path / "x.png"), *extra], phrase)
