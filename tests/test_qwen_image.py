@@ -354,6 +354,9 @@ def test_enable_jit_picks_the_qwen_pipeline(base):
     (dict(negative_prompt_embeds=torch.zeros(1, 3, 16), negative_prompt_embeds_mask=torch.ones(1, 4)),
      ValueError, "negative_prompt_embeds_mask"),
     (dict(latents=torch.zeros(1, 63, 16)), ValueError, "tokens"),
+    (dict(latents=torch.zeros(2, 64, 16)), ValueError, "B = 1"),
+    (dict(latents=torch.zeros(1, 1, 4, 16, 16)), ValueError, "packed"),
+    (dict(negative_prompt_embeds=torch.zeros(3, TXT_TOKENS, 16)), ValueError, "3 embeddings for a batch of 1"),
     (dict(max_sequence_length=2048), ValueError, "max_sequence_length"),
     (dict(prompt="a cat"), ValueError, "Cannot forward both"),
     (dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs"),
@@ -371,7 +374,8 @@ def test_bad_inputs_raise_before_any_model_call(pipe, over, exc, match):
 
 @pytest.mark.parametrize("over, exc, match", [
     (dict(zero_cond_t=True), NotImplementedError, "zero_cond_t"),
-    (dict(guidance_embeds=True), ValueError, "guidance_scale is required"),
+    (dict(guidance_embeds=True), NotImplementedError, "guidance_embeds"),
+    (dict(use_additional_t_cond=True), NotImplementedError, "use_additional_t_cond"),
 ])
 def test_unsupported_transformers_raise_before_work(over, exc, match):
     p = JiTQwenImagePipeline.from_pipe(build_qwen(**over))

@@ -34,8 +34,11 @@ explicit ``sigmas=`` use Qwen-Image's own dynamically shifted scheduler).
 Not supported under JiT (``NotImplementedError`` before any work; ``jit=None`` still runs
 them): transformers with ``zero_cond_t`` (their modulation index is built from the full
 image size), ``use_layer3d_rope`` or ``use_additional_t_cond`` (neither is used by
-``QwenImagePipeline``), and ``JiTConfig.token_bucket`` (Qwen's attention processor refuses
-the external attention mask that padding would need).
+``QwenImagePipeline``), ``guidance_embeds`` (diffusers 0.42's Qwen timestep embedder takes no
+guidance input, so the stock call cannot run such a model either), and
+``JiTConfig.token_bucket`` (Qwen's attention processor refuses the external attention mask
+that padding would need). Context parallelism, which splits the rotary table across ranks, is
+not supported: the velocity raises if ``pos_embed`` returns anything but the full grid.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import time
 
 import torch
 from diffusers import QwenImagePipeline
+from diffusers.utils import logging
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
@@ -55,6 +59,8 @@ from ..schedule import beta_sigmas
 from .base import UNSET, JiTPipelineMixin, execution_device, per_image
 
 __all__ = ["JiTQwenImagePipeline", "QwenImageVelocity", "qwen_flop_config"]
+
+logger = logging.get_logger(__name__)
 
 
 def qwen_flop_config(config) -> dict:
@@ -83,7 +89,6 @@ class QwenImageVelocity:
         transformer: the model.
         prompt_embeds: ``[B, T, D_txt]``; prompt_embeds_mask: ``[B, T]`` (1 = valid) or ``None``.
         grid: ``(grid_h, grid_w)``, the packed token grid (``N = grid_h * grid_w``).
-        guidance: ``[B]`` embedded guidance or ``None`` (passed as the stock pipeline does).
         negative: ``(neg_prompt_embeds, neg_prompt_embeds_mask)`` for true CFG, or ``None``.
         true_cfg_scale: the CFG scale ``s`` (Qwen-Image's norm-rescaled CFG, module docstring).
         attention_kwargs: passed to the transformer (e.g. ``{"scale": lora_scale}``); copied per call.
@@ -97,14 +102,13 @@ class QwenImageVelocity:
     when the token count changes (``cache_resets``), as in :class:`~jit_sampler.FluxVelocity`.
     """
 
-    def __init__(self, transformer, prompt_embeds, prompt_embeds_mask, grid: tuple[int, int], *, guidance=None,
-                 negative=None, true_cfg_scale: float = 1.0, attention_kwargs: dict | None = None, pre_call=None):
+    def __init__(self, transformer, prompt_embeds, prompt_embeds_mask, grid: tuple[int, int], *, negative=None,
+                  true_cfg_scale: float = 1.0, attention_kwargs: dict | None = None, pre_call=None):
         self.transformer = transformer
         self.prompt_embeds = prompt_embeds
         self.prompt_embeds_mask = prompt_embeds_mask
         self.grid = (int(grid[0]), int(grid[1]))
         self.num_tokens = self.grid[0] * self.grid[1]
-        self.guidance = guidance
         self.negative = negative
         self.true_cfg_scale = float(true_cfg_scale)
         self.attention_kwargs = dict(attention_kwargs or {})
@@ -187,8 +191,7 @@ class QwenImageVelocity:
         pe, mask = (self.prompt_embeds, self.prompt_embeds_mask) if cond else self.negative
         ctx = tr.cache_context("cond" if cond else "uncond") if hasattr(tr, "cache_context") else contextlib.nullcontext()
         with ctx, self._rotary_rows(rows):
-            out = tr(hidden_states=x, timestep=t / 1000, guidance=self.guidance if self.guidance is None
-                     else self.guidance[sl], encoder_hidden_states_mask=None if mask is None else mask[sl],
+            out = tr(hidden_states=x, timestep=t / 1000, encoder_hidden_states_mask=None if mask is None else mask[sl],
                      encoder_hidden_states=pe[sl], img_shapes=[[(1, *self.grid)]] * b,
                      attention_kwargs=dict(self.attention_kwargs), return_dict=False)[0]
         self.calls += 1
@@ -255,7 +258,7 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
 
     def _refuse_unsupported(self, cfg: JiTConfig) -> None:
         c = self.transformer.config
-        for key in ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond"):
+        for key in ("zero_cond_t", "use_layer3d_rope", "use_additional_t_cond", "guidance_embeds"):
             if c.get(key, False):
                 raise NotImplementedError(f"JiTQwenImagePipeline: a transformer with {key}=True is not supported "
                                           f"with jit=...; use jit=None")
@@ -282,8 +285,6 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         _check_mask("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds)
         _check_mask("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds)
         tc = self.transformer.config
-        if tc.guidance_embeds and guidance_scale is None:  # as the stock pipeline, but before any work
-            raise ValueError("guidance_scale is required for guidance-distilled model.")
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
@@ -293,6 +294,16 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         device = self._execution_device
         has_neg_prompt = negative_prompt is not None or negative_prompt_embeds is not None
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        # The stock pipeline's notices, word for word.
+        if true_cfg_scale > 1 and not has_neg_prompt:
+            logger.warning(f"true_cfg_scale is passed as {true_cfg_scale}, but classifier-free guidance is not "
+                           f"enabled since no negative_prompt is provided.")
+        elif true_cfg_scale <= 1 and has_neg_prompt:
+            logger.warning(" negative_prompt is passed but classifier-free guidance is not enabled since "
+                           "true_cfg_scale <= 1")
+        if guidance_scale is not None:
+            logger.warning(f"guidance_scale is passed as {guidance_scale}, but ignored since the model is not "
+                           f"guidance-distilled.")
         prompt_embeds, prompt_embeds_mask = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
@@ -316,6 +327,9 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         # The packed token grid (prepare_latents rounds the latent size down to even).
         grid_h = int(height) // (self.vae_scale_factor * 2)
         grid_w = int(width) // (self.vae_scale_factor * 2)
+        if latents.dim() != 3 or latents.shape[0] != total:  # the grid and channels are checked by jit_sample
+            raise ValueError(f"latents must be packed [B, N, C] with B = {total} (prompts x num_images_per_prompt), "
+                             f"got shape {tuple(latents.shape)}")
 
         cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
         steps = cfg.total_steps
@@ -325,15 +339,12 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
             sig = self._scheduler_sigmas(steps, sigmas, grid_h * grid_w, device)
         self._num_timesteps = steps
 
-        guidance = None
-        if tc.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(total)
         if self._attention_kwargs is None:
             self._attention_kwargs = {}
 
         timesteps, set_timestep = self._timesteps(sig, device)
         velocity = QwenImageVelocity(self.transformer, prompt_embeds, prompt_embeds_mask, (grid_h, grid_w),
-                                     guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
+                                     negative=negative, true_cfg_scale=true_cfg_scale,
                                      attention_kwargs=self._attention_kwargs, pre_call=set_timestep)
 
         latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
