@@ -5,6 +5,7 @@
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
@@ -21,8 +22,9 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
+_MODULES = ("flux", "flux2_klein", "qwen_image")
+_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein", "JiTQwenImagePipeline": "qwen_image",
+            "QwenImageVelocity": "qwen_image"}
 
 
 class _TorchvisionFallbackFilter(logging.Filter):
@@ -67,6 +69,8 @@ __all__ = [
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
     "JiTFluxPipeline",
+    "JiTQwenImagePipeline",
+    "QwenImageVelocity",
     "enable_jit",
     "install_anchor_attention",
     "remove_anchor_attention",
