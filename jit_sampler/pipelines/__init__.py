@@ -5,6 +5,7 @@
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
@@ -21,8 +22,9 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
+_MODULES = ("flux", "flux2_klein", "flux_kontext")
+_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein",
+            "JiTFluxKontextPipeline": "flux_kontext"}
 
 
 def _quiet_import(name: str):
@@ -53,6 +55,7 @@ __all__ = [
     "AnchorAttnProcessor",
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
+    "JiTFluxKontextPipeline",
     "JiTFluxPipeline",
     "enable_jit",
     "install_anchor_attention",
