@@ -13,7 +13,7 @@ The public surface:
   sigma schedules :func:`beta_sigmas` / :func:`linear_sigmas`;
 - diffusers integration (:mod:`jit_sampler.pipelines`, imported on first use):
   :class:`JiTFluxPipeline`, :class:`JiTFlux2KleinPipeline`, :class:`JiTFluxKontextPipeline`,
-  :func:`enable_jit`,
+  :class:`JiTFlux2KleinKVPipeline`, :func:`enable_jit`,
   :class:`FluxVelocity`, and the fused attention processor :class:`AnchorAttnProcessor`
   with :func:`install_anchor_attention` / :func:`remove_anchor_attention` /
   :func:`use_anchor_attention`.
@@ -30,6 +30,7 @@ from .schedule import beta_sigmas, linear_sigmas
 _PIPELINE_NAMES = (
     "AnchorAttnProcessor",
     "FluxVelocity",
+    "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
     "JiTFluxKontextPipeline",
     "JiTFluxPipeline",

@@ -4,8 +4,10 @@
 - :mod:`.base`: :class:`~.base.JiTPipelineMixin` (dispatch, schedule, denoising, report) and
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
-- :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein, reference images too);
 - :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
+- :mod:`.flux2_klein_kv`: :class:`JiTFlux2KleinKVPipeline` (FLUX.2-klein with KV-cached
+  reference images);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
@@ -22,9 +24,9 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein", "flux_kontext")
+_MODULES = ("flux", "flux2_klein", "flux_kontext", "flux2_klein_kv")
 _CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein",
-            "JiTFluxKontextPipeline": "flux_kontext"}
+            "JiTFluxKontextPipeline": "flux_kontext", "JiTFlux2KleinKVPipeline": "flux2_klein_kv"}
 
 
 def _quiet_import(name: str):
@@ -54,6 +56,7 @@ def __getattr__(name):
 __all__ = [
     "AnchorAttnProcessor",
     "FluxVelocity",
+    "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
     "JiTFluxKontextPipeline",
     "JiTFluxPipeline",

@@ -175,8 +175,9 @@ def enable_jit(pipe, jit: Any = "4x"):
     """A JiT pipeline sharing ``pipe``'s components whose calls default to ``jit``.
 
     ``pipe`` is a ``FluxPipeline`` (-> :class:`~jit_sampler.JiTFluxPipeline`), a
-    ``FluxKontextPipeline`` (-> :class:`~jit_sampler.JiTFluxKontextPipeline`)
-    or a ``Flux2KleinPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`); the most
+    ``FluxKontextPipeline`` (-> :class:`~jit_sampler.JiTFluxKontextPipeline`), a
+    ``Flux2KleinPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`) or a
+    ``Flux2KleinKVPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinKVPipeline`); the most
     specific registered JiT pipeline for ``type(pipe)`` is chosen. ``enable_jit(pipe, "4x")(prompt)``
     runs the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is
     not changed (unless it already is a JiT pipeline, whose default is then updated and which
