@@ -232,3 +232,17 @@ def test_anchor_attention_with_a_reference(pipe):
     plain = pipe(generator=gen(), jit="7x", **kw()).images
     fused = pipe(generator=gen(), jit="7x", anchor_attention=True, **kw()).images
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_velocity_reference_arguments_are_checked(pipe):
+    from jit_sampler import FluxVelocity
+
+    pe, ids = prompt_inputs(), torch.zeros(64, 3)
+    args = (pipe.transformer, pe["prompt_embeds"], pe["pooled_prompt_embeds"], torch.zeros(6, 3), ids)
+    with pytest.raises(ValueError, match="both or neither"):
+        FluxVelocity(*args, ref_tokens=torch.zeros(1, 8, 16))
+    with pytest.raises(ValueError, match="ref_ids"):
+        FluxVelocity(*args, ref_tokens=torch.zeros(1, 8, 16), ref_ids=torch.zeros(8, 4))
+    v = FluxVelocity(*args, ref_tokens=torch.zeros(1, 8, 16), ref_ids=torch.ones(8, 3), guidance=torch.full((1,), 3.5))
+    out = v(torch.randn(1, 10, 16), torch.arange(10), 0.5, 0)
+    assert out.shape == (1, 10, 16) and v.calls == 1  # the target rows only

@@ -66,6 +66,9 @@ class KVReferenceVelocity(FluxVelocity):
                                       "take no attention mask, so the padding could not be masked out")
         if self.negative is not None:
             raise NotImplementedError("KV-cached reference images with true CFG (the KV pipeline has no CFG)")
+        if kv_ref_tokens.dim() != 3 or tuple(kv_ref_ids.shape) != (kv_ref_tokens.shape[1], self.img_ids.shape[1]):
+            raise ValueError(f"kv_ref_tokens must be [B, R, C] with kv_ref_ids [R, {self.img_ids.shape[1]}], got "
+                             f"{tuple(kv_ref_tokens.shape)} and {tuple(kv_ref_ids.shape)}")
         self.kv_ref_tokens = kv_ref_tokens
         self.kv_ref_ids = kv_ref_ids
         self.kv_cache: Flux2KVCache | None = None

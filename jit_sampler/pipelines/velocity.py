@@ -58,6 +58,10 @@ class FluxVelocity:
                  token_bucket: int = 0, ref_tokens=None, ref_ids=None):
         if (ref_tokens is None) != (ref_ids is None):
             raise ValueError("ref_tokens and ref_ids go together (both or neither)")
+        if ref_tokens is not None and (ref_tokens.dim() != 3
+                                       or tuple(ref_ids.shape) != (ref_tokens.shape[1], img_ids.shape[1])):
+            raise ValueError(f"ref_tokens must be [B, R, C] with ref_ids [R, {img_ids.shape[1]}], got "
+                             f"{tuple(ref_tokens.shape)} and {tuple(ref_ids.shape)}")
         if not is_int_at_least(token_bucket, 0):
             raise ValueError(f"token_bucket must be an int >= 0 (0 = off), got {token_bucket!r}")
         if token_bucket and "attention_mask" in (joint_attention_kwargs or {}):
