@@ -246,3 +246,28 @@ def test_flux_velocity_reference_arguments_are_checked(pipe):
     v = FluxVelocity(*args, ref_tokens=torch.zeros(1, 8, 16), ref_ids=torch.ones(8, 3), guidance=torch.full((1,), 3.5))
     out = v(torch.randn(1, 10, 16), torch.arange(10), 0.5, 0)
     assert out.shape == (1, 10, 16) and v.calls == 1  # the target rows only
+
+
+def test_output_size_follows_max_area_as_stock(base, pipe):
+    k = kw(size=64, max_area=96 * 96, height=64, width=128)  # aspect 2 -> 128 x 64 rounded to 16: 64 x 128
+    a = base(generator=gen(), num_inference_steps=2, **k).images
+    got = pipe(generator=gen(), jit="7x", **k).images
+    assert got.shape == a.shape == (1, (64 // 16) * (128 // 16), 16)
+    assert (pipe.last_jit_report.height, pipe.last_jit_report.width) == (4, 8)
+
+
+def test_flop_summary_extra_tokens():
+    from jit_sampler.report import FLUX1_DEV_CONFIG, flop_summary, flux_run_flops
+
+    act = [1310] * 4 + [2457] * 3 + [4096] * 4
+    s = flop_summary(FLUX1_DEV_CONFIG, act, 4096, text_tokens=512, extra_tokens=4096)
+    want = flux_run_flops(FLUX1_DEV_CONFIG, [8192] * 11, 512).total / \
+        flux_run_flops(FLUX1_DEV_CONFIG, [m + 4096 for m in act], 512).total
+    assert s["speedup_vs_same_steps"]["total"] == pytest.approx(want)
+    plain = flop_summary(FLUX1_DEV_CONFIG, act, 4096, text_tokens=512)
+    assert 1 < s["speedup_vs_same_steps"]["image_linear"] < plain["speedup_vs_same_steps"]["image_linear"]
+    first = flop_summary(FLUX1_DEV_CONFIG, act, 4096, text_tokens=512, extra_tokens=[4096] + [0] * 10)
+    base50 = flux_run_flops(FLUX1_DEV_CONFIG, [8192] + [4096] * 49, 512).image_linear
+    assert first["dense_baseline"]["image_linear"] == pytest.approx(base50)
+    with pytest.raises(ValueError, match="one count per step"):
+        flop_summary(FLUX1_DEV_CONFIG, act, 4096, text_tokens=512, extra_tokens=[1, 2])

@@ -27,6 +27,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils import logging
 
 from ..config import JiTConfig
 from ..schedule import beta_sigmas
@@ -36,6 +37,8 @@ from .flux import JiTFluxPipeline
 from .velocity import FluxVelocity
 
 __all__ = ["JiTFluxKontextPipeline"]
+
+logger = logging.get_logger(__name__)
 
 
 def _check_reference(image, latent_channels: int) -> None:
@@ -88,13 +91,16 @@ class JiTFluxKontextPipeline(JiTPipelineMixin, FluxKontextPipeline):
 
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
-        rounded down to a multiple of ``2 * vae_scale_factor``."""
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        aspect_ratio = width / height
+        rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
+        asked_h = height or self.default_sample_size * self.vae_scale_factor
+        asked_w = width or self.default_sample_size * self.vae_scale_factor
+        aspect_ratio = asked_w / asked_h
         multiple_of = self.vae_scale_factor * 2
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
         height = round((max_area / aspect_ratio) ** 0.5) // multiple_of * multiple_of
+        if (height, width) != (asked_h, asked_w):
+            logger.warning(f"Generation `height` and `width` have been adjusted to {height} and {width} to fit "
+                           f"`max_area` ({max_area}) and the model's multiple of {multiple_of}.")
         return height, width
 
     def _preprocess_reference(self, image, auto_resize: bool):
