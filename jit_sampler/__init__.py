@@ -12,8 +12,8 @@ The public surface:
   stage layout :func:`make_plan` / :class:`JiTPlan`, the per-run :class:`JiTReport`, and the
   sigma schedules :func:`beta_sigmas` / :func:`linear_sigmas`;
 - diffusers integration (:mod:`jit_sampler.pipelines`, imported on first use):
-  :class:`JiTFluxPipeline`, :class:`JiTFlux2KleinPipeline`, :class:`JiTQwenImagePipeline`
-  (with :class:`QwenImageVelocity`), :func:`enable_jit`,
+  :class:`JiTFluxPipeline` and the other JiT pipelines (FLUX.1 Kontext / Img2Img / Inpaint /
+  Fill / ControlNet, FLUX.2-klein (+ KV), Qwen-Image; see :mod:`jit_sampler.pipelines`), :func:`enable_jit`,
   :class:`FluxVelocity`, and the fused attention processor :class:`AnchorAttnProcessor`
   with :func:`install_anchor_attention` / :func:`remove_anchor_attention` /
   :func:`use_anchor_attention`.
@@ -30,7 +30,9 @@ from .schedule import beta_sigmas, linear_sigmas
 _PIPELINE_NAMES = (
     "AnchorAttnProcessor",
     "FluxVelocity",
+    "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
+    "JiTFluxKontextPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",

@@ -128,18 +128,27 @@ def flux_run_flops(config: Any, active_tokens: Sequence[int], text_tokens: int, 
 
 
 def flop_summary(config: Any, active_tokens: Sequence[int], num_tokens: int, text_tokens: int,
-                 calls_per_step: int = 1, baseline_steps: int = 50) -> dict:
+                 calls_per_step: int = 1, baseline_steps: int = 50, extra_tokens: int | Sequence[int] = 0) -> dict:
     """FLOPs of a JiT run vs the dense sampler at the same steps and at ``baseline_steps``.
 
     Returns ``{"jit", "dense_same_steps", "dense_baseline": FluxFlops.as_dict(),
     "speedup_vs_same_steps", "speedup_vs_baseline": {kind: ratio}}`` where kind is one of
     ``image_linear`` (the paper's linear-in-tokens ratio), ``linear``, ``total`` and
     ``total_image_only``.
+
+    ``extra_tokens``: image-stream tokens that every call runs in full, in the JiT run and in
+    both dense runs alike (reference-image tokens): an int for every step, or one count per
+    step (the baseline then repeats the last count after the listed steps).
     """
     steps = len(active_tokens)
-    jit = flux_run_flops(config, active_tokens, text_tokens, calls_per_step)
-    same = flux_run_flops(config, [num_tokens] * steps, text_tokens, calls_per_step)
-    base = flux_run_flops(config, [num_tokens] * baseline_steps, text_tokens, calls_per_step)
+    extra = [int(extra_tokens)] * steps if isinstance(extra_tokens, int) else [int(e) for e in extra_tokens]
+    if len(extra) != steps:
+        raise ValueError(f"extra_tokens: one count per step ({steps}), got {len(extra)}")
+    tail = extra[-1] if extra else 0
+    base_extra = (extra + [tail] * baseline_steps)[:baseline_steps]
+    jit = flux_run_flops(config, [m + e for m, e in zip(active_tokens, extra)], text_tokens, calls_per_step)
+    same = flux_run_flops(config, [num_tokens + e for e in extra], text_tokens, calls_per_step)
+    base = flux_run_flops(config, [num_tokens + e for e in base_extra], text_tokens, calls_per_step)
     kinds = ("image_linear", "linear", "total", "total_image_only")
 
     def ratios(ref: FluxFlops) -> dict:
@@ -147,6 +156,7 @@ def flop_summary(config: Any, active_tokens: Sequence[int], num_tokens: int, tex
 
     return {
         "text_tokens": text_tokens,
+        "extra_tokens": extra,
         "baseline_steps": baseline_steps,
         "jit": jit.as_dict(),
         "dense_same_steps": same.as_dict(),

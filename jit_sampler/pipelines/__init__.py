@@ -4,7 +4,10 @@
 - :mod:`.base`: :class:`~.base.JiTPipelineMixin` (dispatch, schedule, denoising, report) and
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
-- :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein, reference images too);
+- :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
+- :mod:`.flux2_klein_kv`: :class:`JiTFlux2KleinKVPipeline` (FLUX.2-klein with KV-cached
+  reference images);
 - :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
@@ -22,9 +25,21 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein", "qwen_image")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein", "JiTQwenImagePipeline": "qwen_image",
-            "QwenImageVelocity": "qwen_image"}
+_MODULES = (
+    "flux",
+    "flux2_klein",
+    "flux_kontext",
+    "flux2_klein_kv",
+    "qwen_image",
+)
+_CLASSES = {
+    "JiTFluxPipeline": "flux",
+    "JiTFlux2KleinPipeline": "flux2_klein",
+    "JiTFluxKontextPipeline": "flux_kontext",
+    "JiTFlux2KleinKVPipeline": "flux2_klein_kv",
+    "JiTQwenImagePipeline": "qwen_image",
+    "QwenImageVelocity": "qwen_image",
+}
 
 
 class _TorchvisionFallbackFilter(logging.Filter):
@@ -67,7 +82,9 @@ def __getattr__(name):
 __all__ = [
     "AnchorAttnProcessor",
     "FluxVelocity",
+    "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
+    "JiTFluxKontextPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",

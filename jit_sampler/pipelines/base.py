@@ -154,14 +154,18 @@ class JiTPipelineMixin:
         return latents, report
 
     def _finish_report(self, report: JiTReport, times: tuple[float, float, float, float], num_tokens: int,
-                       text_tokens: int, calls_per_step: int) -> None:
-        """Phase times from ``(start, encoded, sampled, end)``, FLOPs per sample; stored as ``last_jit_report``."""
+                       text_tokens: int, calls_per_step: int, ref_tokens=0) -> None:
+        """Phase times from ``(start, encoded, sampled, end)``, FLOPs per sample; stored as ``last_jit_report``.
+
+        ``ref_tokens``: reference-image tokens run in full in every call (an int) or per step (a
+        list), counted as dense image tokens in the JiT run and in the dense baselines."""
         t0, t_encoded, t_sampled, t_end = times
         report.phase_times = {"encode": t_encoded - t0, "sample": t_sampled - t_encoded, "decode": t_end - t_sampled,
                               "total": t_end - t0}
         try:
             report.flops = flop_summary(self.transformer.config, report.active_tokens, num_tokens,
-                                        text_tokens=int(text_tokens), calls_per_step=calls_per_step)
+                                        text_tokens=int(text_tokens), calls_per_step=calls_per_step,
+                                        extra_tokens=ref_tokens)
         except (TypeError, KeyError, AttributeError):  # a transformer without FLUX's config keys
             report.flops = {}
         self.last_jit_report = report
@@ -171,10 +175,10 @@ def enable_jit(pipe, jit: Any = "4x"):
     """A JiT pipeline sharing ``pipe``'s components whose calls default to ``jit``.
 
     ``pipe`` is a ``FluxPipeline`` (-> :class:`~jit_sampler.JiTFluxPipeline`), a
-    ``Flux2KleinPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`) or a
-    ``QwenImagePipeline`` (-> :class:`~jit_sampler.JiTQwenImagePipeline`); the most specific
-    registered JiT pipeline for ``type(pipe)`` is chosen. ``enable_jit(pipe, "4x")(prompt)``
-    runs the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is
+    ``Flux2KleinPipeline`` (-> :class:`~jit_sampler.JiTFlux2KleinPipeline`), or any other stock
+    pipeline a JiT class of :mod:`jit_sampler.pipelines` extends (Kontext, FLUX.2-klein KV,
+    Qwen-Image, ...); the most specific registered JiT pipeline for ``type(pipe)`` is chosen.
+    ``enable_jit(pipe, "4x")(prompt)`` runs the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is
     not changed (unless it already is a JiT pipeline, whose default is then updated and which
     is returned).
     """

@@ -10,9 +10,18 @@ section 6):
 - the pipeline's own sigma schedule (``linspace(1, 1/n, n)`` shifted by its empirical ``mu``),
   never Beta-warped: the config's ``sigma_schedule`` / Beta parameters are ignored here.
 
-``jit=None`` is exactly ``Flux2KleinPipeline.__call__``. Reference images (``image=``) are
-refused under JiT: their tokens would have to stay active in every stage, which is not
-implemented yet.
+``jit=None`` is exactly ``Flux2KleinPipeline.__call__``.
+
+Reference images (``image=``: a PIL image or a list of them) are prepared as the stock
+pipeline does it (area cap, crop to a multiple of ``2 * vae_scale_factor``, VAE encoding;
+the output size defaults to the first image's). Reference ``i`` carries the position ids
+``(10 + 10 i, row, col, 0)`` (a time offset per image; the target's is 0). JiT works on the
+target tokens only: every reference token is passed to the transformer in every call, cond
+and uncond alike, after the active target tokens (``FluxVelocity(ref_tokens=...,
+ref_ids=...)``), and only the target rows of the output are kept. The report's FLOPs count
+the reference tokens as dense image tokens in every call (JiT run and dense baselines).
+:mod:`.flux2_klein_kv` adds ``Flux2KleinKVPipeline``, which computes the reference tokens
+once and reuses their cached keys and values.
 """
 
 from __future__ import annotations
@@ -31,12 +40,75 @@ from .velocity import FluxVelocity
 
 __all__ = ["JiTFlux2KleinPipeline"]
 
+
+def check_reference_images(pipe, image) -> list | None:
+    """``image`` as a list of PIL images (``None`` stays ``None``), each checked as stock checks it
+    (size, aspect ratio); anything else raises before any work (stock takes only PIL images here:
+    it reads their ``.size``)."""
+    if image is None:
+        return None
+    from PIL import Image
+
+    items = image if isinstance(image, list) else [image]
+    if not items:
+        raise ValueError("image: an empty list; pass None for text-to-image")
+    for it in items:
+        if not isinstance(it, Image.Image):
+            raise TypeError(f"image: FLUX.2 reference images must be PIL images (or a list of them), "
+                            f"got {type(it).__name__}")
+        pipe.image_processor.check_image_input(it)
+    return items
+
+
+def prepare_reference_images(pipe, images: list | None, height, width):
+    """Stock FLUX.2 preprocessing of the reference images: ``(condition_images, height, width)``.
+
+    Each image (checked by :func:`check_reference_images`) is scaled down to 1024^2 pixels when larger,
+    cropped to a multiple of ``2 * vae_scale_factor`` and normalised; ``height`` / ``width``
+    default to the first image's size.
+    """
+    if images is None:
+        return None, height, width
+    multiple_of = pipe.vae_scale_factor * 2
+    condition_images = []
+    for img in images:
+        image_width, image_height = img.size
+        if image_width * image_height > 1024 * 1024:
+            img = pipe.image_processor._resize_to_target_area(img, 1024 * 1024)
+            image_width, image_height = img.size
+        image_width = image_width // multiple_of * multiple_of
+        image_height = image_height // multiple_of * multiple_of
+        condition_images.append(pipe.image_processor.preprocess(img, height=image_height, width=image_width,
+                                                                resize_mode="crop"))
+        height = height or image_height
+        width = width or image_width
+    return condition_images, height, width
+
+
+def decode_flux2(pipe, latents, latent_ids, grid_h: int, grid_w: int, output_type: str):
+    """Packed target latents ``[B, N, C]`` -> the pipeline's output (latents or decoded images), as stock."""
+    if "height" in inspect.signature(pipe._unpack_latents_with_ids).parameters:
+        latents = pipe._unpack_latents_with_ids(latents, latent_ids, grid_h, grid_w)
+    else:  # Flux2KleinKVPipeline's older copy reads the grid size from the ids
+        latents = pipe._unpack_latents_with_ids(latents, latent_ids)
+    bn_mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    bn_std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
+        latents.device, latents.dtype)
+    latents = pipe._unpatchify_latents(latents * bn_std + bn_mean)
+    if output_type == "latent":
+        return latents
+    image = pipe.vae.decode(latents.to(execution_device(pipe.vae)), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
 class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
     """``Flux2KleinPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
 
     ``num_inference_steps`` or ``sigmas``, when passed, override the config's step count; the
-    sigmas are always the pipeline's own schedule. ``pipe.last_jit_report`` holds the
-    :class:`~jit_sampler.JiTReport` of the last JiT call (FLOPs per sample).
+    sigmas are always the pipeline's own schedule. ``image=`` reference images stay active in
+    every call (module docstring). ``pipe.last_jit_report`` holds the
+    :class:`~jit_sampler.JiTReport` of the last JiT call (FLOPs per sample, reference tokens
+    counted as dense in every call).
     """
 
     _stock_class = Flux2KleinPipeline
@@ -54,9 +126,7 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
                   negative_prompt_embeds, output_type, return_dict, attention_kwargs, callback_on_step_end,
                   callback_on_step_end_tensor_inputs, max_sequence_length, text_encoder_out_layers, **newer):
         self._refuse_newer(newer)
-        if image is not None:
-            raise NotImplementedError("JiTFlux2KleinPipeline: reference images (image=...) are not supported with "
-                                      "jit=...; use jit=None")
+        images = check_reference_images(self, image)
         t0 = time.perf_counter()
         self.check_inputs(prompt=prompt, height=height, width=width, prompt_embeds=prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -79,13 +149,21 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
                 text_encoder_out_layers=text_encoder_out_layers)
             total = batch_size * num_images_per_prompt
             negative = (per_image(neg_embeds, total), None, neg_ids[0])
-        t_encoded = time.perf_counter()
 
+        condition_images, height, width = prepare_reference_images(self, images, height, width)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         latents, latent_ids = self.prepare_latents(
             batch_size=batch_size * num_images_per_prompt, num_latents_channels=self.transformer.config.in_channels // 4,
             height=height, width=width, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents)
+        ref_tokens = ref_ids = None
+        if condition_images is not None:
+            ref_tokens, ref_ids = self.prepare_image_latents(
+                images=condition_images, batch_size=batch_size * num_images_per_prompt, generator=generator,
+                device=device, dtype=self.vae.dtype)
+            ref_ids = ref_ids[0]
+        num_ref = 0 if ref_tokens is None else ref_tokens.shape[1]
+        t_encoded = time.perf_counter()
         grid_h = int(height) // (self.vae_scale_factor * 2)
         grid_w = int(width) // (self.vae_scale_factor * 2)
 
@@ -98,27 +176,19 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
         velocity = FluxVelocity(self.transformer, prompt_embeds, None, text_ids[0], latent_ids[0], guidance=None,
                                 negative=negative, true_cfg_scale=guidance_scale,
                                 joint_attention_kwargs=attention_kwargs or {}, pre_call=set_timestep,
-                                backend=cfg.backend, token_bucket=cfg.token_bucket)
+                                backend=cfg.backend, token_bucket=cfg.token_bucket, ref_tokens=ref_tokens,
+                                ref_ids=ref_ids)
 
         latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
                                         callback_on_step_end, callback_on_step_end_tensor_inputs)
         t_sampled = time.perf_counter()
 
-        latents = self._unpack_latents_with_ids(latents, latent_ids, grid_h, grid_w)
-        bn_mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        bn_std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
-            latents.device, latents.dtype)
-        latents = self._unpatchify_latents(latents * bn_std + bn_mean)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        image = decode_flux2(self, latents, latent_ids, grid_h, grid_w, output_type)
         self.maybe_free_model_hooks()
         t_end = time.perf_counter()
 
         self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if negative is not None else 1)
+                            calls_per_step=2 if negative is not None else 1, ref_tokens=num_ref)
         if not return_dict:
             return (image,)
         return Flux2PipelineOutput(images=image)

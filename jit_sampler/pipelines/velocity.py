@@ -35,6 +35,10 @@ class FluxVelocity:
         image_embeds / negative_image_embeds: IP-adapter embeddings per branch (lists of ``[B, ...]``).
         pre_call: called as ``pre_call(step, sigma)`` before each evaluation (the pipeline
             sets its ``current_timestep`` there).
+        ref_tokens / ref_ids: reference-image tokens ``[B, R, C]`` and their position ids
+            ``[R, 3|4]`` (FLUX.1 Kontext, FLUX.2 ``image=``), or ``None``. They are appended after
+            the active tokens in every call, whatever the stage (references are never made
+            sparse), and the output keeps only the active tokens' rows.
 
     Called as ``(x [B, M, C], active_idx [M] | [B, M], sigma, step) -> v [B, M, C]`` in
     ``x.dtype``. Cond and uncond share the anchor set by construction. A per-sample set
@@ -51,7 +55,13 @@ class FluxVelocity:
     def __init__(self, transformer, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *, guidance=None,
                  negative=None, true_cfg_scale: float = 1.0, joint_attention_kwargs: dict | None = None,
                  image_embeds=None, negative_image_embeds=None, pre_call=None, backend: str = "auto",
-                 token_bucket: int = 0):
+                 token_bucket: int = 0, ref_tokens=None, ref_ids=None):
+        if (ref_tokens is None) != (ref_ids is None):
+            raise ValueError("ref_tokens and ref_ids go together (both or neither)")
+        if ref_tokens is not None and (ref_tokens.dim() != 3
+                                       or tuple(ref_ids.shape) != (ref_tokens.shape[1], img_ids.shape[1])):
+            raise ValueError(f"ref_tokens must be [B, R, C] with ref_ids [R, {img_ids.shape[1]}], got "
+                             f"{tuple(ref_tokens.shape)} and {tuple(ref_ids.shape)}")
         if not is_int_at_least(token_bucket, 0):
             raise ValueError(f"token_bucket must be an int >= 0 (0 = off), got {token_bucket!r}")
         if token_bucket and "attention_mask" in (joint_attention_kwargs or {}):
@@ -71,6 +81,8 @@ class FluxVelocity:
         self.pre_call = pre_call
         self.backend = backend
         self.token_bucket = token_bucket
+        self.ref_tokens = ref_tokens
+        self.ref_ids = ref_ids
         self.calls = 0
         self.cache_resets = 0
         self._ids_key = None
@@ -125,13 +137,17 @@ class FluxVelocity:
         # As FluxPipeline: timestep t = 1000 * sigma in the latent dtype, passed as t / 1000.
         t = torch.full((b,), sigma * 1000.0, device=x.device, dtype=torch.float32).to(x.dtype)
         kwargs = dict(self.joint_attention_kwargs)
-        pad = (-m) % self.token_bucket if self.token_bucket else 0
+        if self.ref_tokens is not None:  # reference tokens after the active ones, in every call
+            x = torch.cat([x, self.ref_tokens[sl].to(x.dtype)], 1)
+            ids = torch.cat([ids, self.ref_ids], 0)
+        n = x.shape[1]
+        pad = (-n) % self.token_bucket if self.token_bucket else 0
         if pad:
             # Pad to the bucket: zero tokens at a copy of the first position, masked out as keys.
             x = torch.cat([x, x.new_zeros(b, pad, x.shape[2])], 1)
             ids = torch.cat([ids, ids[:1].expand(pad, -1)], 0)
             text = (self.prompt_embeds if cond else self.negative[0]).shape[1]
-            kwargs["attention_mask"] = self._padding_mask(b, text, m, pad, x.device)
+            kwargs["attention_mask"] = self._padding_mask(b, text, n, pad, x.device)
         emb = self.image_embeds if cond else self.negative_image_embeds
         if emb is not None:
             kwargs["ip_adapter_image_embeds"] = [e[sl] for e in emb]
@@ -146,7 +162,7 @@ class FluxVelocity:
                      encoder_hidden_states=pe[sl], txt_ids=tids, img_ids=ids, joint_attention_kwargs=kwargs,
                      return_dict=False, **extra)[0]
         self.calls += 1
-        return out[:, :m] if pad else out
+        return out[:, :m] if out.shape[1] != m else out
 
     def _guided(self, x, ids, sl, sigma):
         v = self._forward(x, ids, sl, sigma, True)
