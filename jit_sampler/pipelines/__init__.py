@@ -5,6 +5,9 @@
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.flux_img2img`: :class:`JiTFluxImg2ImgPipeline`, :class:`JiTFluxInpaintPipeline` (FLUX.1
+  image-to-image and inpainting, ``strength``);
+- :mod:`.flux_fill`: :class:`JiTFluxFillPipeline` (FLUX.1 Fill);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
@@ -21,8 +24,10 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
+_MODULES = ("flux", "flux2_klein", "flux_img2img", "flux_fill")
+_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein",
+            "JiTFluxImg2ImgPipeline": "flux_img2img", "JiTFluxInpaintPipeline": "flux_img2img",
+            "JiTFluxFillPipeline": "flux_fill"}
 
 
 def _quiet_import(name: str):
@@ -53,6 +58,9 @@ __all__ = [
     "AnchorAttnProcessor",
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
+    "JiTFluxFillPipeline",
+    "JiTFluxImg2ImgPipeline",
+    "JiTFluxInpaintPipeline",
     "JiTFluxPipeline",
     "enable_jit",
     "install_anchor_attention",
