@@ -303,3 +303,19 @@ def test_bad_inputs_raise_before_any_model_call(pipes, kind):
     assert log.calls == []
     pipe(generator=gen(), jit="7x", **base)
     assert torch.equal(img, img0) and torch.equal(msk, msk0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_anchor_attention_processor_option(pipes, kind):
+    """``anchor_attention=True`` swaps in the fused processor for the call only; same result within float noise."""
+    pipe = pipes[kind]
+    before = dict(pipe.transformer.attn_processors)
+    kw = inputs(kind, strength=0.8)
+    plain = pipe(generator=gen(), jit="7x", **kw).images
+    during = set()
+    fused = pipe(generator=gen(), jit="7x", anchor_attention=True, **kw, callback_on_step_end=lambda p, i, t, k: (
+        during.update(type(v).__name__ for v in p.transformer.attn_processors.values()) or {})).images
+    assert during == {"AnchorAttnProcessor"}
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    assert {k: type(v) for k, v in pipe.transformer.attn_processors.items()} == \
+        {k: type(v) for k, v in before.items()}

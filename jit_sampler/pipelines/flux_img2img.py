@@ -19,8 +19,10 @@ Example, the 7x preset (11 steps, stages 0.4 / 0.65 / 1.0, tokens 0.32 / 0.60 / 
 ``strength=1.0`` runs 11 steps as 4 / 3 / 4; ``strength=0.6`` skips 4 steps and runs the last 7
 (from sigma 0.929) as 2 / 2 / 3; ``strength=0.3`` runs 4 steps as 1 / 1 / 2. The 4x preset at
 ``strength=0.6`` runs 11 of 18 steps as 4 / 3 / 4. A run too short for the stage layout
-(7x below ``strength`` ~0.28, i.e. fewer than 4 steps) raises the config's ``ValueError``
-before any work, as does a strength that leaves no step at all (as in diffusers).
+(fewer than 4 steps for 0.4 / 0.65 / 1.0: 7x at ``strength <= 3/11``, 4x at ``strength <= 1/6``)
+raises the config's ``ValueError`` before any work, as does a strength that leaves no step at
+all (as in diffusers). Pass a larger ``num_inference_steps`` to keep a low strength runnable
+(e.g. 7x with ``num_inference_steps=28, strength=0.2`` runs 6 steps as 2 / 1 / 3).
 
 The image is noised to the first sigma as ``sigma * noise + (1 - sigma) * image_latents``
 (the scheduler's ``scale_noise``), the noise drawn from ``generator`` after the image is
