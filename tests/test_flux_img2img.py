@@ -289,6 +289,12 @@ def test_bad_inputs_raise_before_any_model_call(pipes, kind):
     with CallLog(pipe.transformer) as log:
         with pytest.raises(ValueError, match="strength"):
             pipe(generator=gen(), jit="7x", **{**base, "strength": 1.5})
+        with pytest.raises(ValueError, match="strength"):
+            pipe(generator=gen(), jit="7x", **{**base, "strength": float("nan")})
+        with pytest.raises(TypeError, match="strength must be a number"):
+            pipe(generator=gen(), jit="7x", **{**base, "strength": None})
+        with pytest.raises(TypeError, match="num_inference_steps must be an int"):
+            pipe(generator=gen(), jit="7x", num_inference_steps=10.5, **base)
         with pytest.raises(ValueError, match="`image` is required"):
             pipe(generator=gen(), jit="7x", **{**base, "image": None})
         with pytest.raises(ValueError, match="generators"):

@@ -55,6 +55,7 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
                   return_dict, joint_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
                   max_sequence_length, **newer):
         self._refuse_newer(newer)
+        self._check_strength(strength)
         t0 = time.perf_counter()
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor

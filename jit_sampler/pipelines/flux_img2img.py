@@ -38,6 +38,7 @@ tokens, masked or not, stay in the JiT active sets.
 from __future__ import annotations
 
 import inspect
+import numbers
 import time
 
 import numpy as np
@@ -88,6 +89,14 @@ class _JiTFluxImageMixin(JiTPipelineMixin):
                                c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     @staticmethod
+    def _check_strength(strength) -> None:
+        """A real number in [0, 1] (the stock check lets NaN through and fails on ``None`` with a bare TypeError)."""
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+            raise TypeError(f"strength must be a number in [0, 1], got {type(strength).__name__}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
+
+    @staticmethod
     def _require(name: str, value) -> None:
         if value is None:
             raise ValueError(f"`{name}` is required (got None)")
@@ -109,6 +118,8 @@ class _JiTFluxImageMixin(JiTPipelineMixin):
         if sigmas is not None:
             n = len(sigmas)
         elif explicit_steps:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+                raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
             n = int(num_inference_steps)
         else:
             n = cfg.total_steps
@@ -235,6 +246,7 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
                   joint_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
                   max_sequence_length, **newer):
         self._refuse_newer(newer)
+        self._check_strength(strength)
         t0 = time.perf_counter()
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -322,6 +334,7 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
                   negative_pooled_prompt_embeds, output_type, return_dict, joint_attention_kwargs,
                   callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, **newer):
         self._refuse_newer(newer)
+        self._check_strength(strength)
         t0 = time.perf_counter()
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
