@@ -20,14 +20,22 @@ TXT_TOKENS = 6
 
 
 def build_pipe(cls=None, guidance_embeds: bool = True, seed: int = 0):
-    """A tiny pipeline of class ``cls`` (default ``FluxPipeline``), deterministic from ``seed``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    """A tiny pipeline of class ``cls`` (default ``FluxPipeline``), deterministic from ``seed``.
+
+    For a ``FluxFillPipeline`` (or subclass) the transformer has FLUX Fill's channel layout:
+    16 latent + 16 masked-image + 4 * 8 * 8 = 256 mask channels in, 16 out (4 latent channels
+    packed 2 x 2, vae_scale_factor 8).
+    """
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline,
+                           FluxTransformer2DModel)
 
     cls = cls or FluxPipeline
+    fill = issubclass(cls, FluxFillPipeline)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            patch_size=1, in_channels=16 + 16 + 256 if fill else 16, out_channels=16 if fill else None,
+            num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=TXT_DIM, pooled_projection_dim=POOLED_DIM,
             guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
         )

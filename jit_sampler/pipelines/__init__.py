@@ -8,6 +8,9 @@
 - :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
 - :mod:`.flux2_klein_kv`: :class:`JiTFlux2KleinKVPipeline` (FLUX.2-klein with KV-cached
   reference images);
+- :mod:`.flux_img2img`: :class:`JiTFluxImg2ImgPipeline`, :class:`JiTFluxInpaintPipeline` (FLUX.1
+  image-to-image and inpainting, ``strength``);
+- :mod:`.flux_fill`: :class:`JiTFluxFillPipeline` (FLUX.1 Fill);
 - :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
@@ -31,6 +34,8 @@ _MODULES = (
     "flux_kontext",
     "flux2_klein_kv",
     "qwen_image",
+    "flux_img2img",
+    "flux_fill",
 )
 _CLASSES = {
     "JiTFluxPipeline": "flux",
@@ -39,6 +44,9 @@ _CLASSES = {
     "JiTFlux2KleinKVPipeline": "flux2_klein_kv",
     "JiTQwenImagePipeline": "qwen_image",
     "QwenImageVelocity": "qwen_image",
+    "JiTFluxImg2ImgPipeline": "flux_img2img",
+    "JiTFluxInpaintPipeline": "flux_img2img",
+    "JiTFluxFillPipeline": "flux_fill",
 }
 
 
@@ -85,6 +93,9 @@ __all__ = [
     "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
     "JiTFluxKontextPipeline",
+    "JiTFluxFillPipeline",
+    "JiTFluxImg2ImgPipeline",
+    "JiTFluxInpaintPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",

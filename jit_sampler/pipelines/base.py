@@ -132,17 +132,20 @@ class JiTPipelineMixin:
         return timesteps, set_timestep
 
     def _denoise(self, velocity: FluxVelocity, latents, grid_h: int, grid_w: int, sig, cfg: JiTConfig, generator,
-                 timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs):
+                 timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=None):
         """:func:`jit_sample` under the pipeline's progress bar, ``interrupt`` and ``callback_on_step_end``
-        (which may replace ``latents`` and ``prompt_embeds``)."""
+        (which may replace ``latents`` and ``prompt_embeds``). ``post_step(i, y) -> y``, when given, edits
+        the full latent after each step, before the callback (inpainting's blend of the known region)."""
         with self.progress_bar(total=cfg.total_steps) as progress_bar:
             def on_step(i: int, sigma: float, y: torch.Tensor):
                 new_latents = None
+                if post_step is not None:
+                    y = new_latents = post_step(i, y)
                 if callback_on_step_end is not None:
                     avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
                     callback_kwargs = {k: avail[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs) or {}
-                    new_latents = outputs.pop("latents", None)
+                    new_latents = outputs.pop("latents", new_latents)
                     if "prompt_embeds" in outputs:
                         velocity.prompt_embeds = outputs.pop("prompt_embeds")
                 progress_bar.update()

@@ -39,6 +39,10 @@ class FluxVelocity:
             ``[R, 3|4]`` (FLUX.1 Kontext, FLUX.2 ``image=``), or ``None``. They are appended after
             the active tokens in every call, whatever the stage (references are never made
             sparse), and the output keeps only the active tokens' rows.
+        cond_tokens: ``[B, N, C2]`` per-token conditioning concatenated to the latent tokens on
+            the channel axis before every forward (FLUX.1 Fill: masked-image latents + mask), or
+            ``None``. Its rows follow the active tokens (gathered with the same indices, once per
+            stage); the transformer then sees ``C + C2`` input channels and returns ``C``.
 
     Called as ``(x [B, M, C], active_idx [M] | [B, M], sigma, step) -> v [B, M, C]`` in
     ``x.dtype``. Cond and uncond share the anchor set by construction. A per-sample set
@@ -55,7 +59,8 @@ class FluxVelocity:
     def __init__(self, transformer, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *, guidance=None,
                  negative=None, true_cfg_scale: float = 1.0, joint_attention_kwargs: dict | None = None,
                  image_embeds=None, negative_image_embeds=None, pre_call=None, backend: str = "auto",
-                 token_bucket: int = 0, ref_tokens=None, ref_ids=None):
+                 token_bucket: int = 0, ref_tokens=None, ref_ids=None,
+                 cond_tokens: torch.Tensor | None = None):
         if (ref_tokens is None) != (ref_ids is None):
             raise ValueError("ref_tokens and ref_ids go together (both or neither)")
         if ref_tokens is not None and (ref_tokens.dim() != 3
@@ -89,6 +94,13 @@ class FluxVelocity:
         self._ids = None
         self._last_tokens = None
         self._masks: dict = {}  # token_bucket key-padding masks, one tensor per (batch, text, tokens, pad, device)
+        if cond_tokens is not None and (not isinstance(cond_tokens, torch.Tensor) or cond_tokens.dim() != 3
+                                        or cond_tokens.shape[1] != img_ids.shape[0]):
+            raise ValueError(f"cond_tokens must be a [B, N = {img_ids.shape[0]}, C2] tensor or None, got "
+                             f"{tuple(cond_tokens.shape) if isinstance(cond_tokens, torch.Tensor) else cond_tokens!r}")
+        self.cond_tokens = cond_tokens
+        self._cond_key = None
+        self._cond = None
 
     def _reset_cache_hooks(self) -> None:
         tr = self.transformer
@@ -110,6 +122,13 @@ class FluxVelocity:
             self._ids = rows(active_idx) if active_idx.dim() == 1 else [rows(r) for r in active_idx]
             self._ids_key = active_idx  # the loop keeps one tensor object per stage
         return self._ids
+
+    def _cond_for(self, active_idx: torch.Tensor) -> torch.Tensor:
+        """``cond_tokens`` rows of the active tokens ``[B, M, C2]``; gathered once per stage, like the ids."""
+        if self._cond_key is not active_idx:
+            self._cond = jk.gather_tokens(self.cond_tokens, active_idx, backend=self.backend)
+            self._cond_key = active_idx
+        return self._cond
 
     def _padding_mask(self, b: int, text: int, m: int, pad: int, device) -> torch.Tensor:
         """The bool key-padding mask ``[B, 1, 1, text + m + pad]`` (``False`` on the padding), one tensor per shape.
@@ -180,6 +199,12 @@ class FluxVelocity:
         self._last_tokens = tokens
         dtype = self.transformer.dtype
         xin = x.to(dtype)
+        if self.cond_tokens is not None:  # e.g. Fill: [latent | masked image | mask] on the channel axis
+            if self.cond_tokens.shape[0] != x.shape[0]:
+                raise ValueError(f"cond_tokens has batch {self.cond_tokens.shape[0]}, the latents {x.shape[0]}")
+            dense = active_idx.shape[-1] == self.img_ids.shape[0]
+            cond = self.cond_tokens if dense else self._cond_for(active_idx)
+            xin = torch.cat([xin, cond.to(dtype)], dim=2)
         if active_idx.shape[-1] == self.img_ids.shape[0]:
             # Dense stage: every token, in grid order (active sets are kept sorted).
             return self._guided(xin, self.img_ids, slice(None), sigma).to(x.dtype)
