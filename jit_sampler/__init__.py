@@ -12,7 +12,8 @@ The public surface:
   stage layout :func:`make_plan` / :class:`JiTPlan`, the per-run :class:`JiTReport`, and the
   sigma schedules :func:`beta_sigmas` / :func:`linear_sigmas`;
 - diffusers integration (:mod:`jit_sampler.pipelines`, imported on first use):
-  :class:`JiTFluxPipeline`, :class:`JiTFlux2KleinPipeline`, :func:`enable_jit`,
+  :class:`JiTFluxPipeline`, :class:`JiTFlux2KleinPipeline`, :class:`JiTFluxControlNetPipeline`,
+  :func:`enable_jit`,
   :class:`FluxVelocity`, and the fused attention processor :class:`AnchorAttnProcessor`
   with :func:`install_anchor_attention` / :func:`remove_anchor_attention` /
   :func:`use_anchor_attention`.
@@ -28,8 +29,10 @@ from .schedule import beta_sigmas, linear_sigmas
 
 _PIPELINE_NAMES = (
     "AnchorAttnProcessor",
+    "FluxControlNetVelocity",
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
+    "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "enable_jit",
     "install_anchor_attention",

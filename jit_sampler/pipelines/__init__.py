@@ -5,6 +5,8 @@
   :func:`enable_jit`;
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
+- :mod:`.flux_controlnet`: :class:`JiTFluxControlNetPipeline` (FLUX.1 ControlNet, the ControlNet
+  run on the active tokens too);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
@@ -21,8 +23,9 @@ from .attention_processor import AnchorAttnProcessor, install_anchor_attention, 
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = ("flux", "flux2_klein")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
+_MODULES = ("flux", "flux2_klein", "flux_controlnet")
+_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein",
+            "JiTFluxControlNetPipeline": "flux_controlnet", "FluxControlNetVelocity": "flux_controlnet"}
 
 
 def _quiet_import(name: str):
@@ -51,8 +54,10 @@ def __getattr__(name):
 
 __all__ = [
     "AnchorAttnProcessor",
+    "FluxControlNetVelocity",
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
+    "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "enable_jit",
     "install_anchor_attention",
