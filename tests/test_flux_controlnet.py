@@ -271,6 +271,20 @@ def test_callback_sees_and_replaces_control_image(pipe):
              callback_on_step_end_tensor_inputs=["control_image"], **kw)
 
 
+def test_pil_and_array_control_images_match_their_tensor(pipe):
+    """A PIL image / array goes through the image processor at (height, width), as in the stock pipeline."""
+    from PIL import Image
+
+    arr = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    kw = dict(jit="7x", height=64, width=96, output_type="latent", **prompt_inputs())
+    ref = pipe(generator=gen(), control_image=pipe.image_processor.preprocess(Image.fromarray(arr), height=64,
+                                                                              width=96), **kw).images
+    assert ref.shape == (1, 24, 16)
+    assert torch.equal(pipe(generator=gen(), control_image=Image.fromarray(arr), **kw).images, ref)
+    assert torch.equal(pipe(generator=gen(), control_image=[Image.fromarray(arr)], **kw).images, ref)
+    assert pipe(generator=gen(), control_image=arr.astype(np.float32) / 255, **kw).images.shape == ref.shape
+
+
 def test_enable_jit_picks_controlnet_class(base, stock):
     e = enable_jit(stock, "7x")
     assert type(e) is JiTFluxControlNetPipeline and e.controlnet is stock.controlnet
@@ -305,6 +319,7 @@ def no_model_calls(pipe):
     (dict(control_guidance_start=[0.0, 0.1]), ValueError, "2 entries, expected 1"),
     (dict(jit=JiTConfig.preset("7x", token_bucket=16)), NotImplementedError, "token_bucket"),
     (dict(prompt_embeds=None), ValueError, "prompt_embeds"),
+    (dict(latents=torch.zeros(1, 16, 16)), ValueError, r"latents must be packed \[B, 4, C\]"),
 ])
 def test_bad_inputs_raise_before_any_work(pipe, change, exc, match):
     kw = dict(jit="7x", control_image=control(size=(32, 32)), output_type="latent", **prompt_inputs())
@@ -335,3 +350,13 @@ def test_unsupported_controlnets_raise_before_any_work(base, pipe):
         multi(generator=gen(), **{**kw, "control_image": [kw["control_image"]]})
     with no_model_calls(multi), pytest.raises(ValueError, match="different sizes"):
         multi(generator=gen(), **{**kw, "control_image": [control(size=(32, 32)), control(size=(32, 48))]})
+
+
+def test_anchor_attention_composes(pipe):
+    """The fused attention processor in the transformer; the ControlNet keeps its own processors."""
+    kw = dict(jit="7x", control_image=control(), output_type="latent", **prompt_inputs())
+    before = type(pipe.transformer.transformer_blocks[0].attn.processor)
+    plain = pipe(generator=gen(), **kw).images
+    fused = pipe(generator=gen(), anchor_attention=True, **kw).images
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    assert type(pipe.transformer.transformer_blocks[0].attn.processor) is before

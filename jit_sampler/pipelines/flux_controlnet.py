@@ -382,6 +382,10 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
             control_image, control_mode, controlnet_conditioning_scale, control_guidance_start,
             control_guidance_end, height, width, batch_size)
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
+        tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+        if isinstance(latents, torch.Tensor) and (latents.dim() != 3 or latents.shape[1] != tokens):
+            raise ValueError(f"latents must be packed [B, {tokens}, C] for the {height} x {width} control image, "
+                             f"got shape {tuple(latents.shape)}")
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None
@@ -422,8 +426,6 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(total, num_channels_latents, height, width,
                                                          prompt_embeds.dtype, device, generator, latents)
-        if control[0].shape[1] != latents.shape[1]:
-            raise ValueError(f"the control image gives {control[0].shape[1]} tokens, the latents {latents.shape[1]}")
         grid_h = int(height) // (self.vae_scale_factor * 2)
         grid_w = int(width) // (self.vae_scale_factor * 2)
 
