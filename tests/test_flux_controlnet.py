@@ -32,6 +32,21 @@ def make_controlnet(transformer, seed: int, num_mode=None):
     return cn.eval()
 
 
+def make_xlabs_controlnet(seed: int, patch_size: int = 2):
+    """An XLabs-style ControlNet: double blocks only and an ``input_hint_block`` that encodes the pixel image
+    (8x down, then ``patch_size`` patches), its zero-initialised layers randomised."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cn = FluxControlNetModel(patch_size=patch_size, in_channels=16, num_layers=1, num_single_layers=0,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                 pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=[4, 6, 6],
+                                 conditioning_embedding_channels=16 // patch_size ** 2)
+        for m in [*cn.controlnet_blocks, cn.input_hint_block.conv_out]:
+            torch.nn.init.normal_(m.weight, std=0.05)
+            torch.nn.init.normal_(m.bias, std=0.05)
+    return cn.eval()
+
+
 def stock_pipe(base, controlnet):
     p = FluxControlNetPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
                                text_encoder_2=None, tokenizer_2=None, transformer=base.transformer,
@@ -334,13 +349,15 @@ def test_unsupported_controlnets_raise_before_any_work(base, pipe):
     none.set_progress_bar_config(disable=True)
     with no_model_calls(pipe), pytest.raises(TypeError, match="needs a FluxControlNetModel"):
         none(generator=gen(), **kw)
-    xlabs = FluxControlNetModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                                guidance_embeds=True, axes_dims_rope=[4, 6, 6], conditioning_embedding_channels=4)
-    hint = JiTFluxControlNetPipeline.from_pipe(pipe, controlnet=xlabs)
-    hint.set_progress_bar_config(disable=True)
-    with no_model_calls(hint), pytest.raises(NotImplementedError, match="input_hint_block"):
-        hint(generator=gen(), **kw)
+    coarse = JiTFluxControlNetPipeline.from_pipe(pipe, controlnet=make_xlabs_controlnet(1, patch_size=1))
+    coarse.set_progress_bar_config(disable=True)
+    with no_model_calls(coarse), pytest.raises(NotImplementedError, match="downsamples 8x with patch_size 1"):
+        coarse(generator=gen(), **kw)
+    mixed = JiTFluxControlNetPipeline.from_pipe(
+        pipe, controlnet=FluxMultiControlNetModel([pipe.controlnet, make_xlabs_controlnet(1)]))
+    mixed.set_progress_bar_config(disable=True)
+    with no_model_calls(mixed), pytest.raises(NotImplementedError, match="mixing"):
+        mixed(generator=gen(), **{**kw, "control_image": [kw["control_image"]] * 2})
     multi = JiTFluxControlNetPipeline.from_pipe(
         pipe, controlnet=FluxMultiControlNetModel([pipe.controlnet, make_controlnet(base.transformer, seed=3)]))
     multi.set_progress_bar_config(disable=True)
@@ -360,3 +377,60 @@ def test_anchor_attention_composes(pipe):
     fused = pipe(generator=gen(), anchor_attention=True, **kw).images
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
     assert type(pipe.transformer.transformer_blocks[0].attn.processor) is before
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_xlabs_hint_controlnet(base, cfg_scale):
+    """A hint-encoder ControlNet: dense JiT equals the stock loop (controlnet_blocks_repeat, no single-block
+    residuals); under 7x it runs on the transformer's tokens with the hint tokens of exactly those tokens."""
+    cn = make_xlabs_controlnet(seed=21)
+    stock = stock_pipe(base, cn)
+    p = JiTFluxControlNetPipeline.from_pipe(stock)
+    p.set_progress_bar_config(disable=True)
+    kw = dict(control_image=control(batch=2, size=(64, 96)), output_type="latent", true_cfg_scale=cfg_scale,
+              controlnet_conditioning_scale=0.8, **prompt_inputs(batch=2),
+              **prompt_inputs(batch=2, seed=3, prefix="negative_"))
+    ref = stock(generator=gen(), num_inference_steps=4, **kw).images
+    with Calls(tr=base.transformer, hint=cn.input_hint_block) as c:
+        got = p(generator=gen(), jit=JiTConfig.dense(4, sigma_schedule="pipeline"), **kw).images
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert all(k["controlnet_blocks_repeat"] and k["controlnet_single_block_samples"] is None for k in c.log["tr"])
+    assert len(c.log["hint"]) == 1 + 4  # the full image once, then a stand-in per step
+    # Sparse stages: the hint tokens the ControlNet embeds are the full hint tokens of the active rows.
+    full = {}
+    seen = []
+    handles = [cn.input_hint_block.register_forward_hook(lambda m, a, o: full.setdefault("map", o)),
+               cn.controlnet_x_embedder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))]
+    try:
+        with Calls(tr=base.transformer, cn=cn) as c:
+            p(generator=gen(), jit="7x", **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    # The first hint-encoder call is the full image: [2, 4, 8, 12] -> 4 x 6 tokens of 2 x 2 x 4.
+    tokens = full["map"].reshape(2, 4, 4, 2, 6, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 24, 16)
+    assert len(seen) == len(c.log["cn"]) == 11
+    for k, rows in zip(c.log["cn"], seen):
+        assert k["hidden_states"].shape[:2] == rows.shape[:2]
+        idx = (k["img_ids"][:, 1] * 6 + k["img_ids"][:, 2]).long()
+        assert torch.equal(rows, tokens[:, idx])
+    assert [k["hidden_states"].shape[1] for k in c.log["cn"]] == \
+        [k["hidden_states"].shape[1] for k in c.log["tr"][::2 if cfg_scale > 1 else 1]]
+    with pytest.raises(NotImplementedError, match="callback_on_step_end"):
+        p(generator=gen(), jit="7x", callback_on_step_end=lambda *a: {},
+          callback_on_step_end_tensor_inputs=["control_image"], **kw)
+
+
+def test_multi_xlabs_matches_stock_and_leaves_no_hooks(base):
+    nets = [make_xlabs_controlnet(seed=31), make_xlabs_controlnet(seed=32)]
+    stock = stock_pipe(base, FluxMultiControlNetModel(nets))
+    p = JiTFluxControlNetPipeline.from_pipe(stock)
+    p.set_progress_bar_config(disable=True)
+    kw = dict(control_image=[control(), control(seed=33)], controlnet_conditioning_scale=[1.0, 0.5],
+              output_type="latent", **prompt_inputs())
+    ref = stock(generator=gen(), num_inference_steps=3, **kw).images
+    got = p(generator=gen(), jit=JiTConfig.dense(3, sigma_schedule="pipeline"), **kw).images
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    sparse = p(generator=gen(), jit="7x", **kw).images
+    assert torch.isfinite(sparse).all() and p.last_jit_report.flops["controlnet"]["calls"] == 11
+    assert all(not n.input_hint_block._forward_hooks for n in nets)

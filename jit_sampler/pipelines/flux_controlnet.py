@@ -34,17 +34,28 @@ RoPE position, the other tokens take a velocity interpolated from controlled anc
 the last stage runs every token through both networks. The control signal therefore reaches
 every step and, by the end, every token.
 
+XLabs-style ControlNets (with an ``input_hint_block``) take the *pixel* control image and
+turn it into tokens inside their ``forward`` (a small conv encoder, then ``patch_size``
+patches), on every step. Under JiT that hint encoder runs once per call on the full image
+(its result does not depend on the step); at every step the hint tokens of the active set
+are handed to the ControlNet through a forward hook on ``input_hint_block`` that is in place
+only for that call (the ControlNet's own weights and code are untouched), and the
+transformer gets ``controlnet_blocks_repeat=True`` as in the stock pipeline.
+
 Not supported with ``jit=...`` (``NotImplementedError``, raised before any work):
 ``token_bucket`` padding (diffusers' ControlNet does not forward ``joint_attention_kwargs``
 to its blocks, so padded tokens could not be masked out of its attention and would change
-the residuals of the real tokens), and XLabs-style ControlNets with an ``input_hint_block``
-(their hint encoder runs on the pixel image inside ``forward``, so there is no token tensor
-to gather).
+the residuals of the real tokens); a multi-ControlNet mixing hint-encoder and latent
+ControlNets (the stock pipeline cannot run it either); a hint encoder whose token grid is not
+the latent token grid; and a ``callback_on_step_end`` that asks for ``control_image`` with a
+hint-encoder ControlNet (the stock callback sees pixels, the JiT loop holds tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import numbers
 import time
 
@@ -90,6 +101,40 @@ class _WithResiduals:
         return getattr(self._module, name)
 
 
+def _patchify(hint: torch.Tensor, p: int) -> torch.Tensor:
+    """Hint-encoder map ``[B, C, H, W]`` -> tokens ``[B, (H / p) (W / p), C p p]``, row-major, as the ControlNet's forward."""
+    b, c, h, w = hint.shape
+    return hint.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def _as_hint_map(tokens: torch.Tensor, p: int) -> torch.Tensor:
+    """Tokens ``[B, M, C p p]`` -> a ``[B, C, p, M p]`` map that :func:`_patchify` turns back into exactly ``tokens``
+    (a 1 x M strip of patches): what the hint hook returns so that the ControlNet's forward sees these tokens."""
+    b, m, cpp = tokens.shape
+    c = cpp // (p * p)
+    return tokens.reshape(b, 1, m, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, p, m * p)
+
+
+@contextlib.contextmanager
+def _hint_override(nets: list, tokens: list):
+    """While active, ``nets[k].input_hint_block`` returns (the map of) ``tokens[k]``, in call order.
+
+    A forward hook replaces the hint encoder's output, so the ControlNet's own forward patchifies
+    the given tokens back out; a net called several times (one union net, several conditions) pops
+    its entries in order. The hooks are removed on exit.
+    """
+    queues: dict[int, tuple] = {}
+    for net, tok in zip(nets, tokens):
+        block = net.input_hint_block
+        queues.setdefault(id(block), (block, []))[1].append(_as_hint_map(tok, net.config.patch_size))
+    handles = [block.register_forward_hook(lambda mod, args, out, q=q: q.pop(0)) for block, q in queues.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class FluxControlNetVelocity(FluxVelocity):
     """:class:`FluxVelocity` whose transformer gets ControlNet residuals computed on the same active tokens.
 
@@ -103,6 +148,8 @@ class FluxControlNetVelocity(FluxVelocity):
         controlnet_keep: per step, the stock keep factor (a float, or a list per condition).
         controlnet_guidance: ``[B]`` embedded guidance for the ControlNet, or ``None``.
         blocks_repeat: the transformer's ``controlnet_blocks_repeat``.
+        hint_nets: for hint-encoder (XLabs) ControlNets, the net of each condition; ``control``
+            then holds their hint tokens and reaches them through :func:`_hint_override`.
 
     ``controlnet_calls`` counts ControlNet forwards and ``controlnet_tokens`` the image tokens
     of each (per sample). The control tokens are gathered once per stage (the loop keeps one
@@ -111,7 +158,7 @@ class FluxControlNetVelocity(FluxVelocity):
 
     def __init__(self, transformer, controlnet, control, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *,
                  control_mode=None, conditioning_scale=1.0, controlnet_keep=(), controlnet_guidance=None,
-                 blocks_repeat: bool = False, **kwargs):
+                 blocks_repeat: bool = False, hint_nets: list | None = None, **kwargs):
         if kwargs.get("token_bucket"):
             raise NotImplementedError(
                 "token_bucket cannot be combined with a ControlNet: diffusers' FluxControlNetModel does not pass "
@@ -125,6 +172,7 @@ class FluxControlNetVelocity(FluxVelocity):
         self.controlnet_keep = list(controlnet_keep)
         self.controlnet_guidance = controlnet_guidance
         self.blocks_repeat = bool(blocks_repeat)
+        self.hint_nets = hint_nets
         self.controlnet_calls = 0
         self.controlnet_tokens: list[int] = []
         self._active = None
@@ -170,15 +218,24 @@ class FluxControlNetVelocity(FluxVelocity):
         if mode is not None:
             mode = [md[sl] for md in mode] if isinstance(mode, list) else mode[sl]
         guidance = None if self.controlnet_guidance is None else self.controlnet_guidance[sl]
-        blocks, singles = self.controlnet(
+        hook = contextlib.nullcontext()
+        if self.hint_nets is not None:  # the hint encoder gets a tiny stand-in; its hook returns our tokens
+            hook = _hint_override(self.hint_nets, cond)
+            cond = [net.input_hint_block.conv_in.weight.new_zeros(b, net.input_hint_block.conv_in.in_channels, 8, 8)
+                    for net in self.hint_nets]
+        with hook:
+            blocks, singles = self._call_controlnet(x, ids, sl, cond, mode, scale, t, guidance)
+        self.controlnet_calls += 1
+        self.controlnet_tokens.append(x.shape[1])
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
+
+    def _call_controlnet(self, x, ids, sl, cond, mode, scale, t, guidance):
+        return self.controlnet(
             hidden_states=x, controlnet_cond=cond if self.multi else cond[0], controlnet_mode=mode,
             conditioning_scale=scale, timestep=t / 1000, guidance=guidance,
             pooled_projections=self.pooled_prompt_embeds[sl], encoder_hidden_states=self.prompt_embeds[sl],
             txt_ids=self.text_ids, img_ids=ids, joint_attention_kwargs=self.joint_attention_kwargs,
             return_dict=False)
-        self.controlnet_calls += 1
-        self.controlnet_tokens.append(x.shape[1])
-        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles}
 
     def _guided(self, x, ids, sl, sigma):
         extra = self._residuals(x, ids, sl, sigma)
@@ -236,8 +293,8 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
     control image, a tensor that is not ``[B, 3, H, W]`` with ``H``, ``W`` multiples of 16, a
     batch that is neither 1 nor the prompt batch, multi-ControlNet images of different sizes or
     counts, a bad ``control_mode`` (a union ControlNet needs one in range), or a guidance window
-    outside ``0 <= start < end <= 1``; ``NotImplementedError`` for ``token_bucket`` and for
-    ControlNets with an ``input_hint_block``.
+    outside ``0 <= start < end <= 1``; ``NotImplementedError`` for ``token_bucket`` and the
+    hint-encoder cases listed in the module docstring.
     """
 
     _stock_class = FluxControlNetPipeline
@@ -266,10 +323,16 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
                             f"`controlnet`, got {type(cn).__name__}")
         if not nets:
             raise ValueError("the FluxMultiControlNetModel has no ControlNets")
-        if any(n.input_hint_block is not None for n in nets):
-            raise NotImplementedError(
-                "ControlNets with an input_hint_block (XLabs style) encode the pixel control image inside forward, "
-                "so their control tokens cannot be gathered per active set; use jit=None")
+        hinted = {n.input_hint_block is not None for n in nets}
+        if len(hinted) > 1:
+            raise NotImplementedError("a FluxMultiControlNetModel mixing ControlNets with and without an "
+                                      "input_hint_block is not supported (nor by the stock pipeline)")
+        for n in nets if hinted == {True} else ():
+            strides = [m.stride[0] for m in n.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)]
+            if math.prod(strides) * n.config.patch_size != self.vae_scale_factor * 2:
+                raise NotImplementedError(
+                    f"the ControlNet's input_hint_block downsamples {math.prod(strides)}x with patch_size "
+                    f"{n.config.patch_size}; JiT needs its tokens on the latent grid ({self.vae_scale_factor * 2}x)")
         return nets
 
     def _control_tensor(self, image, height: int, width: int, batch: int, name: str) -> torch.Tensor:
@@ -344,11 +407,15 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
 
     # ------------------------------------------------------------------ the call
 
-    def _encode_control(self, image, batch: int, num_images_per_prompt: int, device, generator) -> torch.Tensor:
-        """Pixel control image -> packed control latents ``[B, N, C]``, as the stock pipeline (same generator use)."""
+    def _encode_control(self, image, batch: int, num_images_per_prompt: int, device, generator,
+                        hint_net=None) -> torch.Tensor:
+        """Pixel control image -> control tokens ``[B, N, C]``: packed VAE latents as the stock pipeline (same
+        generator use), or for a hint-encoder ControlNet ``hint_net`` its patchified hint map (computed once)."""
         image = self.prepare_image(image=image, width=image.shape[-1], height=image.shape[-2],
                                    batch_size=batch * num_images_per_prompt,
                                    num_images_per_prompt=num_images_per_prompt, device=device, dtype=self.vae.dtype)
+        if hint_net is not None:
+            return _patchify(hint_net.input_hint_block(image), hint_net.config.patch_size)
         lat = retrieve_latents(self.vae.encode(image), generator=generator)
         lat = (lat - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         c, h, w = lat.shape[1:]
@@ -381,6 +448,10 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         images, control_mode, scale, starts, ends, multi = self._check_control(
             control_image, control_mode, controlnet_conditioning_scale, control_guidance_start,
             control_guidance_end, height, width, batch_size)
+        if (callback_on_step_end is not None and "control_image" in (callback_on_step_end_tensor_inputs or ())
+                and self._nets()[0].input_hint_block is not None):
+            raise NotImplementedError("callback_on_step_end with 'control_image' and a hint-encoder (XLabs) "
+                                      "ControlNet: the stock callback sees pixels, the JiT loop holds tokens")
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
         tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
         if isinstance(latents, torch.Tensor) and (latents.dim() != 3 or latents.shape[1] != tokens):
@@ -413,8 +484,14 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         if negative is not None:
             negative = (per_image(negative[0], total), per_image(negative[1], total), negative[2])
 
-        # Control latents (VAE encode, drawing from the generator before the initial noise, as stock).
-        control = [self._encode_control(im, batch_size, num_images_per_prompt, device, generator) for im in images]
+        # Control tokens: VAE latents (drawing from the generator before the initial noise, as stock), or
+        # the hint encoder's tokens for XLabs-style ControlNets.
+        nets = self._nets()
+        hint_nets = None
+        if nets[0].input_hint_block is not None:
+            hint_nets = [nets[min(k, len(nets) - 1)] for k in range(len(images))]
+        control = [self._encode_control(im, batch_size, num_images_per_prompt, device, generator,
+                                        None if hint_nets is None else hint_nets[k]) for k, im in enumerate(images)]
         if multi:
             modes = [torch.tensor(-1 if m is None else m).expand(total).to(device, dtype=torch.long)
                      for m in control_mode]
@@ -444,7 +521,6 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         def embedded(flag: bool):
             return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(total) if flag else None
 
-        nets = self._nets()
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
             width, height, device, total)
@@ -456,7 +532,7 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
             self.transformer, self.controlnet, control if multi else control[0], prompt_embeds, pooled_prompt_embeds,
             text_ids, latent_image_ids, control_mode=modes, conditioning_scale=scale, controlnet_keep=keep,
             controlnet_guidance=embedded(nets[0].config.guidance_embeds),
-            blocks_repeat=False, guidance=embedded(self.transformer.config.guidance_embeds), negative=negative,
+            blocks_repeat=hint_nets is not None, hint_nets=hint_nets, guidance=embedded(self.transformer.config.guidance_embeds), negative=negative,
             true_cfg_scale=true_cfg_scale, joint_attention_kwargs=self._joint_attention_kwargs,
             image_embeds=image_embeds, negative_image_embeds=negative_image_embeds if do_true_cfg else None,
             pre_call=set_timestep, backend=cfg.backend)
