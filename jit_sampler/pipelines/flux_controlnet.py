@@ -22,17 +22,20 @@ tokens as the transformer (:class:`FluxControlNetVelocity`):
   ControlNet call (stock adds ``0 * residual``, which changes nothing).
 
 Why JiT keeps ControlNet intact where RAS-style samplers do not: region-adaptive samplers
-(RAS and relatives) refresh only a "focus" subset of tokens per step and re-use *cached*
-model outputs for the rest, chosen from the model's own output. Control residuals are
-additive per token, so the cached tokens keep stale outputs that never saw the current
-ControlNet residuals, the ControlNet would have to run on the full token set anyway to
-produce residuals for the refreshed subset's attention context, and the focus region follows
-the generated content rather than the control layout. JiT has no cache: each step
-evaluates transformer *and* ControlNet on one active set (spread over the whole image: a
-lattice plus the border), every evaluated token gets its own control residual at its own
-RoPE position, the other tokens take a velocity interpolated from controlled anchors, and
-the last stage runs every token through both networks. The control signal therefore reaches
-every step and, by the end, every token.
+(RAS and relatives) recompute only a "focus" subset of tokens per step, picked from the
+model's own output, and reuse the previous step's cached output (and cached attention keys /
+values) for every other token. ControlNet residuals are added per token inside the network,
+so (a) the frozen tokens keep outputs computed under an earlier step's timestep and residuals,
+(b) the cached context the focus tokens attend to was never produced with the current
+residuals (keeping it consistent would need a ControlNet that caches in step with the
+transformer, which the stock one does not), and (c) the focus follows what the model finds
+uncertain, not the control layout, so regions whose structure only the control image fixes
+can stay frozen. JiT caches nothing across steps: each step evaluates transformer *and*
+ControlNet on one active set spread over the whole image (a lattice plus the border, then
+ITA picks), every evaluated token gets its own residual at its own RoPE position, the other
+tokens take a velocity interpolated from those controlled anchors, and the last stage runs
+every token through both networks. The control signal therefore acts at every step and, by
+the end, on every token.
 
 XLabs-style ControlNets (with an ``input_hint_block``) take the *pixel* control image and
 turn it into tokens inside their ``forward`` (a small conv encoder, then ``patch_size``
