@@ -1,4 +1,4 @@
-"""JiTFluxControlNetPipeline on a tiny random FLUX.1 + FluxControlNetModel built offline in a real FluxControlNetPipeline."""
+"""JiTFluxControlNetPipeline: tiny random FLUX.1 + FluxControlNetModel, built offline in a FluxControlNetPipeline."""
 
 import contextlib
 

@@ -105,9 +105,11 @@ class _WithResiduals:
 
 
 def _patchify(hint: torch.Tensor, p: int) -> torch.Tensor:
-    """Hint-encoder map ``[B, C, H, W]`` -> tokens ``[B, (H / p) (W / p), C p p]``, row-major, as the ControlNet's forward."""
+    """Hint-encoder map ``[B, C, H, W]`` -> tokens ``[B, (H / p) (W / p), C p p]``, row-major (as the ControlNet's
+    forward patchifies it)."""
     b, c, h, w = hint.shape
-    return hint.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+    patches = hint.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // p) * (w // p), c * p * p)
 
 
 def _as_hint_map(tokens: torch.Tensor, p: int) -> torch.Tensor:
@@ -535,7 +537,8 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
             self.transformer, self.controlnet, control if multi else control[0], prompt_embeds, pooled_prompt_embeds,
             text_ids, latent_image_ids, control_mode=modes, conditioning_scale=scale, controlnet_keep=keep,
             controlnet_guidance=embedded(nets[0].config.guidance_embeds),
-            blocks_repeat=hint_nets is not None, hint_nets=hint_nets, guidance=embedded(self.transformer.config.guidance_embeds), negative=negative,
+            blocks_repeat=hint_nets is not None, hint_nets=hint_nets,
+            guidance=embedded(self.transformer.config.guidance_embeds), negative=negative,
             true_cfg_scale=true_cfg_scale, joint_attention_kwargs=self._joint_attention_kwargs,
             image_embeds=image_embeds, negative_image_embeds=negative_image_embeds if do_true_cfg else None,
             pre_call=set_timestep, backend=cfg.backend)
