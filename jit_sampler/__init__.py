@@ -29,6 +29,7 @@ from .schedule import beta_sigmas, linear_sigmas
 
 _PIPELINE_NAMES = (
     "AnchorAttnProcessor",
+    "FluxControlNetVelocity",
     "FluxVelocity",
     "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
@@ -36,6 +37,7 @@ _PIPELINE_NAMES = (
     "JiTFluxFillPipeline",
     "JiTFluxImg2ImgPipeline",
     "JiTFluxInpaintPipeline",
+    "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",

@@ -11,11 +11,13 @@
 - :mod:`.flux_img2img`: :class:`JiTFluxImg2ImgPipeline`, :class:`JiTFluxInpaintPipeline` (FLUX.1
   image-to-image and inpainting, ``strength``);
 - :mod:`.flux_fill`: :class:`JiTFluxFillPipeline` (FLUX.1 Fill);
+- :mod:`.flux_controlnet`: :class:`JiTFluxControlNetPipeline` (FLUX.1 ControlNet, the ControlNet
+  run on the active tokens too);
 - :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
 
-A new pipeline (Kontext, Fill, ControlNet, Img2Img, ...) is a module here with a class that
+A new pipeline is a module here with a class that
 sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.
 """
 
@@ -36,6 +38,7 @@ _MODULES = (
     "qwen_image",
     "flux_img2img",
     "flux_fill",
+    "flux_controlnet",
 )
 _CLASSES = {
     "JiTFluxPipeline": "flux",
@@ -47,6 +50,8 @@ _CLASSES = {
     "JiTFluxImg2ImgPipeline": "flux_img2img",
     "JiTFluxInpaintPipeline": "flux_img2img",
     "JiTFluxFillPipeline": "flux_fill",
+    "JiTFluxControlNetPipeline": "flux_controlnet",
+    "FluxControlNetVelocity": "flux_controlnet",
 }
 
 
@@ -89,6 +94,7 @@ def __getattr__(name):
 
 __all__ = [
     "AnchorAttnProcessor",
+    "FluxControlNetVelocity",
     "FluxVelocity",
     "JiTFlux2KleinKVPipeline",
     "JiTFlux2KleinPipeline",
@@ -96,6 +102,7 @@ __all__ = [
     "JiTFluxFillPipeline",
     "JiTFluxImg2ImgPipeline",
     "JiTFluxInpaintPipeline",
+    "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",
