@@ -1,6 +1,7 @@
 """JiTFluxControlNetPipeline: tiny random FLUX.1 + FluxControlNetModel, built offline in a FluxControlNetPipeline."""
 
 import contextlib
+import inspect
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def make_controlnet(transformer, seed: int, num_mode=None):
                                                   attention_head_dim=16, num_attention_heads=2)
         if num_mode is not None:  # a union ControlNet: the same layers plus a control-mode embedding
             state = cn.state_dict()
-            cn = FluxControlNetModel(**{**{k: v for k, v in cn.config.items() if not k.startswith("_")},
+            params = inspect.signature(FluxControlNetModel.__init__).parameters  # the config may carry
+            cn = FluxControlNetModel(**{**{k: v for k, v in cn.config.items() if k in params},  # transformer keys
                                         "num_mode": num_mode})
             assert cn.union
             cn.load_state_dict(state, strict=False)
