@@ -7,6 +7,8 @@
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
+- :mod:`.parallel`: JiT under diffusers' context parallelism (Ulysses): the split checks and
+  the padding-mask layout (``docs/parallelism.md``).
 
 A new pipeline (Kontext, Fill, ControlNet, Img2Img, ...) is a module here with a class that
 sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.

@@ -28,6 +28,7 @@ import torch
 from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
+from .parallel import check_context_parallel
 from .velocity import FluxVelocity
 
 try:  # diffusers >= 0.36: the device a (possibly offloaded) module runs on
@@ -134,7 +135,12 @@ class JiTPipelineMixin:
     def _denoise(self, velocity: FluxVelocity, latents, grid_h: int, grid_w: int, sig, cfg: JiTConfig, generator,
                  timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs):
         """:func:`jit_sample` under the pipeline's progress bar, ``interrupt`` and ``callback_on_step_end``
-        (which may replace ``latents`` and ``prompt_embeds``)."""
+        (which may replace ``latents`` and ``prompt_embeds``). A context-parallel transformer that
+        cannot split every stage's sequence is refused first (:mod:`.parallel`)."""
+        neg = velocity.negative
+        texts = [velocity.prompt_embeds.shape[1]] + ([] if neg is None else [neg[0].shape[1]])
+        check_context_parallel(velocity.transformer, cfg.token_counts(grid_h * grid_w), texts,
+                               token_bucket=cfg.token_bucket)
         with self.progress_bar(total=cfg.total_steps) as progress_bar:
             def on_step(i: int, sigma: float, y: torch.Tensor):
                 new_latents = None
