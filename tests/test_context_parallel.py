@@ -83,24 +83,35 @@ def test_context_parallel_flux2_ids_are_batched():
     assert not plan_wants_batched_ids(_Fake())
 
 
-def test_context_parallel_bad_config_raises_before_any_call():
-    from jit_sampler.pipelines.flux import JiTFluxPipeline
+def test_context_parallel_bad_config_raises_before_any_call(monkeypatch):
+    from _flux2_fixtures import build_klein
 
-    pipe = JiTFluxPipeline.from_pipe(build_pipe())
-    tr = pipe.transformer
+    from jit_sampler.pipelines.flux import JiTFluxPipeline
+    from jit_sampler.pipelines.flux2_klein import JiTFlux2KleinPipeline
+
+    flux1 = JiTFluxPipeline.from_pipe(build_pipe())
+    klein = JiTFlux2KleinPipeline.from_pipe(build_klein())
     calls = []
-    handle = tr.register_forward_pre_hook(lambda *a: calls.append(1))
-    tr._parallel_config = _cp(ulysses_degree=2)  # what enable_parallelism leaves on the model
-    try:
-        kw = dict(prompt_inputs(), height=128, width=192, output_type="latent")
-        with pytest.raises(ValueError, match="not divisible by 2.*token_multiple=2"):
-            pipe(jit="7x", generator=torch.Generator().manual_seed(0), **kw)
-        with pytest.raises(ValueError, match=r"\(padded to 35\)"):
-            pipe(jit=JiTConfig.preset("7x", token_bucket=7), generator=torch.Generator().manual_seed(0), **kw)
-        assert calls == []
-    finally:
-        handle.remove()
-        del tr._parallel_config
+    for pipe in (flux1, klein):
+        pipe.transformer.register_forward_pre_hook(lambda *a: calls.append("transformer"))
+        monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: calls.append("encode"))
+        pipe.transformer._parallel_config = _cp(ulysses_degree=2)  # what enable_parallelism leaves on the model
+    g = torch.Generator().manual_seed(1)
+    kw = dict(height=128, width=192, output_type="latent", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not divisible by 2.*token_multiple=2"):
+        flux1(jit="7x", **prompt_inputs(), **kw)
+    with pytest.raises(ValueError, match=r"\(padded to 35\)"):
+        flux1(jit=JiTConfig.preset("7x", token_bucket=7), **prompt_inputs(), **kw)
+    with pytest.raises(ValueError, match=r"text length \[5\]"):  # true CFG: the negative's 5 tokens
+        flux1(jit=JiTConfig.preset("7x", token_multiple=2), **prompt_inputs(), true_cfg_scale=2.0,
+              negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(1, 16, generator=g), **kw)
+    with pytest.raises(ValueError, match="57"):
+        klein(jit="7x", prompt_embeds=torch.randn(1, 6, 32, generator=g), guidance_scale=1.0, **kw)
+    with pytest.raises(ValueError, match=r"text length \[5\]"):
+        klein(jit=JiTConfig.preset("7x", token_multiple=2), prompt_embeds=torch.randn(1, 5, 32, generator=g),
+              guidance_scale=1.0, **kw)
+    assert calls == []  # neither the text encoder nor the transformer ran
 
 
 # ---------------------------------------------------------------- 2 gloo ranks

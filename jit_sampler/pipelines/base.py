@@ -28,7 +28,7 @@ import torch
 from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
-from .parallel import check_context_parallel
+from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
 try:  # diffusers >= 0.36: the device a (possibly offloaded) module runs on
@@ -107,6 +107,22 @@ class JiTPipelineMixin:
 
     def _shift_mu(self, image_seq_len: int, steps: int) -> float:
         raise NotImplementedError
+
+    def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds) -> None:
+        """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
+
+        Checks the stage token counts of the ``height x width`` image (the pipeline defaults when
+        ``None``) and the text length of the precomputed ``embeds`` given; encoded prompts are
+        checked again before the first transformer call (``_denoise``). No-op without context
+        parallelism.
+        """
+        if context_parallel_degree(self.transformer) == 1:
+            return
+        size = self.default_sample_size * self.vae_scale_factor
+        grid_h = int(height or size) // (self.vae_scale_factor * 2)
+        grid_w = int(width or size) // (self.vae_scale_factor * 2)
+        check_context_parallel(self.transformer, cfg.token_counts(max(1, grid_h * grid_w)),
+                               [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
 
     def _scheduler_sigmas(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
         """The sigmas the stock pipeline would integrate (its scheduler, shifted by ``_shift_mu``):

@@ -9,7 +9,8 @@ JiT changes the image sequence length per stage, so a JiT run is splittable only
 - every stage's image token count (after ``token_bucket`` padding, if any) divides by ``W``, and
 - the text length of every branch (cond, and uncond with true CFG) divides by ``W``.
 
-:func:`check_context_parallel` checks both before the first transformer call and says what to
+:func:`check_context_parallel` checks both before any model runs (the pipelines call it after
+``check_inputs`` and again before the first transformer call) and says what to
 set (``JiTConfig(token_multiple=W)``, or a ``token_bucket`` that is a multiple of ``W``). JiT does
 not round the budgets silently: a config means the same anchor sets whatever ``W`` is, so the
 image of a ``W``-rank run equals the one-process image of the *same* config (docs/parallelism.md).
