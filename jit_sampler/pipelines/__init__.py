@@ -16,6 +16,8 @@
 - :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
+- :mod:`.parallel`: JiT under diffusers' context parallelism (Ulysses): the split checks and
+  the padding-mask layout (``docs/parallelism.md``).
 
 A new pipeline is a module here with a class that
 sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.

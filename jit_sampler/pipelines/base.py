@@ -28,6 +28,7 @@ import torch
 from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
+from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
 try:  # diffusers >= 0.36: the device a (possibly offloaded) module runs on
@@ -107,6 +108,22 @@ class JiTPipelineMixin:
     def _shift_mu(self, image_seq_len: int, steps: int) -> float:
         raise NotImplementedError
 
+    def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds) -> None:
+        """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
+
+        Checks the stage token counts of the ``height x width`` image (the pipeline defaults when
+        ``None``) and the text length of the precomputed ``embeds`` given; encoded prompts are
+        checked again before the first transformer call (``_denoise``). No-op without context
+        parallelism.
+        """
+        if context_parallel_degree(self.transformer) == 1:
+            return
+        size = self.default_sample_size * self.vae_scale_factor
+        grid_h = int(height or size) // (self.vae_scale_factor * 2)
+        grid_w = int(width or size) // (self.vae_scale_factor * 2)
+        check_context_parallel(self.transformer, cfg.token_counts(max(1, grid_h * grid_w)),
+                               [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
+
     def _scheduler_sigmas(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
         """The sigmas the stock pipeline would integrate (its scheduler, shifted by ``_shift_mu``):
         ``steps + 1`` floats ending at 0."""
@@ -135,7 +152,15 @@ class JiTPipelineMixin:
                  timesteps, callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=None):
         """:func:`jit_sample` under the pipeline's progress bar, ``interrupt`` and ``callback_on_step_end``
         (which may replace ``latents`` and ``prompt_embeds``). ``post_step(i, y) -> y``, when given, edits
-        the full latent after each step, before the callback (inpainting's blend of the known region)."""
+        the full latent after each step, before the callback (inpainting's blend of the known region).
+        A context-parallel transformer that cannot split every stage's sequence is refused first
+        (:mod:`.parallel`)."""
+        neg = velocity.negative
+        texts = [velocity.prompt_embeds.shape[1]] + ([] if neg is None else [neg[0].shape[1]])
+        refs = getattr(velocity, "ref_tokens", None)  # reference tokens ride along in every call
+        extra = 0 if refs is None else refs.shape[1]
+        check_context_parallel(velocity.transformer, [c + extra for c in cfg.token_counts(grid_h * grid_w)], texts,
+                               token_bucket=cfg.token_bucket)
         with self.progress_bar(total=cfg.total_steps) as progress_bar:
             def on_step(i: int, sigma: float, y: torch.Tensor):
                 new_latents = None

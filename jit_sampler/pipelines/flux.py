@@ -72,6 +72,8 @@ class JiTFluxPipeline(JiTPipelineMixin, FluxPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
+        self._check_context_parallel(cfg, height, width, prompt_embeds,
+                                     negative_prompt_embeds if true_cfg_scale > 1 else None)
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None

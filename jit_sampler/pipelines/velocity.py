@@ -16,6 +16,7 @@ import torch
 import jit_kernels as jk
 
 from ..config import is_int_at_least
+from .parallel import check_context_parallel, context_parallel_degree, padding_keep, plan_wants_batched_ids
 
 __all__ = ["FluxVelocity"]
 
@@ -54,6 +55,14 @@ class FluxVelocity:
     transition) that state belongs to another token set, so the hooks are reset
     (``_reset_stateful_cache``) and the first step of every stage runs in full; ``cache_resets``
     counts those resets.
+
+    Context parallelism (diffusers' ``enable_parallelism``, Ulysses): the ids are passed in the
+    shape the transformer's context-parallel plan splits (FLUX.2: ``[1, M, 4]``, as its stock
+    pipeline passes them; ``[M, 4]`` otherwise, which it treats the same), the
+    ``token_bucket`` padding mask is laid out in the order the Ulysses all-to-all gives the keys
+    (:func:`~jit_sampler.pipelines.parallel.padding_keep`), and a sequence the ranks cannot
+    split evenly is refused with a ``ValueError`` before the call (the pipelines check every
+    stage before the first call, :func:`~jit_sampler.pipelines.parallel.check_context_parallel`).
     """
 
     def __init__(self, transformer, prompt_embeds, pooled_prompt_embeds, text_ids, img_ids, *, guidance=None,
@@ -93,7 +102,6 @@ class FluxVelocity:
         self._ids_key = None
         self._ids = None
         self._last_tokens = None
-        self._masks: dict = {}  # token_bucket key-padding masks, one tensor per (batch, text, tokens, pad, device)
         if cond_tokens is not None and (not isinstance(cond_tokens, torch.Tensor) or cond_tokens.dim() != 3
                                         or cond_tokens.shape[1] != img_ids.shape[0]):
             raise ValueError(f"cond_tokens must be a [B, N = {img_ids.shape[0]}, C2] tensor or None, got "
@@ -101,6 +109,8 @@ class FluxVelocity:
         self.cond_tokens = cond_tokens
         self._cond_key = None
         self._cond = None
+        self._masks: dict = {}  # token_bucket key-padding masks, one tensor per (batch, text, tokens, pad, device, W)
+        self._batched_ids = plan_wants_batched_ids(transformer)  # FLUX.2 under CP: [1, M, 4] ids
 
     def _reset_cache_hooks(self) -> None:
         tr = self.transformer
@@ -133,18 +143,19 @@ class FluxVelocity:
     def _padding_mask(self, b: int, text: int, m: int, pad: int, device) -> torch.Tensor:
         """The bool key-padding mask ``[B, 1, 1, text + m + pad]`` (``False`` on the padding), one tensor per shape.
 
+        Under context parallelism the keys are in the Ulysses all-to-all order (``padding_keep``).
+
         The same tensor object for every step of a stage, so the anchor-attention processor reads
         its key lengths (a host sync) once per stage instead of once per step. Built outside
         inference mode so it has a version counter (the processor's cache needs one); rebuilt if
         anything changed it in place.
         """
-        key = (b, text, m, pad, device)
+        key = (b, text, m, pad, device, context_parallel_degree(self.transformer))
         hit = self._masks.get(key)
         if hit is not None and hit[0]._version == hit[1]:
             return hit[0]
         with torch.inference_mode(False):
-            keep = torch.ones(b, 1, 1, text + m + pad, dtype=torch.bool, device=device)
-            keep[..., text + m:] = False
+            keep = padding_keep(text, m, pad, self.transformer, device).expand(b, 1, 1, -1).clone()
         if len(self._masks) >= 16:
             self._masks.clear()
         self._masks[key] = (keep, keep._version)
@@ -161,11 +172,13 @@ class FluxVelocity:
             ids = torch.cat([ids, self.ref_ids], 0)
         n = x.shape[1]
         pad = (-n) % self.token_bucket if self.token_bucket else 0
+        text = (self.prompt_embeds if cond else self.negative[0]).shape[1]
+        # Under context parallelism: a clear error here instead of diffusers' assert inside the call.
+        check_context_parallel(tr, [n + pad], [text], token_bucket=self.token_bucket)
         if pad:
             # Pad to the bucket: zero tokens at a copy of the first position, masked out as keys.
             x = torch.cat([x, x.new_zeros(b, pad, x.shape[2])], 1)
             ids = torch.cat([ids, ids[:1].expand(pad, -1)], 0)
-            text = (self.prompt_embeds if cond else self.negative[0]).shape[1]
             kwargs["attention_mask"] = self._padding_mask(b, text, n, pad, x.device)
         emb = self.image_embeds if cond else self.negative_image_embeds
         if emb is not None:
@@ -176,6 +189,9 @@ class FluxVelocity:
             pe, pooled, tids = self.negative
         ctx = tr.cache_context("cond" if cond else "uncond") if hasattr(tr, "cache_context") else contextlib.nullcontext()
         extra = {} if pooled is None else {"pooled_projections": pooled[sl]}  # FLUX.2 has no pooled text
+        if self._batched_ids and context_parallel_degree(tr) > 1:  # same result; the CP plan splits 3-D ids only
+            ids = ids.unsqueeze(0) if ids.dim() == 2 else ids
+            tids = tids.unsqueeze(0) if tids.dim() == 2 else tids
         with ctx:
             out = tr(hidden_states=x, timestep=t / 1000, guidance=None if self.guidance is None else self.guidance[sl],
                      encoder_hidden_states=pe[sl], txt_ids=tids, img_ids=ids, joint_attention_kwargs=kwargs,
