@@ -13,6 +13,7 @@ tests run compiled on the GPU. The sm_90 lowering of both variants is checked by
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -249,3 +250,39 @@ def test_env_variable_is_read_at_import():
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "v1"
+
+
+def test_v2_tile_heuristic_on_a_gpu():
+    # The configs the sm_90 lowering checks (jit_kernels.triton.aot records these launches).
+    blocks = lambda n, b, dtype=torch.bfloat16: ta.attention_blocks_v2(  # noqa: E731
+        128, dtype, programs=-(-n // 128) * b * 24, sms=132, interpret=False)
+    assert blocks(512 + 1310, 1) == (64, 64, 4, 3)  # 360 programs of 128 rows: under 3 waves
+    assert blocks(512 + 1310, 2) == blocks(512 + 4096, 1) == (128, 64, 8, 3)
+    assert blocks(512 + 4096, 1, torch.float32) == (64, 16, 8, 2)
+    assert ta.attention_blocks_v2(32, torch.bfloat16, interpret=False) == (128, 64, 8, 3)
+    assert ta.attention_blocks_v2(256, torch.float16, interpret=False) == (64, 32, 4, 2)
+
+
+# ---------------------------------------------------------------- the A/B timing hooks
+
+
+def test_bench_variant_fns_time_both_kernels_and_the_sweep():
+    from benchmarks.bench_attention import V2_SWEEP, variant_fns
+
+    q, k, v = (t.to(DEV) for t in qkv(1, 20, 2, 16, torch.float32, seed=15))
+    cos, sin = (t.to(DEV) for t in _pair_tables(20, 16))
+    fns = variant_fns(q, k, v, cos, sin, sweep=True)
+    assert list(fns)[:2] == ["triton_v1", "triton_v2"] and len(fns) == 2 + len(V2_SWEEP)
+    want = _ref(q.cpu(), k.cpu(), v.cpu(), cos.cpu(), sin.cpu())
+    for name in ("triton_v1", "triton_v2", list(fns)[-1]):
+        assert_close(fns[name]().cpu(), want, torch.float32, kind="attention")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not common.INTERPRET, reason="the dry run of the kit (CPU only)")
+def test_gpu_kit_bench_section_times_both_variants(tmp_path):
+    from benchmarks import gpu_check as gc
+
+    assert gc.main(["--dry-run", "--section", "bench", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["bench"]["attention"]
+    assert rows and all(r["triton_v1_ms"][1] > 0 and r["triton_v2_ms"][1] > 0 for r in rows)
+    assert all("x_vs_stock_triton_v2" in r for r in rows)
