@@ -230,19 +230,24 @@ def _rotate_qk_fwd_kernel(
     t_off = b * sc_b + r64 * sc_l + dcol[None, :]
     c = tl.load(cos_ptr + t_off, mask=m, other=0.0)
     sn = tl.load(sin_ptr + t_off, mask=m, other=0.0) * sign[None, :]
-    dst = rot_ptr + b * sr_b + r64 * BLOCK_D + dcol[None, :]
     wm = rvalid[:, None] & (dcol < BLOCK_D)[None, :]
-    for h in range(h0, tl.minimum(h0 + HG, H)):
-        q_row = q_ptr + b * sq_b + h * sq_h + r64 * sq_l
+    # Row pointers of head h0, advanced by one head per iteration (64-bit: no int32 head offsets).
+    hb = h0.to(tl.int64)
+    q_row = q_ptr + b * sq_b + hb * sq_h + r64 * sq_l
+    k_row = k_ptr + b * sk_b + hb * sk_h + r64 * sk_l
+    dst = rot_ptr + b * sr_b + hb * sr_h + r64 * BLOCK_D + dcol[None, :]
+    for _ in range(h0, tl.minimum(h0 + HG, H)):
         x = f32(tl.load(q_row + dcol[None, :], mask=m, other=0.0))
         xp = f32(tl.load(q_row + partner[None, :], mask=m, other=0.0))
         rq = (x * c + xp * sn) * qmul
-        k_row = k_ptr + b * sk_b + h * sk_h + r64 * sk_l
         x = f32(tl.load(k_row + dcol[None, :], mask=m, other=0.0))
         xp = f32(tl.load(k_row + partner[None, :], mask=m, other=0.0))
         rk = x * c + xp * sn
-        tl.store(dst + h * sr_h, cast(rq, rot_ptr.dtype.element_ty), mask=wm)
-        tl.store(dst + sr_t + h * sr_h, cast(rk, rot_ptr.dtype.element_ty), mask=wm)
+        tl.store(dst, cast(rq, rot_ptr.dtype.element_ty), mask=wm)
+        tl.store(dst + sr_t, cast(rk, rot_ptr.dtype.element_ty), mask=wm)
+        q_row += sq_h
+        k_row += sk_h
+        dst += sr_h
 
 
 @triton.jit
