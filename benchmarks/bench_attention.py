@@ -184,6 +184,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time v2 with every tile config of V2_SWEEP (implies --variants)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/attention_<device>)")
     args = p.parse_args(argv)
+    if (args.variants or args.sweep) and args.device == "cpu":
+        from jit_kernels.triton.common import INTERPRET
+
+        if not INTERPRET:
+            p.error("--variants / --sweep launch the Triton kernels: use --device cuda, or TRITON_INTERPRET=1 on CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
