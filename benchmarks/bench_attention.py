@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_attention                     # CPU, fp32: op rows + tiny-Flux forwards
     python -m benchmarks.bench_attention --device cuda       # GPU, bf16, timed with triton.testing.do_bench
+    python -m benchmarks.bench_attention --device cuda --no-flux --variants   # + both Triton kernels (v1, v2)
+    python -m benchmarks.bench_attention --device cuda --sweep   # + v2 with every tile config of V2_SWEEP
 
 Op rows: 512 text tokens + 1310 / 2457 / 4096 anchor tokens (the JiT stage sizes of a
 64 x 64 FLUX grid), with 4 heads x 32 (the tiny model) and 24 heads x 128 (FLUX.1), batch 1.
@@ -74,7 +76,31 @@ def stock_attention(q, k, v, cos, sin):
     return F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3)
 
 
-def op_rows(device, dtype, configs, backend, rounds) -> list[dict]:
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) of the v2 kernel timed by ``--sweep`` and by
+# the GPU kit; all lower for sm_90 without spills (``python -m jit_kernels.triton.aot`` style check:
+# 80-224 KB of shared memory, 156-246 registers at 24 x 128 bf16). Stage 1 rows: the v1 lesson
+# (benchmarks/NOTES.md), in case pipelining hurts here too.
+V2_SWEEP = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+            (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 8, 1), (64, 64, 4, 1))
+
+
+def variant_fns(q, k, v, cos, sin, sweep: bool = False) -> dict:
+    """Callables timing the Triton kernels directly (no public-op checks): ``triton_v1``,
+    ``triton_v2`` (heuristic tiles) and, with ``sweep``, ``v2_<BM>x<BN>w<warps>s<stages>``
+    for every config of :data:`V2_SWEEP`. CUDA tensors (or CPU ones under ``TRITON_INTERPRET=1``)."""
+    from jit_kernels.triton.attention import anchor_attention_forward
+
+    scale = q.shape[-1] ** -0.5
+    fns = {f"triton_{var}": (lambda var=var: anchor_attention_forward(q, k, v, cos, sin, None, scale, variant=var))
+           for var in ("v1", "v2")}
+    if sweep:
+        for bm, bn, w, st in V2_SWEEP:
+            fns[f"v2_{bm}x{bn}w{w}s{st}"] = (lambda c=(bm, bn, w, st): anchor_attention_forward(
+                q, k, v, cos, sin, None, scale, variant="v2", blocks=c))
+    return fns
+
+
+def op_rows(device, dtype, configs, backend, rounds, variants: bool = False, sweep: bool = False) -> list[dict]:
     rows = []
     for heads, dim, batch, r in configs:
         for m in IMAGES:
@@ -86,6 +112,8 @@ def op_rows(device, dtype, configs, backend, rounds) -> list[dict]:
                 "stock": lambda: stock_attention(q, k, v, cos, sin),
                 "ours": lambda: jk.anchor_attention(q, k, v, cos, sin, backend=backend),
             }
+            extra = variant_fns(q, k, v, cos, sin, sweep) if variants or sweep else {}
+            fns.update(extra)
             err = (fns["ours"]().float() - fns["stock"]().float()).abs().max().item()
             t = time_interleaved(fns, device, r if device == "cpu" else 1, 1)
             flops = 4.0 * batch * heads * n * n * dim
@@ -94,6 +122,12 @@ def op_rows(device, dtype, configs, backend, rounds) -> list[dict]:
                    "x_vs_stock": round(t["stock"] / t["ours"], 2),
                    "ours_GFLOPs": round(flops / t["ours"] / 1e9, 1), "stock_GFLOPs": round(flops / t["stock"] / 1e9, 1),
                    "max_abs_diff": f"{err:.1e}"}
+            for name in extra:  # per-variant / per-config times and their speed against stock
+                row[f"{name}_ms"] = round(t[name] * 1e3, 3)
+                row[f"x_vs_stock_{name}"] = round(t["stock"] / t[name], 2)
+            if sweep:
+                best = min((name for name in extra if name.startswith("v2_")), key=lambda name: t[name])
+                row["best_v2_config"], row["best_v2_x_vs_stock"] = best, round(t["stock"] / t[best], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -145,14 +179,22 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-flux", action="store_true", help="skip the 24 x 128 op rows")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--variants", action="store_true",
+                   help="also time both Triton kernels (v1, v2) directly (CUDA, or CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--sweep", action="store_true", help="also time v2 with every tile config of V2_SWEEP (implies --variants)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/attention_<device>)")
     args = p.parse_args(argv)
+    if (args.variants or args.sweep) and args.device == "cpu":
+        from jit_kernels.triton.common import INTERPRET
+
+        if not INTERPRET:
+            p.error("--variants / --sweep launch the Triton kernels: use --device cuda, or TRITON_INTERPRET=1 on CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     configs = [(4, 32, 1, args.rounds)] + ([] if args.no_flux else [(24, 128, 1, args.flux_rounds)])
     with torch.no_grad():
-        rows = op_rows(args.device, dtype, configs, args.backend, args.rounds)
+        rows = op_rows(args.device, dtype, configs, args.backend, args.rounds, args.variants, args.sweep)
         rows += forward_rows(args.device, dtype, args.backend, args.rounds)
     env = environment()
     env.update(command=command_line("benchmarks.bench_attention", argv if argv is not None else sys.argv[1:]),
@@ -161,6 +203,10 @@ def main(argv=None) -> int:
     stem = Path(args.out) if args.out else RESULTS / f"attention_{args.device}"
     cols = ["case", "tokens", "batch", "dtype", "stock_ms", "ours_ms", "x_vs_stock", "ours_GFLOPs", "stock_GFLOPs",
             "max_abs_diff"]
+    if args.variants or args.sweep:
+        cols += ["triton_v1_ms", "x_vs_stock_triton_v1", "triton_v2_ms", "x_vs_stock_triton_v2"]
+    if args.sweep:
+        cols += ["best_v2_config", "best_v2_x_vs_stock"]
     write_results(stem, "anchor_attention vs rotary + SDPA (stock FLUX processor)", env, rows, cols,
                   "Times are medians (ms); x_vs_stock = stock / ours; GFLOPs counts 4 B H L^2 D. "
                   "stock = diffusers apply_rotary_emb on q and k + scaled_dot_product_attention.")

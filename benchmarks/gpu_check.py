@@ -1184,7 +1184,7 @@ def copy_bandwidth_GBps(device: str) -> float:
 
 
 def section_bench(kit: Kit, budget: Budget) -> dict:
-    from benchmarks.bench_attention import AXES, anchor_ids, rope_tables, stock_attention
+    from benchmarks.bench_attention import AXES, anchor_ids, rope_tables, stock_attention, variant_fns
     from benchmarks.cases import SIZES, make_cases
     import jit_kernels as jk
 
@@ -1239,6 +1239,11 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
                 fns = {"stock": lambda: stock_attention(q, k, v, cos, sin)}
                 for be in kit.backends:
                     fns[f"ours_{be}"] = lambda be=be: jk.anchor_attention(q, k, v, cos, sin, backend=be)
+                # Both Triton kernels ($JIT_KERNELS_ATTN_VARIANT v1 / v2) launched directly; on the GPU
+                # also v2's tile sweep while at least half the budget is left (compiles cost seconds).
+                variants = variant_fns(q, k, v, cos, sin, sweep=not kit.dry and budget.left() > 0.5 * budget.seconds) \
+                    if "triton" in kit.backends else {}
+                fns.update(variants)
                 try:
                     err = float((fns[f"ours_{kit.backends[0]}"]().float() - fns["stock"]().float()).abs().max())
                     t = {kk: time_ms(f, dev) for kk, f in fns.items()}
@@ -1253,6 +1258,13 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
                     row[f"x_vs_stock_{be}"] = round(t["stock"][1] / t[f"ours_{be}"][1], 2)
                     row[f"ours_{be}_TFLOPs"] = round(flops / (t[f"ours_{be}"][1] * 1e-3) / 1e12, 2)
                 row["stock_TFLOPs"] = round(flops / (t["stock"][1] * 1e-3) / 1e12, 2)
+                for name in variants:  # triton_v1, triton_v2, v2_<tiles> (the sweep)
+                    row[f"{name}_ms"] = [round(x, 3) for x in t[name]]
+                    row[f"x_vs_stock_{name}"] = round(t["stock"][1] / t[name][1], 2)
+                sweep = [name for name in variants if name.startswith("v2_")]
+                if sweep:
+                    best = min(sweep, key=lambda name: t[name][1])
+                    row["best_v2_config"], row["best_v2_x_vs_stock"] = best, round(t["stock"][1] / t[best][1], 2)
                 attn_rows.append(row)
     timer = "triton.testing.do_bench, quantiles 0.2/0.5/0.8" if dev == "cuda" else "CPU timer (dry run), quantiles 0.2/0.5/0.8"
     return {"timer": timer, "copy_bandwidth_GBps": round(bw, 1), "ops": ops_rows, "attention": attn_rows,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TRITON_INTERPRET", "triton_interpret"]
+__all__ = ["TRITON_INTERPRET", "triton_interpret", "ATTN_VARIANT", "ATTN_VARIANTS", "attention_variant"]
 
 # Triton's own switch: kernels defined while it is set run in the Triton interpreter (on CPU tensors).
 TRITON_INTERPRET = "TRITON_INTERPRET"
@@ -22,3 +22,22 @@ def triton_interpret() -> bool:
     (:data:`jit_kernels.triton.common.INTERPRET`).
     """
     return os.environ.get(TRITON_INTERPRET, "0") not in ("", "0")
+
+
+# Which Triton kernel serves ``anchor_attention``: ``v2`` (default) rotates q and k once in a small
+# kernel and runs a software-pipelined flash-attention loop on the rotated copies; ``v1`` rotates
+# the k tiles in registers inside the attention loop (the kernel before issue 11). Kept for A/B runs.
+ATTN_VARIANT = "JIT_KERNELS_ATTN_VARIANT"
+ATTN_VARIANTS = ("v1", "v2")
+
+
+def attention_variant() -> str:
+    """``$JIT_KERNELS_ATTN_VARIANT`` (``v1`` or ``v2``; unset or ``""``: ``v2``), read now.
+
+    :mod:`jit_kernels.triton.attention` reads it once, at import. Any other value raises
+    ``ValueError`` there (a typo must not silently time the wrong kernel).
+    """
+    value = os.environ.get(ATTN_VARIANT, "").strip().lower() or "v2"
+    if value not in ATTN_VARIANTS:
+        raise ValueError(f"{ATTN_VARIANT}={os.environ.get(ATTN_VARIANT)!r}: expected one of {', '.join(ATTN_VARIANTS)}")
+    return value

@@ -6,6 +6,10 @@ rows gathered by position) say where. diffusers' stock FLUX processor writes rot
 copies of q and k and then calls SDPA (with per-sample anchor sets: padding plus a mask).
 This op applies the rotation inside the attention kernel and takes per-sample key
 lengths instead of a mask.
+
+On CUDA the op runs one of two Triton kernels, chosen by ``$JIT_KERNELS_ATTN_VARIANT``
+(read once; ``v2`` by default: q and k rotated once, then a pipelined flash loop; ``v1``: the
+rotation inside the attention loop). See :mod:`jit_kernels.triton.attention`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "lift": ("_nearest_anchor_map_fwd_kernel", "_lift_field_fwd_kernel", "_lift_euler_fwd_kernel"),
     "importance": ("_token_importance_fwd_kernel", "_select_new_tokens_fwd_kernel", "_select_mask_active_kernel"),
     "microflow": ("_microflow_update_fwd_kernel", "_microflow_target_fwd_kernel"),
-    "attention": ("_anchor_attention_fwd_kernel",),
+    "attention": ("_anchor_attention_fwd_kernel", "_rotate_qk_fwd_kernel", "_anchor_attention_v2_fwd_kernel"),
 }
 
 
@@ -145,7 +145,8 @@ def _record_nearest_wide() -> list:
 
 
 def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths: bool) -> list:
-    """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables)."""
+    """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables),
+    both kernel variants (v2: the rotation kernel, then the attention kernel)."""
     import torch
 
     from jit_kernels.triton import attention
@@ -157,7 +158,8 @@ def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths
         calls: list = []
         x = torch.zeros(b, n, h, d, dtype=dtype)
         with _recording(calls):
-            attention.launch_anchor_attention(x, x, x, cs, cs, lens, d ** -0.5)
+            for variant in ("v1", "v2"):  # both kernels ($JIT_KERNELS_ATTN_VARIANT) lower
+                attention.anchor_attention_forward(x, x, x, cs, cs, lens, d ** -0.5, variant=variant)
         out += [(case, str(dtype).replace("torch.", ""), fn, args, kwargs) for fn, args, kwargs in calls]
     return out
 
@@ -175,9 +177,11 @@ def _record_launches() -> list[tuple[str, str, object, tuple, dict]]:
     return (_record_case("flux", 64, 64, 64, 1310, 1147, 2, (torch.float32, torch.bfloat16))
             + _record_case("edge", 1, 17, 1, 1, 1, 1, (torch.float32,))
             + _record_nearest_wide()
-            # attention: FLUX (512 text + 1310 anchors, 24 x 128, per-sample lengths), the tiny
+            # attention (v1 and v2): FLUX (512 text + 1310 anchors, 24 x 128, per-sample lengths), the tiny
             # model (4 x 32), and D = 2 on one token.
             + _record_attention("flux", 2, 512 + 1310, 24, 128, (torch.float32, torch.bfloat16, torch.float16), True)
+            # batch 1 of FLUX: v2 picks 64-row tiles there (fewer than 3 waves of 128-row programs)
+            + _record_attention("flux-b1", 1, 512 + 1310, 24, 128, (torch.bfloat16,), True)
             + _record_attention("tiny", 1, 4 + 1310, 4, 32, (torch.float32, torch.bfloat16), False)
             + _record_attention("edge", 1, 1, 1, 2, (torch.float32,), False))
 
