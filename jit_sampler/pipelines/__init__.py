@@ -7,6 +7,8 @@
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein);
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
+- :mod:`.cache_dit`: :func:`enable_cache_dit` / :func:`disable_cache_dit` / :func:`use_cache_dit`,
+  cache-dit's DBCache on one JiT pipeline, reset at every stage transition.
 
 A new pipeline (Kontext, Fill, ControlNet, Img2Img, ...) is a module here with a class that
 sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.
@@ -22,7 +24,9 @@ from .base import enable_jit
 from .velocity import FluxVelocity
 
 _MODULES = ("flux", "flux2_klein")
-_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein"}
+_CLASSES = {"JiTFluxPipeline": "flux", "JiTFlux2KleinPipeline": "flux2_klein",
+            # cache-dit integration (the cache-dit package itself is imported on first use)
+            "enable_cache_dit": "cache_dit", "disable_cache_dit": "cache_dit", "use_cache_dit": "cache_dit"}
 
 
 def _quiet_import(name: str):
@@ -54,8 +58,11 @@ __all__ = [
     "FluxVelocity",
     "JiTFlux2KleinPipeline",
     "JiTFluxPipeline",
+    "disable_cache_dit",
+    "enable_cache_dit",
     "enable_jit",
     "install_anchor_attention",
     "remove_anchor_attention",
     "use_anchor_attention",
+    "use_cache_dit",
 ]
