@@ -90,12 +90,16 @@ def test_cache_dit_jit7x_skips_blocks_and_resets_at_every_stage():
 
 
 def test_cache_dit_flux_velocity_counts_transition_resets():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from jit_eval.rivals import cache_hook
     from jit_eval.tiny_flux import load_tiny_flux, sample_tiny
     from jit_eval.tiny_flux.velocity import TinyVelocity
     from jit_sampler import jit_sample
     from jit_sampler.schedule import beta_sigmas
 
     model = load_tiny_flux()
+    order = list(model.transformer._modules)
     cfg = JiTConfig.preset("7x")
     labels, noise = torch.tensor([1, 8]), torch.randn(2, 256, 4, generator=torch.Generator().manual_seed(3))
     y0, _ = sample_tiny(model, labels, noise, cfg, cfg_scale=3.0)
@@ -110,6 +114,12 @@ def test_cache_dit_flux_velocity_counts_transition_resets():
     assert "forward" not in model.transformer.__dict__ and not hasattr(model.transformer, "_jit_cache_dit")
     y2, _ = sample_tiny(model, labels, noise, cfg, cfg_scale=3.0)
     assert torch.equal(y0, y2)  # removed on exit: the uncached result again
+    # cache-dit's block swap must not reorder the submodules: diffusers' First-Block Cache hooks
+    # the first block in module order as its leader (it crashed on the single blocks' leader).
+    assert list(model.transformer._modules) == order
+    with cache_hook(model.transformer, FirstBlockCacheConfig(threshold=0.1)):
+        y3, _ = sample_tiny(model, labels, noise, cfg, cfg_scale=3.0)
+    assert torch.isfinite(y3).all()
 
 
 def test_cache_dit_affects_only_its_instance():
@@ -172,6 +182,7 @@ def test_cache_dit_true_cfg_separate_contexts():
 def test_cache_dit_disable_restores_the_pipeline():
     pipe = _pipe()
     tr = pipe.transformer
+    order = list(tr._modules)
     y0, _ = _run(pipe)
     y0_anchor, _ = _run(pipe, anchor_attention=True)
     state = enable_cache_dit(pipe, _config())
@@ -185,6 +196,7 @@ def test_cache_dit_disable_restores_the_pipeline():
         assert not hasattr(tr, attr), attr
     y1, log = _run(pipe)
     assert torch.equal(y0, y1) and log.blocks == 44
+    assert list(tr._modules) == order  # cache-dit's block swap moved the block lists to the end
     assert torch.equal(y0_anchor, _run(pipe, anchor_attention=True)[0])
     with pytest.raises(ValueError, match="not enabled"):
         disable_cache_dit(pipe)
@@ -241,3 +253,22 @@ def test_cache_dit_flux2_klein():
     disable_cache_dit(pipe)
     y2, _ = run()
     assert torch.equal(y0, y2)
+
+
+def test_cache_dit_rows_in_the_quality_suite():
+    from benchmarks import quality as q
+    from jit_eval.tiny_flux import load_tiny_flux
+    from jit_eval.tiny_flux.classifier import load_classifier
+
+    names = ("dense-50", "JiT 4x assign/independent", "JiT 4x + cache-dit F1B0 0.2")
+    methods = [m for m in q.build_methods(quick=True) if m.name in names]
+    assert [m.name for m in methods] == list(names)
+    model = load_tiny_flux()
+    # repeats=2: the suite itself checks that a repeated run gives the same images
+    res = q.run_quality(seeds=1, labels=5, repeats=2, model=model, classifier=load_classifier(), methods=methods,
+                        log=lambda *_: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    jit, cached = rows["JiT 4x assign/independent"], rows["JiT 4x + cache-dit F1B0 0.2"]
+    assert cached["family"] == "jit+cache" and cached["calls_per_image_batch"] == jit["calls_per_image_batch"]
+    assert cached["flop_ratio"] > jit["flop_ratio"]  # blocks skipped, counted by BlockWorkCounter
+    assert "forward" not in model.transformer.__dict__ and not hasattr(model.transformer, "_jit_cache_dit")

@@ -129,6 +129,7 @@ class CacheDiT:
         options = {k: copy.deepcopy(v) for k, v in options.items() if v is not None}
         options.setdefault("cache_config", cache_dit.DBCacheConfig())
         self.transformer = transformer
+        self._order = list(transformer._modules)
         with _quiet():
             adapter = _adapter(cache_dit, transformer)
             self._modules = [transformer, *transformer.transformer_blocks, *transformer.single_transformer_blocks]
@@ -152,6 +153,30 @@ class CacheDiT:
     def cache_config(self):
         """The cache config in force (after cache-dit's defaults; a copy)."""
         return copy.deepcopy(self._init[self._names[0]]["cache_config"])
+
+    def _restore_order(self) -> None:
+        """Put the transformer's submodules back in their registration order.
+
+        cache-dit swaps the block lists in with ``unittest.mock.patch.object`` for every forward;
+        undoing the patch deletes and re-adds ``transformer_blocks`` / ``single_transformer_blocks``,
+        which moves them to the end of ``_modules`` (single blocks first). Code that takes the first
+        block in module order as the first block run (diffusers' First-Block Cache) then hooks the
+        wrong block.
+        """
+        mods = self.transformer._modules
+        if list(mods) != self._order:
+            items = dict(mods)
+            mods.clear()
+            for k in self._order:
+                if k in items:
+                    mods[k] = items.pop(k)
+            mods.update(items)
+
+    def _forward(self, *args, **kwargs):
+        try:
+            return self._cached_forward(*args, **kwargs)
+        finally:
+            self._restore_order()
 
     def _put_forward(self, fwd) -> None:
         if fwd is _MISSING:
@@ -195,7 +220,7 @@ class CacheDiT:
         before = tr.__dict__.get("forward", _MISSING)
         self.reset()
         self.calls += 1
-        tr.__dict__["forward"] = self._cached_forward
+        tr.__dict__["forward"] = self._forward
         tr._jit_stage_hook = self._stage_hook
         self._depth = 1
         try:
@@ -227,6 +252,7 @@ class CacheDiT:
                 m.__dict__.pop("forward", None)
             else:
                 m.__dict__["forward"] = fwd
+        self._restore_order()
         tr.__dict__.pop("_jit_cache_dit", None)
         self.removed = True
 
