@@ -266,6 +266,20 @@ def enable_cache_dit(pipe, cache_config=None, **options) -> CacheDiT:
     the call and at each JiT stage transition; other pipelines, the pipeline class and anything
     sharing ``pipe.transformer`` outside ``pipe``'s calls are not affected. ``pipe.cache_dit`` is
     the handle while enabled; :func:`disable_cache_dit` removes it.
+
+    JiT calls with true CFG give cond and uncond their own cache state automatically; a
+    ``jit=None`` call with true CFG does so only with ``enable_separate_cfg=True`` in the config
+    (as with cache-dit on the stock pipeline). Raises ``TypeError`` for a pipeline that is not a
+    JiT pipeline, an unknown option or a ``cache_config`` that is not a cache-dit config, and
+    ``ValueError`` when the pipeline or its transformer already carries cache-dit.
+
+    Example::
+
+        pipe = enable_jit(FluxPipeline.from_pretrained(...), "4x")
+        enable_cache_dit(pipe, cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+                                                       max_warmup_steps=1, residual_diff_threshold=0.12))
+        image = pipe(prompt).images[0]      # JiT 4x + DBCache
+        disable_cache_dit(pipe)
     """
     from .base import JiTPipelineMixin
 
