@@ -158,7 +158,29 @@ def build_methods(quick: bool = False) -> list[Method]:
     for p, name, c in jc:
         ms.append(Method(f"JiT {p} + {name}", "jit+cache", _jit_runner(JiTConfig.preset(p)), cache=c,
                          note="hook state reset at each stage transition"))
+    ms.extend(_cache_dit_methods(quick))
     return ms
+
+
+def _cache_dit_methods(quick: bool) -> list[Method]:
+    """JiT + cache-dit's DBCache (F1B0: the first block of each kind always runs, the rest may be
+    skipped; one warm-up step per stage), beside the FBCache rows; none when cache-dit is not installed."""
+    import functools
+    import importlib.util
+
+    if importlib.util.find_spec("cache_dit") is None:
+        return []
+    from cache_dit import DBCacheConfig
+
+    from jit_sampler.pipelines.cache_dit import use_cache_dit
+
+    def dbc(t):
+        return functools.partial(use_cache_dit, cache_config=DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1, residual_diff_threshold=t))
+
+    rows = [("4x", 0.2)] if quick else [("4x", 0.1), ("4x", 0.2), ("7x", 0.1)]
+    return [Method(f"JiT {p} + cache-dit F1B0 {t}", "jit+cache", _jit_runner(JiTConfig.preset(p)), cache=dbc(t),
+                   note="cache-dit contexts reset at each stage transition") for p, t in rows]
 
 
 def _noise(seed: int, labels: int, device="cpu") -> torch.Tensor:

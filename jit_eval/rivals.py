@@ -163,9 +163,15 @@ class BlockWorkCounter:
 @contextlib.contextmanager
 def cache_hook(transformer, config):
     """``transformer.enable_cache(config)`` for the duration of the block (``None``: no hook);
-    the hook state is reset on entry and the hooks removed on exit."""
+    the hook state is reset on entry and the hooks removed on exit. A callable ``config`` is a
+    cache of another library: ``config(transformer)`` is the context manager entered instead
+    (e.g. ``functools.partial(jit_sampler.use_cache_dit, cache_config=...)``)."""
     if config is None:
         yield transformer
+        return
+    if callable(config):
+        with config(transformer):
+            yield transformer
         return
     transformer.enable_cache(config)
     try:

@@ -16,7 +16,8 @@ The public surface:
   Fill / ControlNet, FLUX.2-klein (+ KV), Qwen-Image; see :mod:`jit_sampler.pipelines`), :func:`enable_jit`,
   :class:`FluxVelocity`, and the fused attention processor :class:`AnchorAttnProcessor`
   with :func:`install_anchor_attention` / :func:`remove_anchor_attention` /
-  :func:`use_anchor_attention`.
+  :func:`use_anchor_attention`; cache-dit on a JiT pipeline: :func:`enable_cache_dit` /
+  :func:`disable_cache_dit` (:func:`use_cache_dit` for a bare transformer).
 
 Building blocks (anchor lattices, FLOP counting, ...) stay importable from their modules:
 :mod:`jit_sampler.anchors`, :mod:`jit_sampler.schedule`, :mod:`jit_sampler.report`.
@@ -41,10 +42,13 @@ _PIPELINE_NAMES = (
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",
+    "disable_cache_dit",
+    "enable_cache_dit",
     "enable_jit",
     "install_anchor_attention",
     "remove_anchor_attention",
     "use_anchor_attention",
+    "use_cache_dit",
 )
 
 

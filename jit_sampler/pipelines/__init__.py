@@ -18,6 +18,8 @@
   processor for FLUX transformers.
 - :mod:`.parallel`: JiT under diffusers' context parallelism (Ulysses): the split checks and
   the padding-mask layout (``docs/parallelism.md``).
+- :mod:`.cache_dit`: :func:`enable_cache_dit` / :func:`disable_cache_dit` / :func:`use_cache_dit`,
+  cache-dit's DBCache on one JiT pipeline, reset at every stage transition.
 
 A new pipeline is a module here with a class that
 sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.
@@ -54,6 +56,10 @@ _CLASSES = {
     "JiTFluxFillPipeline": "flux_fill",
     "JiTFluxControlNetPipeline": "flux_controlnet",
     "FluxControlNetVelocity": "flux_controlnet",
+    # cache-dit integration (the cache-dit package itself is imported on first use)
+    "enable_cache_dit": "cache_dit",
+    "disable_cache_dit": "cache_dit",
+    "use_cache_dit": "cache_dit",
 }
 
 
@@ -108,8 +114,11 @@ __all__ = [
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
     "QwenImageVelocity",
+    "disable_cache_dit",
+    "enable_cache_dit",
     "enable_jit",
     "install_anchor_attention",
     "remove_anchor_attention",
     "use_anchor_attention",
+    "use_cache_dit",
 ]

@@ -18,6 +18,7 @@ for :func:`enable_jit`, which picks the most specific registered class for a pip
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any
@@ -62,6 +63,7 @@ class JiTPipelineMixin:
     last_jit_report = None
     _stock_class: type | None = None
     _stock_call: inspect.Signature
+    _call_contexts: tuple = ()  # per-instance: context-manager factories entered around each call
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -69,6 +71,16 @@ class JiTPipelineMixin:
             _REGISTRY.append(cls)
 
     def _dispatch(self, stock_call, args, kwargs, jit):
+        # Per-instance wrappers around every call, JiT or stock (enable_cache_dit installs one):
+        # context-manager factories in the instance's own ``_call_contexts``, never on the class.
+        if self._call_contexts:
+            with contextlib.ExitStack() as stack:
+                for make in self._call_contexts:
+                    stack.enter_context(make())
+                return self._dispatch_now(stock_call, args, kwargs, jit)
+        return self._dispatch_now(stock_call, args, kwargs, jit)
+
+    def _dispatch_now(self, stock_call, args, kwargs, jit):
         if jit is UNSET:
             jit = self._default_jit
         cfg = JiTConfig.coerce(jit)

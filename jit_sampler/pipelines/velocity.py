@@ -54,7 +54,11 @@ class FluxVelocity:
     per-token state from earlier steps. When the number of active tokens changes (a JiT stage
     transition) that state belongs to another token set, so the hooks are reset
     (``_reset_stateful_cache``) and the first step of every stage runs in full; ``cache_resets``
-    counts those resets.
+    counts those resets. A cache that lives outside diffusers' hooks (cache-dit, see
+    :func:`~jit_sampler.pipelines.cache_dit.enable_cache_dit`) sets a callable
+    ``transformer._jit_stage_hook`` while it is active; it is called as ``hook(velocity, active_idx)``
+    before the first evaluation of every stage, the first stage included, and its transition
+    resets count in ``cache_resets`` too.
 
     Context parallelism (diffusers' ``enable_parallelism``, Ulysses): the ids are passed in the
     shape the transformer's context-parallel plan splits (FLUX.2: ``[1, M, 4]``, as its stock
@@ -112,13 +116,22 @@ class FluxVelocity:
         self._masks: dict = {}  # token_bucket key-padding masks, one tensor per (batch, text, tokens, pad, device, W)
         self._batched_ids = plan_wants_batched_ids(transformer)  # FLUX.2 under CP: [1, M, 4] ids
 
-    def _reset_cache_hooks(self) -> None:
+    def _reset_cache_hooks(self) -> bool:
         tr = self.transformer
         if not hasattr(tr, "_reset_stateful_cache"):
-            return
+            return False
         # enable_cache registers hooks on submodules; disable_cache leaves empty registries.
         if any(getattr(getattr(m, "_diffusers_hook", None), "_hook_order", None) for m in tr.modules()):
             tr._reset_stateful_cache()
+            return True
+        return False
+
+    def _stage_start(self, active_idx: torch.Tensor, transition: bool) -> None:
+        """A new stage (the first, or a change of the active token count): reset every cache."""
+        hook = getattr(self.transformer, "_jit_stage_hook", None)
+        if hook is not None:
+            hook(self, active_idx)
+        if transition and (self._reset_cache_hooks() or hook is not None):
             self.cache_resets += 1
 
     def _ids_for(self, active_idx: torch.Tensor):
@@ -210,8 +223,8 @@ class FluxVelocity:
         if self.pre_call is not None:
             self.pre_call(step, sigma)
         tokens = active_idx.shape[-1]
-        if self._last_tokens is not None and tokens != self._last_tokens:
-            self._reset_cache_hooks()
+        if tokens != self._last_tokens:
+            self._stage_start(active_idx, transition=self._last_tokens is not None)
         self._last_tokens = tokens
         dtype = self.transformer.dtype
         xin = x.to(dtype)
