@@ -24,22 +24,20 @@ def triton_interpret() -> bool:
     return os.environ.get(TRITON_INTERPRET, "0") not in ("", "0")
 
 
-# Which Triton kernel serves ``anchor_attention``: ``v1`` (default) rotates the k tiles in registers
-# inside the attention loop (the kernel a standalone copy of which was timed on an H100); ``v2``
-# rotates q and k once in a small kernel and runs a software-pipelined flash-attention loop on the
-# rotated copies. v2 is predicted faster (benchmarks/NOTES.md) but has not run on a GPU: it becomes
-# the default only once the GPU kit's bench section measures it ahead of v1.
+# Which Triton kernel serves ``anchor_attention``: ``v2`` (default) rotates q and k once in a small
+# kernel and runs a software-pipelined flash-attention loop on the rotated copies; ``v1`` rotates
+# the k tiles in registers inside the attention loop (the kernel before issue 11). Kept for A/B runs.
 ATTN_VARIANT = "JIT_KERNELS_ATTN_VARIANT"
 ATTN_VARIANTS = ("v1", "v2")
 
 
 def attention_variant() -> str:
-    """``$JIT_KERNELS_ATTN_VARIANT`` (``v1`` or ``v2``; unset or ``""``: ``v1``), read now.
+    """``$JIT_KERNELS_ATTN_VARIANT`` (``v1`` or ``v2``; unset or ``""``: ``v2``), read now.
 
     :mod:`jit_kernels.triton.attention` reads it once, at import. Any other value raises
     ``ValueError`` there (a typo must not silently time the wrong kernel).
     """
-    value = os.environ.get(ATTN_VARIANT, "").strip().lower() or "v1"
+    value = os.environ.get(ATTN_VARIANT, "").strip().lower() or "v2"
     if value not in ATTN_VARIANTS:
         raise ValueError(f"{ATTN_VARIANT}={os.environ.get(ATTN_VARIANT)!r}: expected one of {', '.join(ATTN_VARIANTS)}")
     return value

@@ -8,8 +8,8 @@ This op applies the rotation inside the attention kernel and takes per-sample ke
 lengths instead of a mask.
 
 On CUDA the op runs one of two Triton kernels, chosen by ``$JIT_KERNELS_ATTN_VARIANT``
-(read once; ``v1`` by default: the rotation inside the attention loop; ``v2``: q and k rotated
-once, then a pipelined flash loop, opt-in until a GPU run measures it). See :mod:`jit_kernels.triton.attention`.
+(read once; ``v2`` by default: q and k rotated once, then a pipelined flash loop; ``v1``: the
+rotation inside the attention loop). See :mod:`jit_kernels.triton.attention`.
 """
 
 from __future__ import annotations

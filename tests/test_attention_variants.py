@@ -234,8 +234,8 @@ def test_default_variant_dispatch(monkeypatch):
 
 def test_attention_variant_env(monkeypatch):
     monkeypatch.delenv(_env.ATTN_VARIANT, raising=False)
-    assert _env.attention_variant() == "v1"
-    for raw, want in (("v1", "v1"), (" V2 ", "v2"), ("", "v1")):
+    assert _env.attention_variant() == "v2"
+    for raw, want in (("v1", "v1"), (" V2 ", "v2"), ("", "v2")):
         monkeypatch.setenv(_env.ATTN_VARIANT, raw)
         assert _env.attention_variant() == want
     monkeypatch.setenv(_env.ATTN_VARIANT, "flash")

@@ -1,12 +1,12 @@
 """Triton ``anchor_attention``: rotary + flash-attention forward (``launch_anchor_attention``).
 
-Two kernels, chosen by ``$JIT_KERNELS_ATTN_VARIANT`` (read once, at import; ``v1`` when unset)
+Two kernels, chosen by ``$JIT_KERNELS_ATTN_VARIANT`` (read once, at import; ``v2`` when unset)
 or per call through :func:`anchor_attention_forward`:
 
-- ``v2`` (opt-in until measured on a GPU): rotate q and k once into a scratch copy (``_rotate_qk_fwd_kernel``), then
+- ``v2`` (default): rotate q and k once into a scratch copy (``_rotate_qk_fwd_kernel``), then
   a software-pipelined flash loop over it (``_anchor_attention_v2_fwd_kernel``); see the
   "v2" section below for why.
-- ``v1`` (default): one kernel that rotates in registers (``_anchor_attention_fwd_kernel``), described here.
+- ``v1``: one kernel that rotates in registers (``_anchor_attention_fwd_kernel``), described here.
 
 v1: one program per (block of ``BLOCK_M`` queries, sample x head). The rotation is applied
 to the q tile once and to every k tile as it is loaded, in registers: no rotated copy of
@@ -531,7 +531,7 @@ def anchor_attention_forward(
     """:func:`launch_anchor_attention` with the kernel chosen here (benchmarks, A/B tests).
 
     ``variant``: ``"v1"`` (rotation inside the attention loop) or ``"v2"`` (rotate once, then a
-    pipelined flash loop); default ``$JIT_KERNELS_ATTN_VARIANT`` as read at import (``v1`` when
+    pipelined flash loop); default ``$JIT_KERNELS_ATTN_VARIANT`` as read at import (``v2`` when
     unset). ``blocks``: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the attention kernel
     instead of the heuristic (:func:`attention_blocks` / :func:`attention_blocks_v2`); powers of
     two >= 16 for the tiles. Inputs as in :func:`launch_anchor_attention` (checked by the caller).
@@ -570,7 +570,7 @@ def launch_anchor_attention(
 ) -> torch.Tensor:
     """``[B, L, H, D]`` attention of rotated q, k (``cos, sin [L, D] | [B, L, D]``), keys limited to ``key_lengths [B]``.
 
-    Runs the kernel variant ``$JIT_KERNELS_ATTN_VARIANT`` (``v1`` by default; see
+    Runs the kernel variant ``$JIT_KERNELS_ATTN_VARIANT`` (``v2`` by default; see
     :func:`anchor_attention_forward`).
     """
     return anchor_attention_forward(q, k, v, cos, sin, key_lengths, scale)
