@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TRITON_INTERPRET", "triton_interpret"]
+__all__ = ["TRITON_INTERPRET", "triton_interpret", "LIFT_VARIANT", "LIFT_VARIANTS", "lift_variant"]
 
 # Triton's own switch: kernels defined while it is set run in the Triton interpreter (on CPU tensors).
 TRITON_INTERPRET = "TRITON_INTERPRET"
@@ -22,3 +22,21 @@ def triton_interpret() -> bool:
     (:data:`jit_kernels.triton.common.INTERPRET`).
     """
     return os.environ.get(TRITON_INTERPRET, "0") not in ("", "0")
+
+
+# A/B switch of the lift kernels (Triton and CUDA), read by their launchers at every call so a
+# benchmark can time both in one process: "v2" (default) or "v1", the kernels before the
+# launch-shape and index-math changes (benchmarks/README.md, "Kernel variants").
+LIFT_VARIANT = "JIT_KERNELS_LIFT_VARIANT"
+LIFT_VARIANTS = ("v2", "v1")
+
+
+def lift_variant() -> str:
+    """The lift kernel variant selected by ``JIT_KERNELS_LIFT_VARIANT`` (unset or empty: ``"v2"``).
+
+    Raises ``ValueError`` for any other value (before a kernel is launched).
+    """
+    v = os.environ.get(LIFT_VARIANT, "") or "v2"
+    if v not in LIFT_VARIANTS:
+        raise ValueError(f"{LIFT_VARIANT}={v!r}: expected one of {LIFT_VARIANTS}")
+    return v
