@@ -84,3 +84,20 @@ def test_jit_flux_pipeline_on_device(device):
     fused = run(pipe, jit="4x", anchor_attention=True)
     torch.testing.assert_close(fused, got, rtol=1e-3, atol=1e-4)
     assert not torch.equal(got, stock)
+
+
+def test_device_backends_params():
+    from jit_kernels.testing import DEVICE_BACKENDS, device_backends
+
+    params = device_backends()
+    assert [p.id for p in params] == ["cpu-cpp", "cpu-triton", "cuda-cuda", "cuda-triton"]
+    assert [p.id for p in device_backends(("reference", "cpp"))] == ["cpu-cpp", "cpu-reference", "cuda-reference"]
+    assert [p.id for p in device_backends(devices=("cuda",))] == ["cuda-cuda", "cuda-triton"]
+    for p in params:
+        assert p.values == tuple(p.id.split("-"))
+        names = [m.name for m in p.marks]
+        assert ("gpu" in names) == (p.values[0] == "cuda")
+        # a pair that is collected but cannot run here says why (the gpu marker's skip aside)
+        runs_here = p.values[1] in jk.available_backends(p.values[0])
+        assert ("skip" in names) == (not runs_here and (p.values[0] == "cpu" or torch.cuda.is_available()))
+    assert len(DEVICE_BACKENDS) == 6
