@@ -107,3 +107,19 @@ def test_v2_launch_fills_the_gpu_at_batch_one():
     # The interpreter keeps its large tiles in both variants.
     assert lift.lift_launch_shape(4096, 64, "v2", interpret=True)[:2] == lift.lift_launch_shape(4096, 64, "v1",
                                                                                                  interpret=True)[:2]
+
+
+@pytest.mark.parametrize("device,backend", VARIANT_BACKENDS)
+def test_nearest_map_both_variants_exact(monkeypatch, device, backend):
+    # The CUDA v2 map splits the anchor list over 16 warps in tiles of 512: lists shorter than a
+    # slice, spanning several tiles, not a multiple of 16; ties across slices go to the first listed.
+    h, w = 37, 41
+    n = h * w
+    cases = [anchors(n, m, seed=m) for m in (1, 5, 600, n)] + [anchors(n, 513, batch=3)]
+    ring = torch.tensor([20 * w + 20 + d for d in (-2 * w, 2 * w, -2, 2)])  # four anchors tied at the centre
+    cases += [ring, ring.flip(0), torch.cat([torch.arange(17) * 3, ring])]
+    for variant in ("v1", "v2"):
+        monkeypatch.setenv(LIFT_VARIANT, variant)
+        for a in cases:
+            got = jk.nearest_anchor_map(on(device, a), h, w, backend=backend).cpu()
+            assert torch.equal(got, ref.nearest_anchor_map_ref(a, h, w)), (variant, a.shape)
