@@ -23,9 +23,10 @@ early and says how much it left out; ``--budget-scale`` stretches every budget):
   ``"warn"``, then ``"error"`` on the steps between stage transitions, which must not sync),
   and index-validation passes per step (``jit_kernels.validation_passes``; zero between
   transitions).
-- ``bench``: every op timed with ``triton.testing.do_bench`` (quantiles 0.2 / 0.5 / 0.8) against
-  the plain torch composition (benchmarks/cases.py) and the copy bandwidth measured in the same
-  run; anchor attention against rotary + SDPA (benchmarks/bench_attention.py).
+- ``bench``: first the lift family under ``JIT_KERNELS_LIFT_VARIANT=v1`` and ``v2`` (the A/B of the
+  kernel changes, outputs compared bit for bit); then every op timed with ``triton.testing.do_bench``
+  (quantiles 0.2 / 0.5 / 0.8) against the plain torch composition (benchmarks/cases.py) and the copy
+  bandwidth measured in the same run; anchor attention against rotary + SDPA (benchmarks/bench_attention.py).
 - ``e2e``: a ``diffusers.FluxTransformer2DModel`` with FLUX.1-dev's real configuration and
   random bf16 weights made on the GPU, 1024 x 1024 (4096 image + 512 text tokens): dense 50
   steps vs JiT 4x / 7x / reference, with and without the fused anchor attention, through
@@ -1186,6 +1187,7 @@ def copy_bandwidth_GBps(device: str) -> float:
 # The ops whose kernels have an A/B switch (JIT_KERNELS_LIFT_VARIANT, jit_kernels/_env.py): the CUDA
 # nearest map and lift, the Triton lift (its DMF target included). Timed both ways by the bench section.
 VARIANT_OPS = ("nearest_anchor_map", "lift_field", "lift_euler_", "microflow_target")
+VARIANT_BUDGET_SHARE = 0.2
 
 
 def bench_variants(kit: Kit, budget: Budget) -> tuple[list[dict], int]:
@@ -1249,9 +1251,12 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
     kit.log(f"  copy bandwidth {bw:.1f} GB/s")
     sizes = [(16, 1, 0.32), (16, 2, 0.60)] if kit.dry else SIZES
     dtypes = (torch.float32,) if kit.dry else (torch.bfloat16, torch.float32)
-    ops_rows, skipped = [], 0
+    ops_rows = []
     native = kit.backends[0]  # cuda (cpp in the dry run)
     with torch.no_grad():
+        # The A/B of the lift variants first, within a fifth of the section's budget (the op
+        # table and attention below take what is left).
+        variant_rows, skipped = bench_variants(kit, Budget(VARIANT_BUDGET_SHARE * budget.seconds))
         for be in kit.backends:
             for case in make_cases(dev, dtypes, sizes, be):
                 if budget.left() < 0.3 * budget.seconds and be != native:
@@ -1310,8 +1315,6 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
                     row[f"ours_{be}_TFLOPs"] = round(flops / (t[f"ours_{be}"][1] * 1e-3) / 1e12, 2)
                 row["stock_TFLOPs"] = round(flops / (t["stock"][1] * 1e-3) / 1e12, 2)
                 attn_rows.append(row)
-        variant_rows, left_out = bench_variants(kit, budget)
-        skipped += left_out
     timer = "triton.testing.do_bench, quantiles 0.2/0.5/0.8" if dev == "cuda" else "CPU timer (dry run), quantiles 0.2/0.5/0.8"
     return {"timer": timer, "copy_bandwidth_GBps": round(bw, 1), "ops": ops_rows, "attention": attn_rows,
             "variants": variant_rows, "skipped_for_budget": skipped}
