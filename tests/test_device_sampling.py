@@ -59,10 +59,11 @@ def test_jit_sample_bfloat16_on_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_jit_flux_pipeline_on_device(device):
+def test_jit_flux_pipeline_on_device(device, monkeypatch):
     pytest.importorskip("diffusers")
     from _flux_fixtures import build_pipe, prompt_inputs
     from jit_sampler import JiTFluxPipeline
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
 
     base = build_pipe()
     pipe = JiTFluxPipeline.from_pipe(base)
@@ -81,7 +82,14 @@ def test_jit_flux_pipeline_on_device(device):
     got = run(pipe, jit="4x")
     assert got.device.type == device
     torch.testing.assert_close(got.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
-    fused = run(pipe, jit="4x", anchor_attention=True)
+    # The fused processor on this device (pipe(anchor_attention=True) installs it for CPU tensors
+    # only); count the fused op's calls so a silent fallback to the stock processor would fail.
+    calls = []
+    real = jk.anchor_attention
+    monkeypatch.setattr(jk, "anchor_attention", lambda *a, **k: calls.append(a[0].device.type) or real(*a, **k))
+    with use_anchor_attention(pipe.transformer, devices=(device,)):
+        fused = run(pipe, jit="4x")
+    assert calls and set(calls) == {device}
     torch.testing.assert_close(fused, got, rtol=1e-3, atol=1e-4)
     assert not torch.equal(got, stock)
 
