@@ -23,9 +23,10 @@ early and says how much it left out; ``--budget-scale`` stretches every budget):
   ``"warn"``, then ``"error"`` on the steps between stage transitions, which must not sync),
   and index-validation passes per step (``jit_kernels.validation_passes``; zero between
   transitions).
-- ``bench``: every op timed with ``triton.testing.do_bench`` (quantiles 0.2 / 0.5 / 0.8) against
-  the plain torch composition (benchmarks/cases.py) and the copy bandwidth measured in the same
-  run; anchor attention against rotary + SDPA (benchmarks/bench_attention.py).
+- ``bench``: first the lift family under ``JIT_KERNELS_LIFT_VARIANT=v1`` and ``v2`` (the A/B of the
+  kernel changes, outputs compared bit for bit); then every op timed with ``triton.testing.do_bench``
+  (quantiles 0.2 / 0.5 / 0.8) against the plain torch composition (benchmarks/cases.py) and the copy
+  bandwidth measured in the same run; anchor attention against rotary + SDPA (benchmarks/bench_attention.py).
 - ``e2e``: a ``diffusers.FluxTransformer2DModel`` with FLUX.1-dev's real configuration and
   random bf16 weights made on the GPU, 1024 x 1024 (4096 image + 512 text tokens): dense 50
   steps vs JiT 4x / 7x / reference, with and without the fused anchor attention, through
@@ -1183,6 +1184,63 @@ def copy_bandwidth_GBps(device: str) -> float:
     return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
+# The ops whose kernels have an A/B switch (JIT_KERNELS_LIFT_VARIANT, jit_kernels/_env.py): the CUDA
+# nearest map and lift, the Triton lift (its DMF target included). Timed both ways by the bench section.
+VARIANT_OPS = ("nearest_anchor_map", "lift_field", "lift_euler_", "microflow_target")
+VARIANT_BUDGET_SHARE = 0.2
+
+
+def bench_variants(kit: Kit, budget: Budget) -> tuple[list[dict], int]:
+    """``ours`` of every :data:`VARIANT_OPS` case timed under ``JIT_KERNELS_LIFT_VARIANT=v1`` and ``v2``
+    (64 x 64 grid, C = 64, B = 1 and 2, bf16; the dry run: 16 x 16, fp32), per backend under test.
+
+    ``v2_speedup`` is the ratio of the v1 and v2 medians. ``same_bits``: the two variants' outputs are
+    equal bit for bit (out-of-place ops only). The variable is restored afterwards.
+    """
+    from benchmarks.cases import make_cases
+    from jit_kernels._env import LIFT_VARIANT, LIFT_VARIANTS
+
+    dev = kit.device
+    sizes = [(16, 1, 0.32)] if kit.dry else [(64, 1, 0.32), (64, 2, 0.32)]
+    dtypes = (torch.float32,) if kit.dry else (torch.bfloat16,)
+    rows, skipped = [], 0
+    saved = os.environ.get(LIFT_VARIANT)
+    try:
+        for be in kit.backends:
+            for case in make_cases(dev, dtypes, sizes, be):
+                if case.op not in VARIANT_OPS:
+                    continue
+                if budget.over():
+                    skipped += 1
+                    continue
+                row = {"op": case.op, "size": case.size, "dtype": case.dtype, "backend": be}
+                if kit.stand_in(be):
+                    row["stand_in_for"] = kit.stand_in(be)
+                outs = {}
+                try:
+                    for variant in LIFT_VARIANTS:
+                        os.environ[LIFT_VARIANT] = variant
+                        if case.op != "lift_euler_":
+                            outs[variant] = case.impls["ours"]().clone()
+                        row[f"{variant}_us"] = [round(x * 1e3, 1) for x in time_ms(case.impls["ours"], dev)]
+                except Exception as exc:
+                    row["error"] = repr(exc)[:300]
+                    kit.fail("bench", f"variants {case.op} {case.size} {be}: {exc!r}"[:300])
+                    rows.append(row)
+                    continue
+                row["v2_speedup"] = round(row["v1_us"][1] / max(row["v2_us"][1], 1e-3), 2)
+                row["same_bits"] = torch.equal(outs["v1"], outs["v2"]) if outs else None
+                if outs and not row["same_bits"]:
+                    kit.fail("bench", f"variants {case.op} {case.size} {be}: v1 and v2 outputs differ")
+                rows.append(row)
+    finally:
+        if saved is None:
+            os.environ.pop(LIFT_VARIANT, None)
+        else:
+            os.environ[LIFT_VARIANT] = saved
+    return rows, skipped
+
+
 def section_bench(kit: Kit, budget: Budget) -> dict:
     from benchmarks.bench_attention import AXES, anchor_ids, rope_tables, stock_attention, variant_fns
     from benchmarks.cases import SIZES, make_cases
@@ -1193,9 +1251,12 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
     kit.log(f"  copy bandwidth {bw:.1f} GB/s")
     sizes = [(16, 1, 0.32), (16, 2, 0.60)] if kit.dry else SIZES
     dtypes = (torch.float32,) if kit.dry else (torch.bfloat16, torch.float32)
-    ops_rows, skipped = [], 0
+    ops_rows = []
     native = kit.backends[0]  # cuda (cpp in the dry run)
     with torch.no_grad():
+        # The A/B of the lift variants first, within a fifth of the section's budget (the op
+        # table and attention below take what is left).
+        variant_rows, skipped = bench_variants(kit, Budget(VARIANT_BUDGET_SHARE * budget.seconds))
         for be in kit.backends:
             for case in make_cases(dev, dtypes, sizes, be):
                 if budget.left() < 0.3 * budget.seconds and be != native:
@@ -1268,7 +1329,7 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
                 attn_rows.append(row)
     timer = "triton.testing.do_bench, quantiles 0.2/0.5/0.8" if dev == "cuda" else "CPU timer (dry run), quantiles 0.2/0.5/0.8"
     return {"timer": timer, "copy_bandwidth_GBps": round(bw, 1), "ops": ops_rows, "attention": attn_rows,
-            "skipped_for_budget": skipped}
+            "variants": variant_rows, "skipped_for_budget": skipped}
 
 
 # ---------------------------------------------------------------- e2e at FLUX scale
@@ -1656,6 +1717,13 @@ def write_report(kit: Kit) -> None:
             for r in bench["attention"]:
                 L.append(f"| {r['case']} | {r['tokens']} | {r['dtype']} | {_fmt_q(r['stock_ms'])} | " +
                          " | ".join(f"{_fmt_q(r.get(f'ours_{b}_ms'))} | {r.get(f'x_vs_stock_{b}')}" for b in kit.backends) + " |")
+        if bench.get("variants"):
+            L += ["", "Kernel variants (`JIT_KERNELS_LIFT_VARIANT`, v1 = the kernels before the launch / index-math changes):",
+                  "", "| op | size | dtype | backend | v1 us | v2 us | v2 speedup | same bits |", "|---|---|---|---|---|---|---|---|"]
+            for r in bench["variants"]:
+                be = r["backend"] + (f" (for {r['stand_in_for']})" if r.get("stand_in_for") else "")
+                L.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {be} | {_fmt_q(r.get('v1_us'))} | "
+                         f"{_fmt_q(r.get('v2_us'))} | {r.get('v2_speedup', r.get('error', ''))} | {r.get('same_bits', '')} |")
         L.append(f"\nTimes are quantiles 0.2/0.5/0.8. Rows left out for budget: {bench.get('skipped_for_budget', 0)}.")
     e2e = res.get("e2e")
     if e2e:

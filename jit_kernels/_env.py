@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TRITON_INTERPRET", "triton_interpret", "ATTN_VARIANT", "ATTN_VARIANTS", "attention_variant"]
+__all__ = ["TRITON_INTERPRET", "triton_interpret", "ATTN_VARIANT", "ATTN_VARIANTS", "attention_variant",
+           "LIFT_VARIANT", "LIFT_VARIANTS", "lift_variant"]
 
 # Triton's own switch: kernels defined while it is set run in the Triton interpreter (on CPU tensors).
 TRITON_INTERPRET = "TRITON_INTERPRET"
@@ -41,3 +42,19 @@ def attention_variant() -> str:
     if value not in ATTN_VARIANTS:
         raise ValueError(f"{ATTN_VARIANT}={os.environ.get(ATTN_VARIANT)!r}: expected one of {', '.join(ATTN_VARIANTS)}")
     return value
+# A/B switch of the lift kernels (Triton and CUDA), read by their launchers at every call so a
+# benchmark can time both in one process: "v2" (default) or "v1", the kernels before the
+# launch-shape and index-math changes (benchmarks/README.md, "Kernel variants").
+LIFT_VARIANT = "JIT_KERNELS_LIFT_VARIANT"
+LIFT_VARIANTS = ("v2", "v1")
+
+
+def lift_variant() -> str:
+    """The lift kernel variant selected by ``JIT_KERNELS_LIFT_VARIANT`` (unset or empty: ``"v2"``).
+
+    Raises ``ValueError`` for any other value (before a kernel is launched).
+    """
+    v = os.environ.get(LIFT_VARIANT, "") or "v2"
+    if v not in LIFT_VARIANTS:
+        raise ValueError(f"{LIFT_VARIANT}={v!r}: expected one of {LIFT_VARIANTS}")
+    return v

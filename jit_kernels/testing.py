@@ -23,6 +23,9 @@ __all__ = [
     "GRIDS",
     "counts",
     "compiled_backends",
+    "DEVICE_BACKENDS",
+    "device_backends",
+    "on",
 ]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,3 +117,59 @@ def compiled_backends(device: str = "cpu") -> list[str]:
 
     return [b for b in ("cuda", "cpp", "triton") if b in jk.available_backends(device)]
 
+
+
+# Every (device, backend) pair a parametrised op test covers, in its order. ``triton`` on CPU is
+# the Triton interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets where no CUDA device
+# is found); on CUDA it is the compiled kernels.
+DEVICE_BACKENDS = (("cpu", "cpp"), ("cpu", "triton"), ("cpu", "reference"),
+                   ("cuda", "cuda"), ("cuda", "triton"), ("cuda", "reference"))
+
+
+def _unavailable_reason(device: str, backend: str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` on this machine (``None`` when it can)."""
+    import jit_kernels as jk
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return None  # the ``gpu`` marker skips it (tests/conftest.py), with the marker's reason
+    if backend in jk.available_backends(device):
+        return None
+    if backend == "triton" and device == "cpu":
+        return "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1 before import)"
+    if backend in ("cpp", "cuda"):
+        return (f"the {backend!r} kernels of jit_kernels._C are not loaded "
+                f"(build: python setup.py build_ext --inplace; {jk.extension_error()})")
+    return f"backend {backend!r} is not available on {device!r}"
+
+
+def device_backends(backends: tuple[str, ...] = ("cuda", "cpp", "triton"), devices: tuple[str, ...] = ("cpu", "cuda")):
+    """``pytest.param(device, backend, id="cpu-cpp")`` for every pair of :data:`DEVICE_BACKENDS`
+    whose backend is in ``backends`` and device in ``devices``.
+
+    For ``@pytest.mark.parametrize("device,backend", device_backends())``. Every pair is always
+    collected, so a test's ids are the same on every machine: CUDA pairs carry the ``gpu`` marker
+    (skipped where no CUDA device is found), and a pair whose backend is not present here (the
+    extension not built, Triton compiled rather than interpreted on a CUDA machine) is skipped
+    with the reason. ``reference`` is left out by default: the op tests compare against it.
+    """
+    import pytest
+
+    params = []
+    for device, backend in DEVICE_BACKENDS:
+        if backend not in backends or device not in devices:
+            continue
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        reason = _unavailable_reason(device, backend)
+        if reason is not None:
+            marks.append(pytest.mark.skip(reason=reason))
+        params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
+
+
+def on(device, *tensors):
+    """``tensors`` moved to ``device`` (``None`` stays ``None``); one tensor alone is returned
+    unwrapped. A tensor already there is returned as is, not copied (clone first before an
+    in-place op). Inputs are drawn on the CPU (see :func:`gen`) and moved, so every device sees
+    the same values and the reference can run on the CPU tensors."""
+    out = tuple(None if t is None else t.to(device) for t in tensors)
+    return out[0] if len(out) == 1 else out

@@ -2,9 +2,11 @@
 padding / per-sample semantics, errors, opcheck and the C++-only paths. The FLUX attention
 processor built on it is tested in test_attention_processor.py.
 
-Triton is tested on CPU only through its interpreter (``TRITON_INTERPRET=1``, set in
-conftest); the compiled kernel is tested by the ``gpu``-marked tests on a CUDA machine
-(and lowered for sm_90 by ``tests/test_triton_kernels.py::test_aot_lowers_every_kernel``).
+The op tests run on every (device, backend) pair of :func:`jit_kernels.testing.device_backends`:
+Triton on CPU only through its interpreter (``TRITON_INTERPRET=1``, set in conftest), compiled
+on CUDA tensors by the ``gpu``-marked ``cuda-*`` params on a CUDA machine (and lowered for sm_90
+by ``tests/test_triton_kernels.py::test_aot_lowers_every_kernel``). Results are compared on
+the CPU, against the reference run on the CPU tensors.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import torch.nn.functional as F
 
 import jit_kernels as jk
 from jit_kernels.reference.attention import anchor_attention_ref, rotary_ref
-from jit_kernels.testing import assert_close, gen, qkv, tolerance
+from jit_kernels.testing import assert_close, device_backends, gen, on, qkv, tolerance
 
 CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if b in jk.available_backends("cpu")]
 COMPILED = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
 HAS_CPP = "cpp" in CPU_BACKENDS
+# (device, backend) params: every backend with the reference; the kernels only.
+ALL = device_backends(("reference", "cuda", "cpp", "triton"))
+KERNELS = device_backends(("cuda", "cpp", "triton"))
 
 AXES = {16: (4, 6, 6), 32: (8, 12, 12), 64: (16, 24, 24), 128: (16, 56, 56)}
 
@@ -75,52 +80,57 @@ def test_reference_is_stock_flux_math(d):
     torch.testing.assert_close(anchor_attention_ref(q, k, v, cos, sin), _stock(q, k, v, cos, sin), **tolerance(torch.float32, "attention"))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("d,n,text", [(32, 37, 5), (64, 133, 4), (128, 67, 0), (32, 11, 11), (6, 9, 2)])
-def test_matches_stock_and_reference(backend, d, n, text):
+def test_matches_stock_and_reference(device, backend, d, n, text):
     # text == 0: anchor-only sequence; text == n: text-only (cos = 1, sin = 0); d = 6: not a power of 2.
     q, k, v = qkv(2, n, 3, d, seed=d + n)
     cos, sin = _tables(text, n - text, d) if d in AXES else (torch.rand(n, d), torch.rand(n, d))
-    out = jk.anchor_attention(q, k, v, cos, sin, backend=backend)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    out = jk.anchor_attention(*on(device, q, k, v, cos, sin), backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous() and out.device.type == device
+    out = out.cpu()
     _close(out, anchor_attention_ref(q, k, v, cos, sin), torch.float32)
     _close(out, _stock(q, k, v, cos, sin), torch.float32)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_dtypes(backend, dtype):
+def test_half_dtypes(device, backend, dtype):
     q, k, v = qkv(2, 45, 2, 32, dtype)
     cos, sin = _tables(4, 41, 32)
-    out = jk.anchor_attention(q, k, v, cos, sin, backend=backend)
+    out = jk.anchor_attention(*on(device, q, k, v, cos, sin), backend=backend).cpu()
     assert out.dtype == dtype
     _close(out, anchor_attention_ref(q, k, v, cos, sin), dtype)
     torch.testing.assert_close(out.float(), _stock(q, k, v, cos, sin).float(), **tolerance(dtype, "stock"))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_scale_and_single_token(backend):
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scale_and_single_token(device, backend):
     q, k, v = qkv(1, 1, 1, 2)
     cos, sin = torch.rand(1, 2), torch.rand(1, 2)
     # One key: softmax is 1 whatever the scale, so the output is v.
-    _close(jk.anchor_attention(q, k, v, cos, sin, scale=3.0, backend=backend), v, torch.float32)
+    _close(jk.anchor_attention(*on(device, q, k, v, cos, sin), scale=3.0, backend=backend).cpu(), v, torch.float32)
     q, k, v = qkv(2, 20, 2, 32)
     cos, sin = _tables(4, 16, 32)
-    _close(jk.anchor_attention(q, k, v, cos, sin, scale=0.3, backend=backend),
+    _close(jk.anchor_attention(*on(device, q, k, v, cos, sin), scale=0.3, backend=backend).cpu(),
            anchor_attention_ref(q, k, v, cos, sin, scale=0.3), torch.float32)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-def test_strided_inputs(backend):
-    # q, k, v as views of a fused qkv projection (unit channel stride), and a channel-strided q.
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_strided_inputs(device, backend):
+    # q, k, v as views of a fused qkv projection (unit channel stride), and a channel-strided q;
+    # the views are taken on the device (moving a view would make it contiguous).
     b, n, h, d = 2, 29, 2, 32
-    qkv = torch.randn(b, n, 3, h, d, generator=gen(3))
-    q, k, v = qkv.unbind(2)
+    fused = torch.randn(b, n, 3, h, d, generator=gen(3))
+    q, k, v = fused.unbind(2)
+    qd, kd, vd = on(device, fused).unbind(2)
     cos, sin = _tables(3, n - 3, d)
-    _close(jk.anchor_attention(q, k, v, cos, sin, backend=backend), anchor_attention_ref(q, k, v, cos, sin),
+    cd, sd = on(device, cos, sin)
+    _close(jk.anchor_attention(qd, kd, vd, cd, sd, backend=backend).cpu(), anchor_attention_ref(q, k, v, cos, sin),
            torch.float32)
-    qt = torch.randn(b, n, d, h, generator=gen(4)).transpose(2, 3)
-    _close(jk.anchor_attention(qt, k, v, cos, sin, backend=backend), anchor_attention_ref(qt, k, v, cos, sin),
+    base = torch.randn(b, n, d, h, generator=gen(4))
+    qt, qtd = base.transpose(2, 3), on(device, base).transpose(2, 3)
+    _close(jk.anchor_attention(qtd, kd, vd, cd, sd, backend=backend).cpu(), anchor_attention_ref(qt, k, v, cos, sin),
            torch.float32)
 
 
@@ -155,9 +165,9 @@ def test_cpp_thread_count_does_not_change_results():
 # ---------------------------------------------------------------- padding and per-sample sets
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_batch_equals_each_sample_alone(backend, dtype):
+def test_padded_batch_equals_each_sample_alone(device, backend, dtype):
     # Three samples with anchor sets of different sizes, padded to one length; the padding
     # holds NaN, which must never reach a valid row (and padded rows come out zero).
     b, n, h, d, text = 3, 150, 2, 32, 4
@@ -167,10 +177,10 @@ def test_padded_batch_equals_each_sample_alone(backend, dtype):
     for i, ln in enumerate(lens.tolist()):
         for t in (q, k, v):
             t[i, ln:] = float("nan")
-    out = jk.anchor_attention(q, k, v, cos, sin, lens, backend=backend)
+    out = jk.anchor_attention(*on(device, q, k, v, cos, sin, lens), backend=backend).cpu()
     for i, ln in enumerate(lens.tolist()):
-        alone = jk.anchor_attention(q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln], cos[:ln], sin[:ln],
-                                    backend=backend)
+        alone = jk.anchor_attention(*on(device, q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln], cos[:ln], sin[:ln]),
+                                    backend=backend).cpu()
         _close(out[i:i + 1, :ln], alone, dtype)
         _close(out[i:i + 1, :ln], anchor_attention_ref(q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln],
                                                        cos[:ln], sin[:ln]), dtype)
@@ -178,12 +188,13 @@ def test_padded_batch_equals_each_sample_alone(backend, dtype):
     # Full lengths are the unpadded op; int32 lengths are accepted.
     full = torch.full((b,), n, dtype=torch.int32)
     q2, k2, v2 = qkv(b, n, h, d, dtype, seed=8)
+    q2, k2, v2, cos, sin, full = on(device, q2, k2, v2, cos, sin, full)
     torch.testing.assert_close(jk.anchor_attention(q2, k2, v2, cos, sin, full, backend=backend),
                                jk.anchor_attention(q2, k2, v2, cos, sin, backend=backend), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_per_sample_tables_and_lengths(backend):
+@pytest.mark.parametrize("device,backend", ALL)
+def test_per_sample_tables_and_lengths(device, backend):
     # Per-sample anchor sets: each sample has its own positions ([B, L, D] tables) and size.
     b, h, d, text = 3, 2, 32, 4
     counts = [140, 57, 96]
@@ -193,7 +204,7 @@ def test_per_sample_tables_and_lengths(backend):
     sin = torch.stack([t[1] for t in tabs])
     lens = torch.tensor([text + c for c in counts])
     q, k, v = qkv(b, n, h, d, seed=11)
-    out = jk.anchor_attention(q, k, v, cos, sin, lens, backend=backend)
+    out = jk.anchor_attention(*on(device, q, k, v, cos, sin, lens), backend=backend).cpu()
     _close(out, anchor_attention_ref(q, k, v, cos, sin, lens), torch.float32)
     for i, ln in enumerate(lens.tolist()):
         alone = anchor_attention_ref(q[i:i + 1, :ln], k[i:i + 1, :ln], v[i:i + 1, :ln], cos[i, :ln], sin[i, :ln])
@@ -202,6 +213,7 @@ def test_per_sample_tables_and_lengths(backend):
                torch.float32)
         assert bool((out[i, ln:] == 0).all())
     # A [B, L, D] table with identical rows is the shared [L, D] table.
+    q, k, v, cos, sin = on(device, q, k, v, cos, sin)
     shared = jk.anchor_attention(q, k, v, cos[0], sin[0], backend=backend)
     torch.testing.assert_close(jk.anchor_attention(q, k, v, cos[:1].expand(b, -1, -1), sin[:1].expand(b, -1, -1),
                                                    backend=backend), shared, rtol=0, atol=0)

@@ -223,3 +223,23 @@ def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeyp
     known, unknown = probes
     assert not known["consistent"] and known["known_issue"] and not unknown["consistent"] and "known_issue" not in unknown
     assert len(kit.failures) == 1 and "fake_op_ on a strided destination" in kit.failures[0]
+
+
+def test_bench_times_both_lift_variants(tmp_path, monkeypatch):
+    from jit_kernels._env import LIFT_VARIANT
+
+    monkeypatch.setenv(LIFT_VARIANT, "v1")  # restored by the bench afterwards
+    kit = _kit(tmp_path)
+    rows, skipped = gc.bench_variants(kit, gc.Budget(600))
+    assert skipped == 0 and os.environ[LIFT_VARIANT] == "v1"
+    assert {(r["op"], r["backend"]) for r in rows} == {(op, be) for op in gc.VARIANT_OPS for be in kit.backends}
+    for r in rows:
+        assert "error" not in r, r
+        assert len(r["v1_us"]) == len(r["v2_us"]) == 3 and r["v2_speedup"] > 0
+        assert r["same_bits"] is (None if r["op"] == "lift_euler_" else True), r
+    kit.result["bench"] = {"timer": "t", "copy_bandwidth_GBps": 1.0, "attention": [], "variants": rows,
+                           "ops": [{"op": "x", "size": "s", "dtype": "d", "backend": "b"}]}
+    gc.write_report(kit)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "Kernel variants" in md
+    assert sum(line.startswith("| lift_field | 16x16 B=1") for line in md.splitlines()) == len(kit.backends)

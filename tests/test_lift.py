@@ -1,8 +1,10 @@
 """The lift family (``nearest_anchor_map``, ``lift_field``, ``lift_euler_``) on every backend.
 
-Every backend present on the machine (``cpp`` = the compiled CPU extension, ``triton`` =
-Triton kernels, on CPU through TRITON_INTERPRET=1 only, see conftest.py) against the
-plain-PyTorch reference, through the public functions. Registration, backend choice and
+Every (device, backend) pair of :func:`jit_kernels.testing.device_backends` (``cpu-cpp`` = the
+compiled CPU extension, ``cpu-triton`` = Triton through TRITON_INTERPRET=1, see conftest.py;
+``cuda-cuda`` / ``cuda-triton`` = the CUDA kernels and compiled Triton, ``gpu``-marked) against
+the plain-PyTorch reference on the CPU, through the public functions: the nearest map bit for
+bit, the lifts within :func:`jit_kernels.testing.tolerance`. Registration, backend choice and
 the validation policy are tested for every op in test_op_table.py.
 """
 
@@ -13,32 +15,34 @@ import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
-from jit_kernels.testing import DTYPES, GRIDS, anchors, assert_close, compiled_backends, counts, tokens
+from jit_kernels.testing import DTYPES, GRIDS, anchors, assert_close, counts, device_backends, on, tokens
 
-BACKENDS = compiled_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 
 
 # ---------------------------------------------------------------- nearest map
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("grid", GRIDS)
-def test_nearest_map_exact(backend, grid):
+def test_nearest_map_exact(device, backend, grid):
     h, w = grid
     n = h * w
     for m in counts(n):
         a = anchors(n, m)
-        assert torch.equal(jk.nearest_anchor_map(a, h, w, backend=backend), ref.nearest_anchor_map_ref(a, h, w))
+        got = jk.nearest_anchor_map(on(device, a), h, w, backend=backend)
+        assert got.device.type == device and torch.equal(got.cpu(), ref.nearest_anchor_map_ref(a, h, w))
     ab = anchors(n, max(1, n // 4), batch=2)
-    assert torch.equal(jk.nearest_anchor_map(ab, h, w, backend=backend), ref.nearest_anchor_map_ref(ab, h, w))
+    got = jk.nearest_anchor_map(on(device, ab), h, w, backend=backend)
+    assert torch.equal(got.cpu(), ref.nearest_anchor_map_ref(ab, h, w))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nearest_map_ties_go_to_first_anchor(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nearest_map_ties_go_to_first_anchor(device, backend):
     # Cell (0, 1) is at distance 1 from both anchors (0, 0) and (0, 2).
     for order in ([0, 2], [2, 0]):
         a = torch.tensor(order)
-        got = jk.nearest_anchor_map(a, 1, 3, backend=backend)
+        got = jk.nearest_anchor_map(on(device, a), 1, 3, backend=backend).cpu()
         assert got[1].item() == 0, "tie must go to the anchor listed first"
         assert torch.equal(got, ref.nearest_anchor_map_ref(a, 1, 3))
 
@@ -53,30 +57,30 @@ def test_nearest_map_reference_is_euclidean():
 # ---------------------------------------------------------------- lift
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", GRIDS)
-def test_lift_field_matches_reference(backend, dtype, grid):
+def test_lift_field_matches_reference(device, backend, dtype, grid):
     h, w = grid
     n, b, c = h * w, 2, 6
     for m in counts(n):
         a = anchors(n, m)
         vals = tokens(b, m, c, dtype, seed=m)
-        got = jk.lift_field(vals, a, h, w, backend=backend)
+        got = jk.lift_field(*on(device, vals, a), h, w, backend=backend).cpu()
         want = ref.lift_field_ref(vals, a, ref.nearest_anchor_map_ref(a, h, w), jk.lift_weights(m, n), h, w)
         assert_close(got, want, dtype)
         assert torch.equal(got[:, a], vals), "anchors must keep their exact values"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lift_field_per_sample_and_explicit_blur(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_lift_field_per_sample_and_explicit_blur(device, backend):
     h, w, b, c = 8, 11, 3, 4
     n = h * w
     a = anchors(n, 30, batch=b)
     vals = tokens(b, 30, c, torch.float32)
     near = jk.nearest_anchor_map(a, h, w)
     for kw in ({}, {"sigma": 2.5}, {"sigma": 1.0, "kernel_size": 3}):
-        got = jk.lift_field(vals, a, h, w, nearest=near, backend=backend, **kw)
+        got = jk.lift_field(*on(device, vals, a), h, w, nearest=on(device, near), backend=backend, **kw).cpu()
         wts = jk.lift_weights(30, n, **kw)
         assert_close(got, ref.lift_field_ref(vals, a, near, wts, h, w), torch.float32)
 
@@ -90,16 +94,16 @@ def test_lift_reference_matches_published_composition():
     torch.testing.assert_close(got, ref.lift_field_published(vals, a, wts, h, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lift_euler_inplace(backend, dtype):
+def test_lift_euler_inplace(device, backend, dtype):
     h, w, b, c = 7, 13, 2, 5
     n = h * w
     a = anchors(n, 25)
     vals = tokens(b, 25, c, dtype, seed=3)
-    y = tokens(b, n, c, dtype, seed=4)
-    y0 = y.clone()
-    out = jk.lift_euler_(y, vals, a, h, w, -0.37, backend=backend)
+    y0 = tokens(b, n, c, dtype, seed=4)
+    y = on(device, y0.clone())
+    out = jk.lift_euler_(y, *on(device, vals, a), h, w, -0.37, backend=backend)
     assert out is y
     want = ref.lift_euler_ref_(y0.clone(), vals, a, ref.nearest_anchor_map_ref(a, h, w), jk.lift_weights(25, n), h, w, -0.37)
-    assert_close(y, want, dtype)
+    assert_close(y.cpu(), want, dtype)

@@ -1,9 +1,10 @@
 """The deterministic micro-flow (``microflow_update``, ``microflow_target``) on every backend.
 
-Every backend present on the machine (``cpp`` = the compiled CPU extension, ``triton`` =
-Triton kernels, on CPU through TRITON_INTERPRET=1 only, see conftest.py) against the
-plain-PyTorch reference, through the public functions. Registration, backend choice and
-the validation policy are tested for every op in test_op_table.py.
+Every (device, backend) pair of :func:`jit_kernels.testing.device_backends` (``cpu-cpp`` = the
+compiled CPU extension, ``cpu-triton`` = Triton through TRITON_INTERPRET=1, see conftest.py;
+``cuda-cuda`` / ``cuda-triton`` = the CUDA kernels and compiled Triton, ``gpu``-marked) against
+the plain-PyTorch reference on the CPU, through the public functions. Registration, backend
+choice and the validation policy are tested for every op in test_op_table.py.
 """
 
 from __future__ import annotations
@@ -13,38 +14,40 @@ import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
-from jit_kernels.testing import DTYPES, anchors, assert_close, compiled_backends, tokens
+from jit_kernels.testing import DTYPES, anchors, assert_close, device_backends, on, tokens
 
-BACKENDS = compiled_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 
 
 # ---------------------------------------------------------------- micro-flow
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_microflow_update(backend, dtype):
+def test_microflow_update(device, backend, dtype):
     b, n, c = 2, 50, 6
     y = tokens(b, n, c, dtype)
     r = anchors(n, 12, seed=9)
     tgt = tokens(b, 12, c, dtype, seed=10, offset=-2.0)
+    yd, rd, tgtd = on(device, y, r, tgt)
     # assign lands exactly on the target, even over poisoned rows
     poisoned = y.clone()
     ref.scatter_tokens_ref_(poisoned, r, torch.full_like(tgt, float("nan")))
-    out = jk.microflow_update(poisoned, r, tgt, "assign", backend=backend)
+    poisoned = on(device, poisoned)
+    out = jk.microflow_update(poisoned, rd, tgtd, "assign", backend=backend).cpu()
     assert torch.equal(out[:, r], tgt) and torch.equal(out, ref.scatter_tokens_ref(y, r, tgt))
     assert torch.isnan(poisoned).any(), "out-of-place update modified its input"
     for wgt in (1 / 3, 0.5, 1.0):
-        got = jk.microflow_update(y, r, tgt, "blend", wgt, backend=backend)
-        assert_close(got, ref.microflow_update_ref_(y.clone(), r, tgt, wgt), dtype)
-    yi = y.clone()
-    assert jk.microflow_update_(yi, r, tgt, "blend", 0.25, backend=backend) is yi
-    assert_close(yi, ref.microflow_update_ref_(y.clone(), r, tgt, 0.25), dtype)
+        got = jk.microflow_update(yd, rd, tgtd, "blend", wgt, backend=backend)
+        assert_close(got.cpu(), ref.microflow_update_ref_(y.clone(), r, tgt, wgt), dtype)
+    yi = on(device, y.clone())
+    assert jk.microflow_update_(yi, rd, tgtd, "blend", 0.25, backend=backend) is yi
+    assert_close(yi.cpu(), ref.microflow_update_ref_(y.clone(), r, tgt, 0.25), dtype)
     # the 0.1 spelling still works, in place, and says it is deprecated
-    yd = y.clone()
+    yd2 = on(device, y.clone())
     with pytest.warns(DeprecationWarning, match="microflow_update_"):
-        assert jk.microflow_update(yd, r, tgt, "blend", 0.25, inplace=True, backend=backend) is yd
-    assert torch.equal(yd, yi)
+        assert jk.microflow_update(yd2, rd, tgtd, "blend", 0.25, inplace=True, backend=backend) is yd2
+    assert torch.equal(yd2, yi)
 
 
 def test_substeps_land_on_target():
@@ -56,10 +59,10 @@ def test_substeps_land_on_target():
     assert torch.equal(y[:, r], tgt)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_microflow_target(backend, dtype, per_sample):
+def test_microflow_target(device, backend, dtype, per_sample):
     h, w, b, c = 9, 10, 2, 5
     n = h * w
     perm = anchors(n, n, batch=b if per_sample else None)
@@ -67,7 +70,7 @@ def test_microflow_target(backend, dtype, per_sample):
     y = tokens(b, n, c, dtype)
     v = tokens(b, n, c, dtype, seed=1, offset=0.0)
     eps = tokens(b, 15, c, dtype, seed=2, offset=0.0)
-    got = jk.microflow_target(y, v, old, new, eps, 0.8, 0.7, h, w, backend=backend)
+    got = jk.microflow_target(*on(device, y, v, old, new, eps), 0.8, 0.7, h, w, backend=backend).cpu()
     near = ref.nearest_anchor_map_ref(old, h, w)
     want = ref.microflow_target_ref(y, v, old, near, jk.lift_weights(30, n), new, eps, 0.8, 0.7, h, w)
     assert_close(got, want, dtype)

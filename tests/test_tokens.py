@@ -1,9 +1,11 @@
 """Token gather / scatter (``gather_tokens``, ``scatter_tokens``, ``scatter_tokens_``) on every backend.
 
-Every backend present on the machine (``cpp`` = the compiled CPU extension, ``triton`` =
-Triton kernels, on CPU through TRITON_INTERPRET=1 only, see conftest.py) against the
-plain-PyTorch reference, through the public functions. Registration, backend choice and
-the validation policy are tested for every op in test_op_table.py.
+Every (device, backend) pair of :func:`jit_kernels.testing.device_backends` (``cpu-cpp`` = the
+compiled CPU extension, ``cpu-triton`` = Triton through TRITON_INTERPRET=1, see conftest.py;
+``cuda-cuda`` / ``cuda-triton`` = the CUDA kernels and compiled Triton, ``gpu``-marked) against
+the plain-PyTorch reference on the CPU, through the public functions. Index ops and copies are
+compared bit for bit. Registration, backend choice and the validation policy are tested for
+every op in test_op_table.py.
 """
 
 from __future__ import annotations
@@ -13,40 +15,50 @@ import torch
 
 import jit_kernels as jk
 from jit_kernels import reference as ref
-from jit_kernels.testing import DTYPES, anchors, compiled_backends, counts, tokens
+from jit_kernels.testing import DTYPES, anchors, counts, device_backends, on, tokens
 
-BACKENDS = compiled_backends("cpu")
+DEVICE_BACKENDS = device_backends()
 
 
 # ---------------------------------------------------------------- gather / scatter
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_gather_scatter_exact(backend, dtype, per_sample):
+def test_gather_scatter_exact(device, backend, dtype, per_sample):
     b, n, c = 3, 91, 5
     x = tokens(b, n, c, dtype)
+    xd = on(device, x)
     for m in counts(n):
         idx = anchors(n, m, batch=b if per_sample else None)
-        g = jk.gather_tokens(x, idx, backend=backend)
-        assert torch.equal(g, ref.gather_tokens_ref(x, idx))
+        idxd = on(device, idx)
+        g = jk.gather_tokens(xd, idxd, backend=backend)
+        assert g.device == xd.device and torch.equal(g.cpu(), ref.gather_tokens_ref(x, idx))
         src = tokens(b, m, c, dtype, seed=5, offset=-3.0)
-        base = x.clone()
-        out = jk.scatter_tokens(base, idx, src, backend=backend)
-        assert torch.equal(base, x), "out-of-place scatter modified its input"
-        assert torch.equal(out, ref.scatter_tokens_ref(x, idx, src))
+        base = on(device, x.clone())
+        out = jk.scatter_tokens(base, idxd, on(device, src), backend=backend)
+        assert torch.equal(base.cpu(), x), "out-of-place scatter modified its input"
+        want = ref.scatter_tokens_ref(x, idx, src)
+        assert torch.equal(out.cpu(), want)
         poisoned = x.clone()
         ref.scatter_tokens_ref_(poisoned, idx, torch.full_like(src, float("nan")))
-        res = jk.scatter_tokens_(poisoned, idx, src, backend=backend)
+        poisoned = on(device, poisoned)
+        res = jk.scatter_tokens_(poisoned, idxd, on(device, src), backend=backend)
         assert res is poisoned
-        assert torch.equal(poisoned, out)
+        assert torch.equal(poisoned.cpu(), want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gather_noncontiguous(backend):
-    x = tokens(2, 40, 12, torch.float32)[:, :, ::2]  # stride 2 on C
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gather_noncontiguous(device, backend):
+    # The views are taken on the device (moving a strided view would make it contiguous).
+    base = tokens(2, 40, 12, torch.float32)
     idx = torch.arange(39, -1, -3)
-    assert torch.equal(jk.gather_tokens(x, idx, backend=backend), ref.gather_tokens_ref(x, idx))
-    xt = tokens(40, 2, 6, torch.float32).transpose(0, 1)  # batch-major view
-    assert torch.equal(jk.gather_tokens(xt, idx, backend=backend), ref.gather_tokens_ref(xt, idx))
+    x, xd = base[:, :, ::2], on(device, base)[:, :, ::2]  # stride 2 on C
+    assert not xd.is_contiguous()
+    got = jk.gather_tokens(xd, on(device, idx), backend=backend)
+    assert torch.equal(got.cpu(), ref.gather_tokens_ref(x, idx))
+    base = tokens(40, 2, 6, torch.float32)
+    xt, xtd = base.transpose(0, 1), on(device, base).transpose(0, 1)  # batch-major view
+    got = jk.gather_tokens(xtd, on(device, idx), backend=backend)
+    assert torch.equal(got.cpu(), ref.gather_tokens_ref(xt, idx))

@@ -78,6 +78,9 @@ def test_aot_lowers_every_kernel():
     for k in ("_gather_tokens_fwd_kernel", "_lift_field_fwd_kernel", "_lift_euler_fwd_kernel",
               "_token_importance_fwd_kernel", "_microflow_target_fwd_kernel"):
         assert {r["dtype"] for r in rows if r["kernel"] == k} >= {"float32", "bfloat16"}, k
+    # both variants of the lift kernels (JIT_KERNELS_LIFT_VARIANT) are lowered
+    for k in ("_lift_field_fwd_kernel", "_lift_euler_fwd_kernel", "_microflow_target_fwd_kernel"):
+        assert {"STEP_REFLECT=True" in r["constexprs"] for r in rows if r["kernel"] == k} == {True, False}, k
     for r in rows:
         assert r["shared"] is not None and r["shared"] < 227 * 1024, r
         if r["registers"] is not None:  # ptxas present

@@ -7,10 +7,44 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
 #include "checks.cuh"
 
 namespace jit_kernels {
 namespace {
+
+// ---------------------------------------------------------------- kernel variants
+
+// A/B switch of the lift family (jit_kernels/_env.py, benchmarks/README.md "Kernel
+// variants"), read at every call so one process can time both: JIT_KERNELS_LIFT_VARIANT
+// unset, "" or "v2" selects the current kernels, "v1" the kernels before the launch and
+// index-math changes (kept for A/B timing). Any other value is a ValueError, raised before
+// any work.
+bool lift_v1(const char* op) {
+  const char* v = std::getenv("JIT_KERNELS_LIFT_VARIANT");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v2") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "v1") == 0, op, ": JIT_KERNELS_LIFT_VARIANT='", v,
+                    "': expected one of ('v2', 'v1')");
+  return true;
+}
+
+// Threads that fill an H100 / H200 once (132 SMs x 2048 resident threads): v2 launches
+// give each thread more work only while the launch keeps at least this many threads.
+constexpr int64_t kFullWaveThreads = 132 * 2048;
+
+// reflect_index (checks.h) in int32: valid for n <= 2^30 (check_grid), where the period
+// 2 (n - 1) and every i a kernel forms (a cell plus or minus the blur radius) fit int32.
+__device__ __forceinline__ int reflect_index32(int i, int n) {
+  if (i >= 0 && i < n) return i;
+  if (n == 1) return 0;
+  const int period = 2 * (n - 1);
+  i %= period;
+  if (i < 0) i += period;
+  return i >= n ? period - i : i;
+}
 
 // ---------------------------------------------------------------- nearest map
 
@@ -54,8 +88,66 @@ __global__ void nearest_map_kernel(const int64_t* __restrict__ anchors, int64_t 
   }
 }
 
+// v2: 16 warps per block share a tile of 32 cells (one per lane) and split the anchor list
+// (warp s takes anchors s, s + 16, ... of each shared tile), then reduce the 16 partial
+// minima in shared memory. The v1 kernel gives one thread per cell the whole list: 16
+// blocks of 256 threads at 64 x 64, on a GPU with 132 SMs. Here 128 blocks of 512 threads
+// each scan 1/16 of the list. Grid arithmetic in int32 (cells < 2^30, check_grid); squared
+// distances widen to int64. Ties: within a slice only a strictly smaller distance replaces
+// (anchors visited in order), across slices the smaller (distance, position) wins, so the
+// first-listed anchor at the smallest distance is chosen, as in v1 and the reference.
+constexpr int kNearCells = 32;
+constexpr int kNearSlices = 16;
+constexpr int kNearTile = kNearCells * kNearSlices;  // anchors staged per pass: one per thread
+
+__global__ void nearest_map_kernel_v2(const int64_t* __restrict__ anchors, int64_t rows, int64_t m, int h, int w,
+                                      int64_t* __restrict__ out) {
+  __shared__ int srow[kNearTile];
+  __shared__ int scol[kNearTile];
+  __shared__ long long sbest[kNearSlices][kNearCells];
+  __shared__ int sidx[kNearSlices][kNearCells];
+  const int n = h * w;
+  const int tid = threadIdx.y * kNearCells + threadIdx.x;
+  const int p = blockIdx.x * kNearCells + threadIdx.x;
+  const int r = p / w, c = p % w;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t* a = anchors + row * m;
+    long long best = LLONG_MAX;
+    int bj = 0;
+    for (int64_t t0 = 0; t0 < m; t0 += kNearTile) {
+      // Every thread takes part in loading and in both barriers, even past the grid end.
+      if (t0 + tid < m) {
+        const int q = static_cast<int>(a[t0 + tid]);
+        srow[tid] = q / w;
+        scol[tid] = q % w;
+      }
+      __syncthreads();
+      const int cnt = static_cast<int>(min(int64_t(kNearTile), m - t0));
+      for (int u = threadIdx.y; u < cnt; u += kNearSlices) {
+        const int dr = r - srow[u], dc = c - scol[u];
+        const long long d2 = static_cast<long long>(dr) * dr + static_cast<long long>(dc) * dc;
+        if (d2 < best) best = d2, bj = static_cast<int>(t0) + u;
+      }
+      __syncthreads();
+    }
+    sbest[threadIdx.y][threadIdx.x] = best;
+    sidx[threadIdx.y][threadIdx.x] = bj;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      for (int s = 1; s < kNearSlices; ++s) {
+        const long long d = sbest[s][threadIdx.x];
+        const int j = sidx[s][threadIdx.x];
+        if (d < best || (d == best && j < bj)) best = d, bj = j;
+      }
+      if (p < n) out[row * n + p] = bj;
+    }
+    __syncthreads();  // the next sample reuses the shared arrays
+  }
+}
+
 at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "nearest_anchor_map";
+  const bool v1 = lift_v1(op);
   check_grid(op, height, width, -1);
   check_cuda(op, "anchor_idx", anchor_idx_in);
   check_index_meta(op, "anchor_idx", anchor_idx_in, anchor_idx_in.dim() == 2 ? anchor_idx_in.size(0) : 1);
@@ -67,10 +159,16 @@ at::Tensor nearest_anchor_map_cuda(const at::Tensor& anchor_idx_in, int64_t heig
   const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
   at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
   if (rows == 0) return out;
-  const dim3 grid(static_cast<unsigned>((n + kNearThreads - 1) / kNearThreads),
-                  static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridYZ)));
-  nearest_map_kernel<<<grid, kNearThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      a.data_ptr<int64_t>(), rows, m, height, width, out.data_ptr<int64_t>());
+  const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridYZ));
+  if (v1) {
+    const dim3 grid(static_cast<unsigned>((n + kNearThreads - 1) / kNearThreads), grid_y);
+    nearest_map_kernel<<<grid, kNearThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        a.data_ptr<int64_t>(), rows, m, height, width, out.data_ptr<int64_t>());
+  } else {
+    const dim3 grid(static_cast<unsigned>((n + kNearCells - 1) / kNearCells), grid_y);
+    nearest_map_kernel_v2<<<grid, dim3(kNearCells, kNearSlices), 0, at::cuda::getCurrentCUDAStream()>>>(
+        a.data_ptr<int64_t>(), rows, m, static_cast<int>(height), static_cast<int>(width), out.data_ptr<int64_t>());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -132,6 +230,85 @@ __global__ void lift_kernel(const float* __restrict__ vals, int64_t bsz, int64_t
   }
 }
 
+// v2: lift_kernel with int32 grid arithmetic (cells, rows, columns and the reflect of each
+// tap; H * W <= 2^30, check_grid) and kVec channels per thread (channels lane, lane + 32,
+// ...), so each tap's reflect and nearest-index load serve kVec outputs. Per channel the
+// taps are summed in the same order as lift_kernel, so the results are the same bits.
+template <typename T, bool kEuler, int kVec>
+__global__ void lift_kernel_v2(const float* __restrict__ vals, int64_t bsz, int64_t m, int64_t c,
+                               const int64_t* __restrict__ anchors, int64_t anchors_bstride,
+                               const int64_t* __restrict__ nearest, int64_t nearest_bstride,
+                               const float* __restrict__ weights, int k, int h, int w, float dt,
+                               T* __restrict__ out, int64_t os0, int64_t os1, int64_t os2) {
+  extern __shared__ float sw[];  // the K blur taps
+  for (int t = threadIdx.y * kLanes + threadIdx.x; t < k; t += kLanes * kCells) sw[t] = weights[t];
+  __syncthreads();
+  const int n = h * w;
+  const int p = blockIdx.x * kCells + threadIdx.y;
+  if (p >= n) return;
+  const int rad = k / 2;
+  const int row = p / w, col = p % w;
+  const int64_t span = int64_t(kLanes) * kVec;  // channels of one thread row
+  for (int64_t b = blockIdx.z; b < bsz; b += gridDim.z) {
+    const int64_t* near = nearest + b * nearest_bstride;
+    const int64_t j = near[p];
+    const bool is_anchor = anchors[b * anchors_bstride + j] == p;
+    for (int64_t ch0 = blockIdx.y * span + threadIdx.x; ch0 < c; ch0 += int64_t(gridDim.y) * span) {
+      const float* vb = vals + b * m * c + ch0;
+      bool live[kVec];
+      float v[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        live[i] = ch0 + int64_t(kLanes) * i < c;
+        v[i] = 0.f;
+      }
+      if (is_anchor) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i)
+          if (live[i]) v[i] = vb[j * c + kLanes * i];  // an anchor keeps its exact value
+      } else {
+        for (int ty = 0; ty < k; ++ty) {
+          const int64_t* nrow = near + int64_t(reflect_index32(row + ty - rad, h)) * w;
+          float hs[kVec];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) hs[i] = 0.f;
+          for (int tx = 0; tx < k; ++tx) {
+            const float wt = sw[tx];
+            const float* src = vb + nrow[reflect_index32(col + tx - rad, w)] * c;
+#pragma unroll
+            for (int i = 0; i < kVec; ++i)
+              if (live[i]) hs[i] += wt * src[kLanes * i];
+          }
+          const float wy = sw[ty];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[i] += wy * hs[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        if (!live[i]) continue;
+        T* dst = out + b * os0 + int64_t(p) * os1 + (ch0 + int64_t(kLanes) * i) * os2;
+        if (kEuler) {
+          *dst = static_cast<T>(static_cast<float>(*dst) + dt * v[i]);
+        } else {
+          *dst = static_cast<T>(v[i]);
+        }
+      }
+    }
+  }
+}
+
+// Channels per thread of a v2 lift launch: the widest of 4, 2, 1 that leaves no lane idle
+// (C >= 32 * kVec) and still launches a full wave of threads (kFullWaveThreads). At FLUX
+// 1024^2 (4096 cells, C = 64) that is 1 at B = 1 and 2 from B = 3.
+int lift_vec(int64_t b, int64_t n, int64_t c) {
+  const int64_t outputs = b * n * c;
+  for (int vec : {4, 2}) {
+    if (c >= int64_t(kLanes) * vec && outputs / vec >= kFullWaveThreads) return vec;
+  }
+  return 1;
+}
+
 struct LiftArgs {
   at::Tensor vals;     // [B, M, C] fp32 contiguous
   at::Tensor anchors;  // [M] or [B, M] contiguous
@@ -152,11 +329,12 @@ LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor&
 }
 
 template <bool kEuler>
-void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float dt) {
+void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float dt, bool v1) {
   const int64_t b = a.vals.size(0), m = a.vals.size(1), c = a.vals.size(2), n = h * w;
   if (b == 0 || c == 0) return;
+  const int vec = v1 ? 1 : lift_vec(b, n, c);
   const dim3 grid(static_cast<unsigned>((n + kCells - 1) / kCells),
-                  static_cast<unsigned>(std::min<int64_t>((c + kLanes - 1) / kLanes, kMaxGridYZ)),
+                  static_cast<unsigned>(std::min<int64_t>((c + kLanes * vec - 1) / (kLanes * vec), kMaxGridYZ)),
                   static_cast<unsigned>(std::min<int64_t>(b, kMaxGridYZ)));
   const dim3 block(kLanes, kCells);
   const int k = static_cast<int>(a.weights.size(0));
@@ -165,10 +343,29 @@ void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t abs_ = index_batch_stride(a.anchors), nbs = a.nearest.dim() == 1 ? 0 : n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lift_cuda", [&] {
-    lift_kernel<scalar_t, kEuler><<<grid, block, smem, stream>>>(
-        a.vals.data_ptr<float>(), b, m, c, a.anchors.data_ptr<int64_t>(), abs_, a.nearest.data_ptr<int64_t>(), nbs,
-        a.weights.data_ptr<float>(), k, h, w, dt, out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
-        out.stride(2));
+    const float* vals = a.vals.data_ptr<float>();
+    const int64_t* anchors = a.anchors.data_ptr<int64_t>();
+    const int64_t* nearest = a.nearest.data_ptr<int64_t>();
+    const float* wts = a.weights.data_ptr<float>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int hi = static_cast<int>(h), wi = static_cast<int>(w);
+    if (v1) {
+      lift_kernel<scalar_t, kEuler><<<grid, block, smem, stream>>>(
+          vals, b, m, c, anchors, abs_, nearest, nbs, wts, k, h, w, dt, dst, out.stride(0), out.stride(1),
+          out.stride(2));
+    } else if (vec == 4) {
+      lift_kernel_v2<scalar_t, kEuler, 4><<<grid, block, smem, stream>>>(
+          vals, b, m, c, anchors, abs_, nearest, nbs, wts, k, hi, wi, dt, dst, out.stride(0), out.stride(1),
+          out.stride(2));
+    } else if (vec == 2) {
+      lift_kernel_v2<scalar_t, kEuler, 2><<<grid, block, smem, stream>>>(
+          vals, b, m, c, anchors, abs_, nearest, nbs, wts, k, hi, wi, dt, dst, out.stride(0), out.stride(1),
+          out.stride(2));
+    } else {
+      lift_kernel_v2<scalar_t, kEuler, 1><<<grid, block, smem, stream>>>(
+          vals, b, m, c, anchors, abs_, nearest, nbs, wts, k, hi, wi, dt, dst, out.stride(0), out.stride(1),
+          out.stride(2));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -176,23 +373,25 @@ void launch_lift(const LiftArgs& a, at::Tensor& out, int64_t h, int64_t w, float
 at::Tensor lift_field_cuda(const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
                            const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "lift_field";
+  const bool v1 = lift_v1(op);
   const c10::cuda::CUDAGuard guard(values.device());
   const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   at::Tensor out = at::empty({values.size(0), height * width, values.size(2)}, values.options());
-  launch_lift<false>(a, out, height, width, 0.f);
+  launch_lift<false>(a, out, height, width, 0.f, v1);
   return out;
 }
 
 void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
                      const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
   constexpr const char* op = "lift_euler_";
+  const bool v1 = lift_v1(op);
   check_tokens(op, "y", y);
   check_cuda(op, "y", y);
   check_same_device(op, y, "y", values, "values");
   const c10::cuda::CUDAGuard guard(y.device());
   const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   check_euler_target(op, y, values, anchor_idx, nearest, height * width);
-  launch_lift<true>(a, y, height, width, static_cast<float>(dt));
+  launch_lift<true>(a, y, height, width, static_cast<float>(dt), v1);
 }
 
 }  // namespace

@@ -144,6 +144,36 @@ def _record_nearest_wide() -> list:
     return [("wide", "int64", fn, args, kwargs) for fn, args, kwargs in calls]
 
 
+def _record_lift_v1() -> list:
+    """The v1 lift launches (``JIT_KERNELS_LIFT_VARIANT=v1``, kept for A/B timing) at the FLUX shapes, fp32."""
+    import torch
+
+    from jit_kernels import lift_weights
+    from jit_kernels._env import LIFT_VARIANT
+    from jit_kernels.triton import lift, microflow
+
+    h = w = 64
+    n, c, m, r = h * w, 64, 1310, 1147
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    anchors, new = perm[:m].clone(), perm[m:m + r].clone()
+    nearest, wts = torch.zeros(n, dtype=torch.int64), lift_weights(m, n)
+    x, vals = torch.zeros(2, n, c), torch.zeros(2, m, c)
+    calls: list = []
+    saved = os.environ.get(LIFT_VARIANT)
+    os.environ[LIFT_VARIANT] = "v1"
+    try:
+        with _recording(calls):
+            lift.launch_lift_field(vals, anchors, nearest, wts, h, w)
+            lift.launch_lift_euler_(x, vals, anchors, nearest, wts, h, w, -0.1)
+            microflow.launch_microflow_target(x, x, anchors, nearest, wts, new, torch.zeros(2, r, c), 0.8, 0.6, h, w)
+    finally:
+        if saved is None:
+            del os.environ[LIFT_VARIANT]
+        else:
+            os.environ[LIFT_VARIANT] = saved
+    return [("flux-v1", "float32", fn, args, kwargs) for fn, args, kwargs in calls]
+
+
 def _record_attention(case: str, b: int, n: int, h: int, d: int, dtypes, lengths: bool) -> list:
     """Launches of ``anchor_attention`` on ``[b, n, h, d]`` inputs (with per-sample key lengths and tables),
     both kernel variants (v2: the rotation kernel, then the attention kernel)."""
@@ -171,12 +201,14 @@ def _record_launches() -> list[tuple[str, str, object, tuple, dict]]:
     batch 2) in fp32 and bf16. ``edge``: a 1 x 17 grid, C = 1, one anchor, one new token,
     batch 1, where the JIT turns W, C, M, R and the unit strides into constants of 1.
     ``wide``: the nearest map on a 1 x 50000 grid (squared distances beyond int32).
+    ``flux-v1``: the lift kernels' v1 variant (``JIT_KERNELS_LIFT_VARIANT=v1``) at the FLUX shapes.
     """
     import torch
 
     return (_record_case("flux", 64, 64, 64, 1310, 1147, 2, (torch.float32, torch.bfloat16))
             + _record_case("edge", 1, 17, 1, 1, 1, 1, (torch.float32,))
             + _record_nearest_wide()
+            + _record_lift_v1()
             # attention (v1 and v2): FLUX (512 text + 1310 anchors, 24 x 128, per-sample lengths), the tiny
             # model (4 x 32), and D = 2 on one token.
             + _record_attention("flux", 2, 512 + 1310, 24, 128, (torch.float32, torch.bfloat16, torch.float16), True)

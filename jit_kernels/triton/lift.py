@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from .._env import lift_variant
 from . import common
 from .common import INTERPRET, NUM_WARPS, batch_stride, cast, f32, spans, sub, tile_shape
 
-__all__ = ["launch_nearest_anchor_map", "launch_lift_field", "launch_lift_euler_"]
+__all__ = ["launch_nearest_anchor_map", "launch_lift_field", "launch_lift_euler_", "lift_launch_shape"]
 
 # Anchors compared per inner step of the nearest map (the position tile is sized against it).
 _ANCHOR_CHUNK_GPU = 64
@@ -138,6 +139,30 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _reflect_phase(i, n):
+    """Phase of ``i`` on the reflect wave of period ``2 (n - 1)`` (1 when ``n == 1``): in ``[0, period)``.
+
+    The cell is ``_reflect_cell(phase, n)``. Two remainders, paid once per cell; the taps then
+    walk the wave with :func:`_reflect_step` (no remainder per tap).
+    """
+    period = tl.maximum(2 * (n - 1), 1)
+    return ((i % period) + period) % period
+
+
+@triton.jit
+def _reflect_cell(s, n):
+    """The grid index at phase ``s`` (``_reflect(i, n)`` for the ``i`` of that phase)."""
+    return tl.where(s >= n, tl.maximum(2 * (n - 1), 1) - s, s)
+
+
+@triton.jit
+def _reflect_step(s, n):
+    """The phase of ``i + 1`` from the phase ``s`` of ``i``: one add and one wrap."""
+    s = s + 1
+    return tl.where(s == tl.maximum(2 * (n - 1), 1), 0, s)
+
+
+@triton.jit
 def _anchor_rows(j, mask1, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col, sigma_prev,
                  anc_row, sa_m, FROM_X0: tl.constexpr):
     """fp32 ``[BLOCK, BLOCK_C]`` values of anchors ``j`` (positions in the anchor list).
@@ -165,12 +190,16 @@ def _lift_tile(pos, b, pmask, cols, cmask,
                anchor_ptr, sa_b, sa_m,
                near_ptr, sn_b, sn_n,
                w_ptr, K, H, W,
-               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_X0: tl.constexpr):
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_X0: tl.constexpr,
+               STEP_REFLECT: tl.constexpr):
     """The lifted field at cells ``pos`` of samples ``b`` (``[BLOCK_P]`` each), channels ``cols``.
 
     Returns fp32 ``[BLOCK_P, BLOCK_C]``. Everything that does not depend on the tap
     (sample base pointers, channel offsets, masks) is computed once, outside the
     ``K x K`` loop, which then costs one index load and one row gather per tap.
+    ``STEP_REFLECT`` (variant v2): the reflected row and column of each tap come from a phase
+    that advances by one per tap (:func:`_reflect_step`); otherwise (v1) :func:`_reflect`
+    computes them with two remainders per cell and tap. Both give the same cells.
     """
     r = pos // W
     c = pos % W
@@ -183,15 +212,31 @@ def _lift_tile(pos, b, pmask, cols, cmask,
     vel_row = vel_ptr + b * sl_b
     vel_col = (cols * sl_c)[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for dy in range(0, K):
-        wy = tl.load(w_ptr + dy)
-        rr = _reflect(r + (dy - half), H) * W
-        for dx in range(0, K):
-            wgt = wy * tl.load(w_ptr + dx)
-            q = rr + _reflect(c + (dx - half), W)
-            j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
-            acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
-                                      sigma_prev, anc_row, sa_m, FROM_X0)
+    if STEP_REFLECT:
+        sr = _reflect_phase(r - half, H)
+        sc0 = _reflect_phase(c - half, W)
+        for dy in range(0, K):
+            wy = tl.load(w_ptr + dy)
+            rr = _reflect_cell(sr, H) * W
+            sc = sc0
+            for dx in range(0, K):
+                wgt = wy * tl.load(w_ptr + dx)
+                q = rr + _reflect_cell(sc, W)
+                j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
+                acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
+                                          sigma_prev, anc_row, sa_m, FROM_X0)
+                sc = _reflect_step(sc, W)
+            sr = _reflect_step(sr, H)
+    else:
+        for dy in range(0, K):
+            wy = tl.load(w_ptr + dy)
+            rr = _reflect(r + (dy - half), H) * W
+            for dx in range(0, K):
+                wgt = wy * tl.load(w_ptr + dx)
+                q = rr + _reflect(c + (dx - half), W)
+                j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
+                acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
+                                          sigma_prev, anc_row, sa_m, FROM_X0)
     # Anchors keep their exact value: cell p is an anchor iff anchor[nearest[p]] == p
     # (an anchor's own distance is 0, so its nearest entry points at itself).
     j0 = tl.load(near_row + pos * sn_n, mask=pmask, other=0)
@@ -214,7 +259,7 @@ def _lift_field_fwd_kernel(
     sa_b, sa_m,
     sn_b, sn_n,
     so_b, so_n, so_c,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STEP_REFLECT: tl.constexpr,
 ):
     """out[b, p, :] = lift(values)[b, p, :] in values' dtype; rows b * N + p < total = B * N."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -228,7 +273,7 @@ def _lift_field_fwd_kernel(
                      val_ptr, sv_b, sv_m, sv_c,
                      val_ptr, 0, 0, 0, 0.0,
                      anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
-                     BLOCK_P, BLOCK_C, False)
+                     BLOCK_P, BLOCK_C, False, STEP_REFLECT)
     dst = (out_ptr + b * so_b + pos.to(tl.int64) * so_n)[:, None] + (cols * so_c)[None, :]
     tl.store(dst, cast(res, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
@@ -241,7 +286,7 @@ def _lift_euler_fwd_kernel(
     sv_b, sv_m, sv_c,
     sa_b, sa_m,
     sn_b, sn_n,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STEP_REFLECT: tl.constexpr,
 ):
     """y[b, p, :] += dt * lift(values)[b, p, :] in fp32, rounded once to y's dtype (in place)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -254,7 +299,7 @@ def _lift_euler_fwd_kernel(
                      val_ptr, sv_b, sv_m, sv_c,
                      val_ptr, 0, 0, 0, 0.0,
                      anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
-                     BLOCK_P, BLOCK_C, False)
+                     BLOCK_P, BLOCK_C, False, STEP_REFLECT)
     mask = pmask[:, None] & cmask[None, :]
     ptrs = (y_ptr + b * sy_b + pos.to(tl.int64) * sy_n)[:, None] + (cols * sy_c)[None, :]
     y = f32(tl.load(ptrs, mask=mask, other=0.0))
@@ -272,8 +317,48 @@ def flat_launches(b: int, rows: int, c: int, bc: int):
             for cs in spans(c, common.MAX_GRID_YZ * bc)]
 
 
+# Variant v2 on a GPU: programs wanted per lift launch. Each program is latency bound (K^2
+# dependent index loads then row gathers), so the GPU needs many in flight: 1024 is about
+# 8 four-warp programs per SM of an H100 / H200 (132 SMs), a quarter to half of what fits.
+# At FLUX 1024^2 and B = 1 the v1 shape gives 128 programs (4096 cells / 32 per tile), less
+# than one per SM; the DMF target at ~1150 new cells gave 36.
+_LIFT_MIN_PROGRAMS = 1024
+# The smallest v2 tile (elements): two per thread of a four-warp program.
+_LIFT_MIN_TILE = 256
+
+
 def lift_tile_shape(rows: int, c: int, interpret: bool = INTERPRET) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_C)`` of the v1 lift launches (fixed tile of ``_LIFT_TILE_GPU`` elements)."""
     return tile_shape(rows, c, tile=None if interpret else _LIFT_TILE_GPU, interpret=interpret)
+
+
+def lift_launch_shape(rows: int, c: int, variant: str | None = None,
+                      interpret: bool = INTERPRET) -> tuple[int, int, bool]:
+    """``(BLOCK_ROWS, BLOCK_C, STEP_REFLECT)`` of a lift launch over ``rows`` flattened rows and ``c`` channels.
+
+    ``variant`` (default: :func:`jit_kernels._env.lift_variant`, the ``JIT_KERNELS_LIFT_VARIANT``
+    switch): ``"v1"`` is the original launch (:func:`lift_tile_shape`, a remainder per tap);
+    ``"v2"`` steps the reflect phase per tap and, on a GPU, halves the row block (then the
+    channel block, down to 32) until the launch has ``_LIFT_MIN_PROGRAMS`` programs or the
+    tile reaches ``_LIFT_MIN_TILE`` elements. Under the interpreter both use the v1 shape
+    (each program costs Python time there).
+    """
+    variant = variant or lift_variant()
+    br, bc = lift_tile_shape(rows, c, interpret=interpret)
+    if variant == "v1":
+        return br, bc, False
+    if not interpret:
+        def programs(r, ch):
+            return triton.cdiv(rows, r) * triton.cdiv(c, ch)
+
+        while programs(br, bc) < _LIFT_MIN_PROGRAMS and br * bc > _LIFT_MIN_TILE:
+            if br > 1:
+                br //= 2
+            elif bc > 32:
+                bc //= 2
+            else:
+                break
+    return br, bc, True
 
 
 def launch_lift_field(
@@ -286,7 +371,7 @@ def launch_lift_field(
     if out.numel() == 0:
         return out
     w = weights.to(torch.float32).contiguous()
-    bp, bc = lift_tile_shape(b * n, c)
+    bp, bc, step = lift_launch_shape(b * n, c)
     for bs, cs in flat_launches(b, n, c, bc):
         nb, cc = bs[1] - bs[0], cs[1] - cs[0]
         vv = sub(sub(values, 0, bs, b), 2, cs, c)
@@ -300,7 +385,7 @@ def launch_lift_field(
             batch_stride(av), av.stride(-1),
             batch_stride(nv), nv.stride(-1),
             *ov.stride(),
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+            BLOCK_P=bp, BLOCK_C=bc, STEP_REFLECT=step, num_warps=NUM_WARPS,
         )
     return out
 
@@ -325,7 +410,7 @@ def launch_lift_euler_(
     if y.numel() == 0:
         return
     w = weights.to(torch.float32).contiguous()
-    bp, bc = lift_tile_shape(b * n, c)
+    bp, bc, step = lift_launch_shape(b * n, c)
     for bs, cs in flat_launches(b, n, c, bc):
         nb, cc = bs[1] - bs[0], cs[1] - cs[0]
         yv = sub(sub(y, 0, bs, b), 2, cs, c)
@@ -339,5 +424,5 @@ def launch_lift_euler_(
             *vv.stride(),
             batch_stride(av), av.stride(-1),
             batch_stride(nv), nv.stride(-1),
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+            BLOCK_P=bp, BLOCK_C=bc, STEP_REFLECT=step, num_warps=NUM_WARPS,
         )

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .. import _checks
 from .common import NUM_WARPS, batch_stride, cast, f32, sub, tile_shape
-from .lift import _lift_tile, flat_launches, lift_tile_shape
+from .lift import _lift_tile, flat_launches, lift_launch_shape
 from .tokens import _index_view, _row_launches
 
 __all__ = ["launch_microflow_update_", "launch_microflow_target"]
@@ -88,7 +88,7 @@ def _microflow_target_fwd_kernel(
     sr_b, sr_r,
     se_b, se_r, se_c,
     so_b, so_r, so_c,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP_REFLECT: tl.constexpr,
 ):
     """out[b, r] = (1 - sigma) * Lift_old(x0)[b, new[b, r]] + sigma * eps[b, r]; rows b * R + r < total.
 
@@ -109,7 +109,7 @@ def _microflow_target_fwd_kernel(
                      y_ptr, sy_b, sy_n, sy_c,
                      v_ptr, sv_b, sv_n, sv_c, sigma_prev,
                      anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
-                     BLOCK_R, BLOCK_C, True)
+                     BLOCK_R, BLOCK_C, True, STEP_REFLECT)
     e = tl.load((eps_ptr + b * se_b + r * se_r)[:, None] + (cols * se_c)[None, :], mask=mask, other=0.0)
     res = one_minus_sigma * phi + sigma * f32(e)
     dst = (out_ptr + b * so_b + r * so_r)[:, None] + (cols * so_c)[None, :]
@@ -136,7 +136,7 @@ def launch_microflow_target(
     if out.numel() == 0:
         return out
     w = weights.to(torch.float32).contiguous()
-    br, bc = lift_tile_shape(b * r, c)
+    br, bc, step = lift_launch_shape(b * r, c)  # the lift's launch variant (JIT_KERNELS_LIFT_VARIANT)
     for bs, cs in flat_launches(b, r, c, bc):  # one launch unless a grid limit is exceeded
         nb, cc = bs[1] - bs[0], cs[1] - cs[0]
         yv, vv = sub(sub(y_prev, 0, bs, b), 2, cs, c), sub(sub(v_prev, 0, bs, b), 2, cs, c)
@@ -153,6 +153,6 @@ def launch_microflow_target(
             batch_stride(nv), nv.stride(-1),
             batch_stride(rv), rv.stride(-1),
             *ev.stride(), *ov.stride(),
-            BLOCK_R=br, BLOCK_C=bc, num_warps=NUM_WARPS,
+            BLOCK_R=br, BLOCK_C=bc, STEP_REFLECT=step, num_warps=NUM_WARPS,
         )
     return out
