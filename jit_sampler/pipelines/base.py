@@ -29,6 +29,7 @@ import torch
 from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
+from ..schedule import beta_sigmas
 from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
@@ -120,6 +121,20 @@ class JiTPipelineMixin:
     def _shift_mu(self, image_seq_len: int, steps: int) -> float:
         raise NotImplementedError
 
+    def _schedule(self, cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps, image_seq_len: int,
+                  device) -> tuple[JiTConfig, list[float]]:
+        """``(config, sigmas)`` of a run from pure noise: the config with the step count of
+        :meth:`_steps_config`, and the Beta schedule (``sigma_schedule="beta"`` without explicit
+        ``sigmas``) or the scheduler's own (:meth:`_scheduler_sigmas`). Sets ``_num_timesteps``."""
+        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
+        steps = cfg.total_steps
+        if cfg.sigma_schedule == "beta" and sigmas is None:
+            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
+        else:
+            sig = self._scheduler_sigmas(steps, sigmas, image_seq_len, device)
+        self._num_timesteps = steps
+        return cfg, sig
+
     def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds) -> None:
         """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
 
@@ -209,6 +224,18 @@ class JiTPipelineMixin:
         except (TypeError, KeyError, AttributeError):  # a transformer without FLUX's config keys
             report.flops = {}
         self.last_jit_report = report
+
+    def _finish_call(self, report: JiTReport, image, times: tuple[float, float, float], num_tokens: int,
+                     text_tokens: int, calls_per_step: int, return_dict: bool, output_class, ref_tokens=0):
+        """The end of every ``_jit_call``: free the offloaded models, finish the report (times
+        ``(start, encoded, sampled)``, the end stamped now; :meth:`_finish_report`) and return
+        ``(image,)`` or ``output_class(images=image)`` as the stock pipeline does."""
+        self.maybe_free_model_hooks()
+        self._finish_report(report, (*times, time.perf_counter()), num_tokens, text_tokens,
+                            calls_per_step=calls_per_step, ref_tokens=ref_tokens)
+        if not return_dict:
+            return (image,)
+        return output_class(images=image)
 
 
 def enable_jit(pipe, jit: Any = "4x"):

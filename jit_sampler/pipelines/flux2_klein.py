@@ -186,11 +186,6 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
         t_sampled = time.perf_counter()
 
         image = decode_flux2(self, latents, latent_ids, grid_h, grid_w, output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if negative is not None else 1, ref_tokens=num_ref)
-        if not return_dict:
-            return (image,)
-        return Flux2PipelineOutput(images=image)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                 output_class=Flux2PipelineOutput, ref_tokens=num_ref)

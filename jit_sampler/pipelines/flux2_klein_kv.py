@@ -206,13 +206,8 @@ class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
         t_sampled = time.perf_counter()
 
         image = decode_flux2(self, latents, latent_ids, grid_h, grid_w, output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
         num_ref = ref_tokens.shape[1] if extracted else 0
         per_step = [num_ref if i == 0 else 0 for i in range(len(report.active_tokens))]
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=1, ref_tokens=per_step)
-        if not return_dict:
-            return (image,)
-        return Flux2PipelineOutput(images=image)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=1, return_dict=return_dict, output_class=Flux2PipelineOutput,
+                                 ref_tokens=per_step)
