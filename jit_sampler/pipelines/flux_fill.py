@@ -69,10 +69,7 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         # image is needed for the start latent and, without `masked_image_latents`, for the condition.
         if image is None and (masked_image_latents is None or latents is None):
             raise ValueError("`image` is required (unless both `masked_image_latents` and `latents` are given)")
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
+        self._start_call(guidance_scale, joint_attention_kwargs)
 
         batch_size = self._batch_size(prompt, prompt_embeds)
         total = batch_size * num_images_per_prompt
@@ -106,10 +103,10 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
                 raise ValueError(f"{mask_pre.shape[0]} masks / {init_image.shape[0]} images cannot be repeated to a "
                                  f"total batch size of {total}.")
 
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        prompt_embeds, pooled_prompt_embeds, text_ids = self._encode_text(
-            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length,
-            lora_scale, total)
+        prompt_embeds, pooled_prompt_embeds, text_ids, _ = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total)
         dtype = prompt_embeds.dtype
         h, w = self._latent_size(height, width)
         latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
@@ -137,10 +134,6 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
             negative_image_embeds=None, generator=generator, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, cond_tokens=cond)
         t_sampled = time.perf_counter()
-        image = self._decode(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        self._finish_report(report, (t0, t_encoded, t_sampled, time.perf_counter()), n_tokens, prompt_embeds.shape[1],
-                            calls_per_step=1)
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        image = self._decode_latents(latents, height, width, output_type)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), n_tokens, prompt_embeds.shape[1],
+                                 calls_per_step=1, return_dict=return_dict, output_class=FluxPipelineOutput)
