@@ -109,6 +109,15 @@ class JiTPipelineMixin:
             return len(prompt)
         return prompt_embeds.shape[0]
 
+    def _default_size(self, height, width) -> tuple[int, int]:
+        """``(height, width)`` with the stock default (``default_sample_size * vae_scale_factor``) for a missing one."""
+        size = self.default_sample_size * self.vae_scale_factor
+        return height or size, width or size
+
+    def _token_grid(self, height, width) -> tuple[int, int]:
+        """The packed token grid of a ``height x width`` image (2 x 2 latent patches; odd latent sizes round down)."""
+        return int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2)
+
     @staticmethod
     def _steps_config(cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps) -> JiTConfig:
         """The config's steps, unless the caller chose ``sigmas`` or ``num_inference_steps`` explicitly."""
@@ -122,13 +131,14 @@ class JiTPipelineMixin:
         raise NotImplementedError
 
     def _schedule(self, cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps, image_seq_len: int,
-                  device) -> tuple[JiTConfig, list[float]]:
+                  device, *, beta: bool = True) -> tuple[JiTConfig, list[float]]:
         """``(config, sigmas)`` of a run from pure noise: the config with the step count of
         :meth:`_steps_config`, and the Beta schedule (``sigma_schedule="beta"`` without explicit
-        ``sigmas``) or the scheduler's own (:meth:`_scheduler_sigmas`). Sets ``_num_timesteps``."""
+        ``sigmas``, unless ``beta=False``: a pipeline that always keeps its own) or the scheduler's
+        own (:meth:`_scheduler_sigmas`). Sets ``_num_timesteps``."""
         cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
         steps = cfg.total_steps
-        if cfg.sigma_schedule == "beta" and sigmas is None:
+        if beta and cfg.sigma_schedule == "beta" and sigmas is None:
             sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
         else:
             sig = self._scheduler_sigmas(steps, sigmas, image_seq_len, device)
@@ -145,9 +155,7 @@ class JiTPipelineMixin:
         """
         if context_parallel_degree(self.transformer) == 1:
             return
-        size = self.default_sample_size * self.vae_scale_factor
-        grid_h = int(height or size) // (self.vae_scale_factor * 2)
-        grid_w = int(width or size) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(*self._default_size(height, width))
         check_context_parallel(self.transformer, cfg.token_counts(max(1, grid_h * grid_w)),
                                [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
 

@@ -50,8 +50,7 @@ class JiTFluxPipeline(Flux1JiTMixin, FluxPipeline):
                   callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, **newer):
         self._refuse_newer(newer)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -78,8 +77,7 @@ class JiTFluxPipeline(Flux1JiTMixin, FluxPipeline):
                                                          height, width, prompt_embeds.dtype, device, generator,
                                                          latents)
         # The packed token grid (prepare_latents rounds the latent size down to even).
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
 
         cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(

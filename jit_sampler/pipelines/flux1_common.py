@@ -87,12 +87,17 @@ class Flux1JiTMixin(JiTPipelineMixin):
                         text_ids if shared_text_ids else neg_ids)
         return per_image(prompt_embeds, total), per_image(pooled_prompt_embeds, total), text_ids, negative
 
+    def _blank_ip_image(self, width, height):
+        """The IP-adapter image of a branch given none while the other has one: FluxPipeline's black
+        image per IP-adapter (the stock Img2Img / Inpaint pipelines use a single one)."""
+        return [np.zeros((width, height, 3), dtype=np.uint8)] * self.transformer.encoder_hid_proj.num_ip_adapters
+
     def _ip_adapter_embeds(self, ip_image, ip_embeds, neg_ip_image, neg_ip_embeds, width, height, device, batch):
-        """IP-adapter embeddings per branch, exactly as FluxPipeline prepares them (``None`` when unused)."""
+        """IP-adapter embeddings per branch, as the stock pipeline prepares them (``None`` when unused)."""
         if (ip_image is not None or ip_embeds is not None) and (neg_ip_image is None and neg_ip_embeds is None):
-            neg_ip_image = [np.zeros((width, height, 3), dtype=np.uint8)] * self.transformer.encoder_hid_proj.num_ip_adapters
+            neg_ip_image = self._blank_ip_image(width, height)
         elif (ip_image is None and ip_embeds is None) and (neg_ip_image is not None or neg_ip_embeds is not None):
-            ip_image = [np.zeros((width, height, 3), dtype=np.uint8)] * self.transformer.encoder_hid_proj.num_ip_adapters
+            ip_image = self._blank_ip_image(width, height)
         image_embeds = negative_image_embeds = None
         if ip_image is not None or ip_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, batch)

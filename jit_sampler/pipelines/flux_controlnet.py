@@ -428,8 +428,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 "token_bucket cannot be combined with a ControlNet: diffusers' FluxControlNetModel does not pass "
                 "joint_attention_kwargs (the padding mask) to its blocks, so padded tokens would change its residuals")
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -445,7 +444,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
             raise NotImplementedError("callback_on_step_end with 'control_image' and a hint-encoder (XLabs) "
                                       "ControlNet: the stock callback sees pixels, the JiT loop holds tokens")
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
-        tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+        tokens = math.prod(self._token_grid(height, width))
         if isinstance(latents, torch.Tensor) and (latents.dim() != 3 or latents.shape[1] != tokens):
             raise ValueError(f"latents must be packed [B, {tokens}, C] for the {height} x {width} control image, "
                              f"got shape {tuple(latents.shape)}")
@@ -481,8 +480,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(total, num_channels_latents, height, width,
                                                          prompt_embeds.dtype, device, generator, latents)
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
 
         cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
         steps = cfg.total_steps

@@ -57,8 +57,7 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, strength, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -69,14 +68,9 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         # image is needed for the start latent and, without `masked_image_latents`, for the condition.
         if image is None and (masked_image_latents is None or latents is None):
             raise ValueError("`image` is required (unless both `masked_image_latents` and `latents` are given)")
-        self._start_call(guidance_scale, joint_attention_kwargs)
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         n_tokens = grid_h * grid_w
         c = self.vae.config.latent_channels
         cond_channels = self.transformer.config.in_channels - 4 * c

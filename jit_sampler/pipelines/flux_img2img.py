@@ -97,6 +97,16 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
                              f"effective batch size of {total}. Make sure the batch size matches the length of the "
                              f"generators.")
 
+    def _start_image_call(self, guidance_scale, joint_attention_kwargs, prompt, prompt_embeds,
+                          num_images_per_prompt: int, generator, height, width):
+        """The call state set (:meth:`_start_call`) and ``(batch_size, total, device, grid_h, grid_w)``;
+        a list of generators must hold one per image (``total``)."""
+        self._start_call(guidance_scale, joint_attention_kwargs)
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        total = batch_size * num_images_per_prompt
+        self._check_generators(generator, total)
+        return batch_size, total, self._execution_device, *self._token_grid(height, width)
+
     def _strength_schedule(self, cfg: JiTConfig, strength, sigmas, explicit_steps: bool, num_inference_steps,
                            image_seq_len: int, device) -> tuple[JiTConfig, list[float]]:
         """The config for the steps actually run and their ``steps_run + 1`` sigmas (module docstring).
@@ -141,20 +151,13 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
 
     def _latent_size(self, height, width) -> tuple[int, int]:
         """The unpacked latent's ``(h, w)`` (even: FLUX packs 2 x 2 patches)."""
-        return 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
+        grid_h, grid_w = self._token_grid(height, width)
+        return 2 * grid_h, 2 * grid_w
 
-    def _ip_adapter_embeds(self, ip_image, ip_embeds, neg_ip_image, neg_ip_embeds, width, height, device, batch):
-        """IP-adapter embeddings per branch, as the stock Img2Img / Inpaint pipelines prepare them."""
-        if (ip_image is not None or ip_embeds is not None) and (neg_ip_image is None and neg_ip_embeds is None):
-            neg_ip_image = np.zeros((width, height, 3), dtype=np.uint8)
-        elif (ip_image is None and ip_embeds is None) and (neg_ip_image is not None or neg_ip_embeds is not None):
-            ip_image = np.zeros((width, height, 3), dtype=np.uint8)
-        image_embeds = negative_image_embeds = None
-        if ip_image is not None or ip_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, batch)
-        if neg_ip_image is not None or neg_ip_embeds is not None:
-            negative_image_embeds = self.prepare_ip_adapter_image_embeds(neg_ip_image, neg_ip_embeds, device, batch)
-        return image_embeds, negative_image_embeds
+    @staticmethod
+    def _blank_ip_image(width, height):
+        """The stock Img2Img / Inpaint placeholder: one black image (not one per IP-adapter)."""
+        return np.zeros((width, height, 3), dtype=np.uint8)
 
 
 class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
@@ -183,8 +186,7 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, strength, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -192,14 +194,9 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
         self._require("image", image)
-        self._start_call(guidance_scale, joint_attention_kwargs)
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
@@ -266,8 +263,7 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, image, mask_image, strength, height, width, output_type=output_type,
                           negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -277,14 +273,9 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
                           padding_mask_crop=padding_mask_crop, max_sequence_length=max_sequence_length)
         self._require("image", image)
         self._require("mask_image", mask_image)
-        self._start_call(guidance_scale, joint_attention_kwargs)
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         if padding_mask_crop is not None:

@@ -78,8 +78,7 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
         rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
-        asked_h = height or self.default_sample_size * self.vae_scale_factor
-        asked_w = width or self.default_sample_size * self.vae_scale_factor
+        asked_h, asked_w = self._default_size(height, width)
         aspect_ratio = asked_w / asked_h
         multiple_of = self.vae_scale_factor * 2
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
@@ -141,8 +140,7 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, image_latents, latent_ids, image_ids = self.prepare_latents(
             image, total, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents)
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
         num_ref = 0 if image_latents is None else image_latents.shape[1]
 
         # stock shifts by the target's token count (the reference does not count)

@@ -274,8 +274,7 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         self._refuse_newer(newer)
         self._refuse_unsupported(cfg)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, height, width, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           negative_prompt_embeds_mask=negative_prompt_embeds_mask,
@@ -324,8 +323,7 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         latents = self.prepare_latents(total, tc.in_channels // 4, height, width, prompt_embeds.dtype, device,
                                        generator, latents)
         # The packed token grid (prepare_latents rounds the latent size down to even).
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
         if latents.dim() != 3 or latents.shape[0] != total:  # the grid and channels are checked by jit_sample
             raise ValueError(f"latents must be packed [B, N, C] with B = {total} (prompts x num_images_per_prompt), "
                              f"got shape {tuple(latents.shape)}")
