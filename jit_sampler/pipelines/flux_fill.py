@@ -26,10 +26,9 @@ import time
 import torch
 from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
-from .flux_img2img import _JiTFluxImageMixin, add_noise
+from .flux_img2img import _JiTFluxImageMixin
 
 __all__ = ["JiTFluxFillPipeline"]
 
@@ -102,14 +101,8 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total)
         dtype = prompt_embeds.dtype
-        h, w = self._latent_size(height, width)
-        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
-        if latents is not None:
-            latents = latents.to(device=device, dtype=dtype)
-        else:
-            image_latents = self._image_latents(init_image, total, dtype, device, generator)
-            noise = randn_tensor((total, c, h, w), generator=generator, device=device, dtype=dtype)
-            latents = self._pack_latents(add_noise(image_latents, noise, sig[0]), total, c, h, w)
+        latents, latent_image_ids = self._start_latents(init_image, latents, c, height, width, total, dtype, device,
+                                                        generator, sig[0])
         if masked_image_latents is not None:
             cond = masked_image_latents.to(device=device, dtype=dtype).expand(total, -1, -1)
         else:

@@ -149,6 +149,18 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
             lat = torch.cat([lat] * (total // lat.shape[0]), dim=0)
         return lat
 
+    def _start_latents(self, init_image, latents, channels: int, height, width, total: int, dtype, device, generator,
+                       sigma: float):
+        """``(packed start latents, latent_image_ids)``: the given (already noised, packed) ``latents``,
+        or the image latents noised to ``sigma`` with noise drawn after the VAE encoding (diffusers' order)."""
+        h, w = self._latent_size(height, width)
+        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype), latent_image_ids
+        image_latents = self._image_latents(init_image, total, dtype, device, generator)
+        noise = randn_tensor((total, channels, h, w), generator=generator, device=device, dtype=dtype)
+        return self._pack_latents(add_noise(image_latents, noise, sigma), total, channels, h, w), latent_image_ids
+
     def _latent_size(self, height, width) -> tuple[int, int]:
         """The unpacked latent's ``(h, w)`` (even: FLUX packs 2 x 2 patches)."""
         grid_h, grid_w = self._token_grid(height, width)
@@ -210,16 +222,9 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total, shared_text_ids=True)
 
-        h, w = self._latent_size(height, width)
-        c = self.transformer.config.in_channels // 4
-        dtype = prompt_embeds.dtype
-        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
-        if latents is not None:
-            latents = latents.to(device=device, dtype=dtype)
-        else:
-            image_latents = self._image_latents(init_image, total, dtype, device, generator)
-            noise = randn_tensor((total, c, h, w), generator=generator, device=device, dtype=dtype)
-            latents = self._pack_latents(add_noise(image_latents, noise, sig[0]), total, c, h, w)
+        latents, latent_image_ids = self._start_latents(init_image, latents, self.transformer.config.in_channels // 4,
+                                                        height, width, total, prompt_embeds.dtype, device, generator,
+                                                        sig[0])
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
             width, height, device, total)
