@@ -154,6 +154,29 @@ def test_dense_config_on_pipeline_schedule_matches_stock(stock, pipe, cfg_scale)
     assert not torch.allclose(full, got)
 
 
+@pytest.mark.parametrize("tr_guidance, cn_guidance", [(False, True), (True, False)])
+def test_guidance_follows_each_models_own_embedding(tr_guidance, cn_guidance):
+    """The transformer and the ControlNet each get the distilled guidance input only when their own config
+    embeds it (as stock), also when the two differ; the dense run matches the stock loop."""
+    tr_base = build_pipe(guidance_embeds=tr_guidance)
+    stock = stock_pipe(tr_base, make_controlnet(build_pipe(guidance_embeds=cn_guidance).transformer, seed=5))
+    p = JiTFluxControlNetPipeline.from_pipe(stock)
+    p.set_progress_bar_config(disable=True)
+    kw = dict(height=64, width=64, output_type="latent", guidance_scale=3.5, control_image=control(size=(64, 64)),
+              **prompt_inputs(batch=2))
+    ref = stock(generator=gen(), num_inference_steps=3, **kw).images
+    with Calls(tr=p.transformer, cn=p.controlnet) as c:
+        got = p(generator=gen(), jit=JiTConfig.dense(3, sigma_schedule="pipeline"), **kw).images
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    for name, on in (("tr", tr_guidance), ("cn", cn_guidance)):
+        seen = [k["guidance"] for k in c.log[name]]
+        assert len(seen) == 3
+        if on:
+            assert all(torch.equal(g, torch.full((2,), 3.5)) for g in seen)
+        else:
+            assert all(g is None for g in seen)
+
+
 def test_scale_zero_is_plain_jit_flux(base, pipe):
     """controlnet_conditioning_scale=0: no ControlNet call and exactly JiTFluxPipeline's run, given the
     generator advanced by the control image's VAE sample (which the ControlNet pipeline draws first)."""

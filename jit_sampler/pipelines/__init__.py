@@ -3,6 +3,8 @@
 - :mod:`.velocity`: :class:`FluxVelocity`, the transformer run on the active tokens;
 - :mod:`.base`: :class:`~.base.JiTPipelineMixin` (dispatch, schedule, denoising, report) and
   :func:`enable_jit`;
+- :mod:`.flux1_common`: :class:`~.flux1_common.Flux1JiTMixin`, what the FLUX.1 pipelines share
+  (prompt encoding with true CFG, IP-adapter embeddings, the FluxVelocity run, the decode);
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein, reference images too);
 - :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);

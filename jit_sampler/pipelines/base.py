@@ -29,6 +29,7 @@ import torch
 from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
+from ..schedule import beta_sigmas
 from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
@@ -108,6 +109,15 @@ class JiTPipelineMixin:
             return len(prompt)
         return prompt_embeds.shape[0]
 
+    def _default_size(self, height, width) -> tuple[int, int]:
+        """``(height, width)`` with the stock default (``default_sample_size * vae_scale_factor``) for a missing one."""
+        size = self.default_sample_size * self.vae_scale_factor
+        return height or size, width or size
+
+    def _token_grid(self, height, width) -> tuple[int, int]:
+        """The packed token grid of a ``height x width`` image (2 x 2 latent patches; odd latent sizes round down)."""
+        return int(height) // (self.vae_scale_factor * 2), int(width) // (self.vae_scale_factor * 2)
+
     @staticmethod
     def _steps_config(cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps) -> JiTConfig:
         """The config's steps, unless the caller chose ``sigmas`` or ``num_inference_steps`` explicitly."""
@@ -120,6 +130,21 @@ class JiTPipelineMixin:
     def _shift_mu(self, image_seq_len: int, steps: int) -> float:
         raise NotImplementedError
 
+    def _schedule(self, cfg: JiTConfig, sigmas, explicit_steps: bool, num_inference_steps, image_seq_len: int,
+                  device, *, beta: bool = True) -> tuple[JiTConfig, list[float]]:
+        """``(config, sigmas)`` of a run from pure noise: the config with the step count of
+        :meth:`_steps_config`, and the Beta schedule (``sigma_schedule="beta"`` without explicit
+        ``sigmas``, unless ``beta=False``: a pipeline that always keeps its own) or the scheduler's
+        own (:meth:`_scheduler_sigmas`). Sets ``_num_timesteps``."""
+        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
+        steps = cfg.total_steps
+        if beta and cfg.sigma_schedule == "beta" and sigmas is None:
+            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
+        else:
+            sig = self._scheduler_sigmas(steps, sigmas, image_seq_len, device)
+        self._num_timesteps = steps
+        return cfg, sig
+
     def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds) -> None:
         """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
 
@@ -130,9 +155,7 @@ class JiTPipelineMixin:
         """
         if context_parallel_degree(self.transformer) == 1:
             return
-        size = self.default_sample_size * self.vae_scale_factor
-        grid_h = int(height or size) // (self.vae_scale_factor * 2)
-        grid_w = int(width or size) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(*self._default_size(height, width))
         check_context_parallel(self.transformer, cfg.token_counts(max(1, grid_h * grid_w)),
                                [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
 
@@ -209,6 +232,18 @@ class JiTPipelineMixin:
         except (TypeError, KeyError, AttributeError):  # a transformer without FLUX's config keys
             report.flops = {}
         self.last_jit_report = report
+
+    def _finish_call(self, report: JiTReport, image, times: tuple[float, float, float], num_tokens: int,
+                     text_tokens: int, calls_per_step: int, return_dict: bool, output_class, ref_tokens=0):
+        """The end of every ``_jit_call``: free the offloaded models, finish the report (times
+        ``(start, encoded, sampled)``, the end stamped now; :meth:`_finish_report`) and return
+        ``(image,)`` or ``output_class(images=image)`` as the stock pipeline does."""
+        self.maybe_free_model_hooks()
+        self._finish_report(report, (*times, time.perf_counter()), num_tokens, text_tokens,
+                            calls_per_step=calls_per_step, ref_tokens=ref_tokens)
+        if not return_dict:
+            return (image,)
+        return output_class(images=image)
 
 
 def enable_jit(pipe, jit: Any = "4x"):

@@ -101,7 +101,17 @@ def decode_flux2(pipe, latents, latent_ids, grid_h: int, grid_w: int, output_typ
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
+class Flux2JiTMixin(JiTPipelineMixin):
+    """What the FLUX.2-klein JiT pipelines share: the ``jit=`` call and the empirical resolution shift."""
+
+    def __call__(self, *args, jit=UNSET, **kwargs):
+        return self._dispatch(super().__call__, args, kwargs, jit)
+
+    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
+        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+
+
+class JiTFlux2KleinPipeline(Flux2JiTMixin, Flux2KleinPipeline):
     """``Flux2KleinPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
 
     ``num_inference_steps`` or ``sigmas``, when passed, override the config's step count; the
@@ -113,12 +123,6 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
 
     _stock_class = Flux2KleinPipeline
     _stock_call = inspect.signature(Flux2KleinPipeline.__call__)
-
-    def __call__(self, *args, jit=UNSET, **kwargs):
-        return self._dispatch(super().__call__, args, kwargs, jit)
-
-    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
-        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
 
     @torch.no_grad()
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, image, prompt, height, width, num_inference_steps,
@@ -153,8 +157,7 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
             negative = (per_image(neg_embeds, total), None, neg_ids[0])
 
         condition_images, height, width = prepare_reference_images(self, images, height, width)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         latents, latent_ids = self.prepare_latents(
             batch_size=batch_size * num_images_per_prompt, num_latents_channels=self.transformer.config.in_channels // 4,
             height=height, width=width, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents)
@@ -166,13 +169,10 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
             ref_ids = ref_ids[0]
         num_ref = 0 if ref_tokens is None else ref_tokens.shape[1]
         t_encoded = time.perf_counter()
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
 
-        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
-        steps = cfg.total_steps
-        sig = self._scheduler_sigmas(steps, sigmas, latents.shape[1], device)
-        self._num_timesteps = steps
+        cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device,
+                                  beta=False)
         timesteps, set_timestep = self._timesteps(sig, device)
 
         velocity = FluxVelocity(self.transformer, prompt_embeds, None, text_ids[0], latent_ids[0], guidance=None,
@@ -186,11 +186,6 @@ class JiTFlux2KleinPipeline(JiTPipelineMixin, Flux2KleinPipeline):
         t_sampled = time.perf_counter()
 
         image = decode_flux2(self, latents, latent_ids, grid_h, grid_w, output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if negative is not None else 1, ref_tokens=num_ref)
-        if not return_dict:
-            return (image,)
-        return Flux2PipelineOutput(images=image)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                 output_class=Flux2PipelineOutput, ref_tokens=num_ref)

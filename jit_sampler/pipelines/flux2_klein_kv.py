@@ -35,12 +35,10 @@ import time
 import torch
 from diffusers import Flux2KleinKVPipeline
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
 from ..config import JiTConfig
-from .base import UNSET, JiTPipelineMixin
-from .flux2_klein import check_reference_images, decode_flux2, prepare_reference_images
+from .flux2_klein import Flux2JiTMixin, check_reference_images, decode_flux2, prepare_reference_images
 from .velocity import FluxVelocity
 
 __all__ = ["JiTFlux2KleinKVPipeline", "KVReferenceVelocity"]
@@ -126,7 +124,7 @@ class KVReferenceVelocity(FluxVelocity):
         self._views.clear()
 
 
-class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
+class JiTFlux2KleinKVPipeline(Flux2JiTMixin, Flux2KleinKVPipeline):
     """``Flux2KleinKVPipeline`` with ``jit=`` (``None``, a preset name or a :class:`JiTConfig`).
 
     As :class:`~jit_sampler.JiTFlux2KleinPipeline` (the pipeline's own shifted schedule; an
@@ -138,12 +136,6 @@ class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
 
     _stock_class = Flux2KleinKVPipeline
     _stock_call = inspect.signature(Flux2KleinKVPipeline.__call__)
-
-    def __call__(self, *args, jit=UNSET, **kwargs):
-        return self._dispatch(super().__call__, args, kwargs, jit)
-
-    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
-        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
 
     @torch.no_grad()
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, image, prompt, height, width, num_inference_steps,
@@ -168,8 +160,7 @@ class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
             max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers)
 
         condition_images, height, width = prepare_reference_images(self, images, height, width)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         total = batch_size * num_images_per_prompt
         latents, latent_ids = self.prepare_latents(
             batch_size=total, num_latents_channels=self.transformer.config.in_channels // 4, height=height,
@@ -179,13 +170,10 @@ class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
             ref_tokens, ref_ids = self.prepare_image_latents(images=condition_images, batch_size=total,
                                                              generator=generator, device=device, dtype=self.vae.dtype)
         t_encoded = time.perf_counter()
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
 
-        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
-        steps = cfg.total_steps
-        sig = self._scheduler_sigmas(steps, sigmas, latents.shape[1], device)
-        self._num_timesteps = steps
+        cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device,
+                                  beta=False)
         timesteps, set_timestep = self._timesteps(sig, device)
 
         args = (self.transformer, prompt_embeds, None, text_ids[0], latent_ids[0])
@@ -206,13 +194,8 @@ class JiTFlux2KleinKVPipeline(JiTPipelineMixin, Flux2KleinKVPipeline):
         t_sampled = time.perf_counter()
 
         image = decode_flux2(self, latents, latent_ids, grid_h, grid_w, output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
         num_ref = ref_tokens.shape[1] if extracted else 0
         per_step = [num_ref if i == 0 else 0 for i in range(len(report.active_tokens))]
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=1, ref_tokens=per_step)
-        if not return_dict:
-            return (image,)
-        return Flux2PipelineOutput(images=image)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=1, return_dict=return_dict, output_class=Flux2PipelineOutput,
+                                 ref_tokens=per_step)

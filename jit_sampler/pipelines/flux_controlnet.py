@@ -74,10 +74,7 @@ import jit_kernels as jk
 
 from ..config import JiTConfig
 from ..report import flop_summary
-from ..schedule import beta_sigmas
-from .attention_processor import use_anchor_attention
-from .base import UNSET, JiTPipelineMixin, execution_device, per_image
-from .flux import JiTFluxPipeline
+from .flux1_common import Flux1JiTMixin
 from .velocity import FluxVelocity
 
 __all__ = ["FluxControlNetVelocity", "JiTFluxControlNetPipeline"]
@@ -280,7 +277,7 @@ def _check_real(v, name: str) -> None:
         raise TypeError(f"{name} entries must be finite real numbers, got {v!r}")
 
 
-class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
+class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
     """``FluxControlNetPipeline`` with a ``jit=`` argument (``None``, a preset name or a :class:`JiTConfig`).
 
     ``jit=None`` calls ``FluxControlNetPipeline.__call__`` unchanged. Otherwise every stock
@@ -304,16 +301,6 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
 
     _stock_class = FluxControlNetPipeline
     _stock_call = inspect.signature(FluxControlNetPipeline.__call__)
-    _shift_mu = JiTFluxPipeline._shift_mu
-    _ip_adapter_embeds = JiTFluxPipeline._ip_adapter_embeds
-
-    def __call__(self, *args, jit=UNSET, anchor_attention: bool = False, **kwargs):
-        # anchor_attention=True: the transformer's FLUX attention processors are swapped for
-        # AnchorAttnProcessor for this call only (see JiTFluxPipeline).
-        if anchor_attention:
-            with use_anchor_attention(self.transformer):
-                return self.__call__(*args, jit=jit, **kwargs)
-        return self._dispatch(super().__call__, args, kwargs, jit)
 
     # ------------------------------------------------------------------ validation
 
@@ -441,8 +428,7 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
                 "token_bucket cannot be combined with a ControlNet: diffusers' FluxControlNetModel does not pass "
                 "joint_attention_kwargs (the padding mask) to its blocks, so padded tokens would change its residuals")
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -458,36 +444,22 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
             raise NotImplementedError("callback_on_step_end with 'control_image' and a hint-encoder (XLabs) "
                                       "ControlNet: the stock callback sees pixels, the JiT loop holds tokens")
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
-        tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+        tokens = math.prod(self._token_grid(height, width))
         if isinstance(latents, torch.Tensor) and (latents.dim() != 3 or latents.shape[1] != tokens):
             raise ValueError(f"latents must be packed [B, {tokens}, C] for the {height} x {width} control image, "
                              f"got shape {tuple(latents.shape)}")
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
+        self._start_call(guidance_scale, joint_attention_kwargs)
 
         device = self._execution_device
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        has_neg_prompt = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-            lora_scale=lora_scale)
-        negative = None
-        if do_true_cfg:
-            neg_embeds, neg_pooled, _ = self.encode_prompt(
-                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
-                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-                lora_scale=lora_scale)
-            negative = (neg_embeds, neg_pooled, text_ids)  # as stock: the positive branch's text ids
         total = batch_size * num_images_per_prompt
-        prompt_embeds, pooled_prompt_embeds = per_image(prompt_embeds, total), per_image(pooled_prompt_embeds, total)
-        if negative is not None:
-            negative = (per_image(negative[0], total), per_image(negative[1], total), negative[2])
+        # As stock: the negative branch runs with the positive branch's text ids (check_inputs has
+        # compared precomputed embedding shapes).
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total, shared_text_ids=True)
 
         # Control tokens: VAE latents (drawing from the generator before the initial noise, as stock), or
         # the hint encoder's tokens for XLabs-style ControlNets.
@@ -508,23 +480,14 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(total, num_channels_latents, height, width,
                                                          prompt_embeds.dtype, device, generator, latents)
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
 
-        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
+        cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
         steps = cfg.total_steps
-        if cfg.sigma_schedule == "beta" and sigmas is None:
-            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
-        else:
-            sig = self._scheduler_sigmas(steps, sigmas, latents.shape[1], device)
-        self._num_timesteps = steps
         # The stock keep schedule over this run's steps: 0 outside [start, end] of the run.
         keep = [[1.0 - float(i / steps < s or (i + 1) / steps > e) for s, e in zip(starts, ends)]
                 for i in range(steps)]
         keep = keep if multi else [k[0] for k in keep]
-
-        def embedded(flag: bool):
-            return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(total) if flag else None
 
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
@@ -536,34 +499,23 @@ class JiTFluxControlNetPipeline(JiTPipelineMixin, FluxControlNetPipeline):
         velocity = FluxControlNetVelocity(
             self.transformer, self.controlnet, control if multi else control[0], prompt_embeds, pooled_prompt_embeds,
             text_ids, latent_image_ids, control_mode=modes, conditioning_scale=scale, controlnet_keep=keep,
-            controlnet_guidance=embedded(nets[0].config.guidance_embeds),
+            controlnet_guidance=self._guidance(guidance_scale, device, total, nets[0]),
             blocks_repeat=hint_nets is not None, hint_nets=hint_nets,
-            guidance=embedded(self.transformer.config.guidance_embeds), negative=negative,
+            guidance=self._guidance(guidance_scale, device, total), negative=negative,
             true_cfg_scale=true_cfg_scale, joint_attention_kwargs=self._joint_attention_kwargs,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds if do_true_cfg else None,
+            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds if negative is not None else None,
             pre_call=set_timestep, backend=cfg.backend)
 
         latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
                                         callback_on_step_end, callback_on_step_end_tensor_inputs)
         t_sampled = time.perf_counter()
 
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if do_true_cfg else 1)
+        image = self._decode_latents(latents, height, width, output_type)
+        out = self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                output_class=FluxPipelineOutput)
         self._controlnet_report(report, velocity, nets, grid_h * grid_w, prompt_embeds.shape[1])
-
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        return out
 
     def _denoise(self, velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps, callback_on_step_end,
                  callback_on_step_end_tensor_inputs):

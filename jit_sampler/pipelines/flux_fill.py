@@ -26,10 +26,9 @@ import time
 import torch
 from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
-from .flux_img2img import _JiTFluxImageMixin, add_noise
+from .flux_img2img import _JiTFluxImageMixin
 
 __all__ = ["JiTFluxFillPipeline"]
 
@@ -57,8 +56,7 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, strength, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -69,17 +67,9 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         # image is needed for the start latent and, without `masked_image_latents`, for the condition.
         if image is None and (masked_image_latents is None or latents is None):
             raise ValueError("`image` is required (unless both `masked_image_latents` and `latents` are given)")
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         n_tokens = grid_h * grid_w
         c = self.vae.config.latent_channels
         cond_channels = self.transformer.config.in_channels - 4 * c
@@ -106,19 +96,13 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
                 raise ValueError(f"{mask_pre.shape[0]} masks / {init_image.shape[0]} images cannot be repeated to a "
                                  f"total batch size of {total}.")
 
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        prompt_embeds, pooled_prompt_embeds, text_ids = self._encode_text(
-            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length,
-            lora_scale, total)
+        prompt_embeds, pooled_prompt_embeds, text_ids, _ = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total)
         dtype = prompt_embeds.dtype
-        h, w = self._latent_size(height, width)
-        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
-        if latents is not None:
-            latents = latents.to(device=device, dtype=dtype)
-        else:
-            image_latents = self._image_latents(init_image, total, dtype, device, generator)
-            noise = randn_tensor((total, c, h, w), generator=generator, device=device, dtype=dtype)
-            latents = self._pack_latents(add_noise(image_latents, noise, sig[0]), total, c, h, w)
+        latents, latent_image_ids = self._start_latents(init_image, latents, c, height, width, total, dtype, device,
+                                                        generator, sig[0])
         if masked_image_latents is not None:
             cond = masked_image_latents.to(device=device, dtype=dtype).expand(total, -1, -1)
         else:
@@ -137,10 +121,6 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
             negative_image_embeds=None, generator=generator, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, cond_tokens=cond)
         t_sampled = time.perf_counter()
-        image = self._decode(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        self._finish_report(report, (t0, t_encoded, t_sampled, time.perf_counter()), n_tokens, prompt_embeds.shape[1],
-                            calls_per_step=1)
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        image = self._decode_latents(latents, height, width, output_type)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), n_tokens, prompt_embeds.shape[1],
+                                 calls_per_step=1, return_dict=return_dict, output_class=FluxPipelineOutput)

@@ -46,15 +46,12 @@ import time
 import numpy as np
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
 from ..schedule import beta_sigmas
-from .attention_processor import use_anchor_attention
-from .base import UNSET, JiTPipelineMixin, execution_device, per_image
-from .velocity import FluxVelocity
+from .flux1_common import Flux1JiTMixin
 
 __all__ = ["JiTFluxImg2ImgPipeline", "JiTFluxInpaintPipeline"]
 
@@ -74,21 +71,10 @@ def add_noise(image_latents: torch.Tensor, noise: torch.Tensor, sigma: float) ->
     return s * noise + (1.0 - s) * image_latents
 
 
-class _JiTFluxImageMixin(JiTPipelineMixin):
-    """What the FLUX.1 pipelines that start from an image share under ``jit=``: the truncated
-    schedule, the image latents, the text conditioning, the decode. Not registered itself."""
-
-    def __call__(self, *args, jit=UNSET, anchor_attention: bool = False, **kwargs):
-        # As JiTFluxPipeline: anchor_attention=True swaps in AnchorAttnProcessor for this call only.
-        if anchor_attention:
-            with use_anchor_attention(self.transformer):
-                return self.__call__(*args, jit=jit, **kwargs)
-        return self._dispatch(super().__call__, args, kwargs, jit)
-
-    def _shift_mu(self, image_seq_len: int, steps: int) -> float:
-        c = self.scheduler.config
-        return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+class _JiTFluxImageMixin(Flux1JiTMixin):
+    """What the FLUX.1 pipelines that start from an image share under ``jit=`` (beyond
+    :class:`~jit_sampler.pipelines.flux1_common.Flux1JiTMixin`): the input checks, the truncated
+    schedule, the image latents. Not registered itself."""
 
     @staticmethod
     def _check_strength(strength) -> None:
@@ -110,6 +96,16 @@ class _JiTFluxImageMixin(JiTPipelineMixin):
             raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
                              f"effective batch size of {total}. Make sure the batch size matches the length of the "
                              f"generators.")
+
+    def _start_image_call(self, guidance_scale, joint_attention_kwargs, prompt, prompt_embeds,
+                          num_images_per_prompt: int, generator, height, width):
+        """The call state set (:meth:`_start_call`) and ``(batch_size, total, device, grid_h, grid_w)``;
+        a list of generators must hold one per image (``total``)."""
+        self._start_call(guidance_scale, joint_attention_kwargs)
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        total = batch_size * num_images_per_prompt
+        self._check_generators(generator, total)
+        return batch_size, total, self._execution_device, *self._token_grid(height, width)
 
     def _strength_schedule(self, cfg: JiTConfig, strength, sigmas, explicit_steps: bool, num_inference_steps,
                            image_seq_len: int, device) -> tuple[JiTConfig, list[float]]:
@@ -141,16 +137,6 @@ class _JiTFluxImageMixin(JiTPipelineMixin):
             full = self._scheduler_sigmas(n, sigmas, image_seq_len, device)
         return cfg_run, full[t_start:]
 
-    def _encode_text(self, prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device, num_images_per_prompt,
-                     max_sequence_length, lora_scale, total: int):
-        """``(prompt_embeds, pooled, text_ids)`` for ``total`` images; precomputed embeddings are
-        repeated per image too (the stock ``encode_prompt`` repeats only what it encodes itself)."""
-        pe, pooled, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-            lora_scale=lora_scale)
-        return per_image(pe, total), per_image(pooled, total), text_ids
-
     def _image_latents(self, init_image: torch.Tensor, total: int, dtype, device, generator) -> torch.Tensor:
         """Unpacked image latents ``[total, C, h, w]``: VAE-encoded (unless ``init_image`` already has the
         latent channels) and repeated per image, as the stock ``prepare_latents``."""
@@ -163,65 +149,27 @@ class _JiTFluxImageMixin(JiTPipelineMixin):
             lat = torch.cat([lat] * (total // lat.shape[0]), dim=0)
         return lat
 
+    def _start_latents(self, init_image, latents, channels: int, height, width, total: int, dtype, device, generator,
+                       sigma: float):
+        """``(packed start latents, latent_image_ids)``: the given (already noised, packed) ``latents``,
+        or the image latents noised to ``sigma`` with noise drawn after the VAE encoding (diffusers' order)."""
+        h, w = self._latent_size(height, width)
+        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype), latent_image_ids
+        image_latents = self._image_latents(init_image, total, dtype, device, generator)
+        noise = randn_tensor((total, channels, h, w), generator=generator, device=device, dtype=dtype)
+        return self._pack_latents(add_noise(image_latents, noise, sigma), total, channels, h, w), latent_image_ids
+
     def _latent_size(self, height, width) -> tuple[int, int]:
         """The unpacked latent's ``(h, w)`` (even: FLUX packs 2 x 2 patches)."""
-        return 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (self.vae_scale_factor * 2))
+        grid_h, grid_w = self._token_grid(height, width)
+        return 2 * grid_h, 2 * grid_w
 
-    def _ip_adapter_embeds(self, ip_image, ip_embeds, neg_ip_image, neg_ip_embeds, width, height, device, batch):
-        """IP-adapter embeddings per branch, as the stock Img2Img / Inpaint pipelines prepare them."""
-        if (ip_image is not None or ip_embeds is not None) and (neg_ip_image is None and neg_ip_embeds is None):
-            neg_ip_image = np.zeros((width, height, 3), dtype=np.uint8)
-        elif (ip_image is None and ip_embeds is None) and (neg_ip_image is not None or neg_ip_embeds is not None):
-            ip_image = np.zeros((width, height, 3), dtype=np.uint8)
-        image_embeds = negative_image_embeds = None
-        if ip_image is not None or ip_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, batch)
-        if neg_ip_image is not None or neg_ip_embeds is not None:
-            negative_image_embeds = self.prepare_ip_adapter_image_embeds(neg_ip_image, neg_ip_embeds, device, batch)
-        return image_embeds, negative_image_embeds
-
-    def _decode(self, latents, height, width, output_type):
-        if output_type == "latent":
-            return latents
-        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-        latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type=output_type)
-
-    def _run(self, cfg: JiTConfig, sig, *, latents, latent_image_ids, grid_h, grid_w,
-             prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance_scale, device,
-             image_embeds, negative_image_embeds, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
-             post_step=None, cond_tokens=None):
-        """Denoise the prepared packed ``latents`` along ``sig``; returns them with the report timing stamps."""
-        self._num_timesteps = cfg.total_steps
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
-        if self._joint_attention_kwargs is None:
-            self._joint_attention_kwargs = {}
-        timesteps, set_timestep = self._timesteps(sig, device)
-        velocity = FluxVelocity(self.transformer, prompt_embeds, pooled_prompt_embeds, text_ids, latent_image_ids,
-                                guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
-                                joint_attention_kwargs=self._joint_attention_kwargs, image_embeds=image_embeds,
-                                negative_image_embeds=negative_image_embeds if negative is not None else None,
-                                pre_call=set_timestep, backend=cfg.backend, token_bucket=cfg.token_bucket,
-                                cond_tokens=cond_tokens)
-        return self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=post_step)
-
-    def _negative(self, true_cfg_scale, negative_prompt, negative_prompt_2, negative_prompt_embeds,
-                  negative_pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length, lora_scale,
-                  total, text_ids):
-        """``(neg_embeds, neg_pooled, text_ids)`` when true CFG is on (``true_cfg_scale > 1`` and a negative
-        prompt), else ``None`` (the stock ``check_inputs`` has compared precomputed embedding shapes)."""
-        has_neg = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        if not (true_cfg_scale > 1 and has_neg):
-            return None
-        neg = self._encode_text(negative_prompt, negative_prompt_2, negative_prompt_embeds,
-                                negative_pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length,
-                                lora_scale, total)
-        return neg[0], neg[1], text_ids
+    @staticmethod
+    def _blank_ip_image(width, height):
+        """The stock Img2Img / Inpaint placeholder: one black image (not one per IP-adapter)."""
+        return np.zeros((width, height, 3), dtype=np.uint8)
 
 
 class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
@@ -250,8 +198,7 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, strength, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -259,39 +206,25 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
         self._require("image", image)
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
 
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        prompt_embeds, pooled_prompt_embeds, text_ids = self._encode_text(
-            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length,
-            lora_scale, total)
-        negative = self._negative(true_cfg_scale, negative_prompt, negative_prompt_2, negative_prompt_embeds,
-                                  negative_pooled_prompt_embeds, device, num_images_per_prompt,
-                                  max_sequence_length, lora_scale, total, text_ids)
+        # The stock check_inputs has compared precomputed embedding shapes; the negative branch
+        # takes the positive's text ids, as the stock loop does.
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total, shared_text_ids=True)
 
-        h, w = self._latent_size(height, width)
-        c = self.transformer.config.in_channels // 4
-        dtype = prompt_embeds.dtype
-        latent_image_ids = self._prepare_latent_image_ids(total, h // 2, w // 2, device, dtype)
-        if latents is not None:
-            latents = latents.to(device=device, dtype=dtype)
-        else:
-            image_latents = self._image_latents(init_image, total, dtype, device, generator)
-            noise = randn_tensor((total, c, h, w), generator=generator, device=device, dtype=dtype)
-            latents = self._pack_latents(add_noise(image_latents, noise, sig[0]), total, c, h, w)
+        latents, latent_image_ids = self._start_latents(init_image, latents, self.transformer.config.in_channels // 4,
+                                                        height, width, total, prompt_embeds.dtype, device, generator,
+                                                        sig[0])
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
             width, height, device, total)
@@ -305,13 +238,10 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         t_sampled = time.perf_counter()
-        image = self._decode(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        self._finish_report(report, (t0, t_encoded, t_sampled, time.perf_counter()), grid_h * grid_w,
-                            prompt_embeds.shape[1], calls_per_step=2 if negative is not None else 1)
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        image = self._decode_latents(latents, height, width, output_type)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                 output_class=FluxPipelineOutput)
 
 
 class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
@@ -338,8 +268,7 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
         self._refuse_newer(newer)
         self._check_strength(strength)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, prompt_2, image, mask_image, strength, height, width, output_type=output_type,
                           negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -349,17 +278,9 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
                           padding_mask_crop=padding_mask_crop, max_sequence_length=max_sequence_length)
         self._require("image", image)
         self._require("mask_image", mask_image)
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
-
-        batch_size = self._batch_size(prompt, prompt_embeds)
-        total = batch_size * num_images_per_prompt
-        self._check_generators(generator, total)
-        device = self._execution_device
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        batch_size, total, device, grid_h, grid_w = self._start_image_call(
+            guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
+            width)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         if padding_mask_crop is not None:
@@ -375,13 +296,14 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
             raise ValueError(f"The passed mask and the required batch size don't match: {mask_condition.shape[0]} "
                              f"masks cannot be repeated to a total batch size of {total}.")
 
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        prompt_embeds, pooled_prompt_embeds, text_ids = self._encode_text(
-            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device, num_images_per_prompt, max_sequence_length,
-            lora_scale, total)
-        negative = self._negative(true_cfg_scale, negative_prompt, negative_prompt_2, negative_prompt_embeds,
-                                  negative_pooled_prompt_embeds, device, num_images_per_prompt,
-                                  max_sequence_length, lora_scale, total, text_ids)
+        # The stock check_inputs has compared precomputed embedding shapes; the negative branch
+        # takes the positive's text ids, as the stock loop does.
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total, shared_text_ids=True)
 
         h, w = self._latent_size(height, width)
         c = self.transformer.config.in_channels // 4
@@ -419,12 +341,9 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, post_step=keep_known)
         t_sampled = time.perf_counter()
-        out = self._decode(latents, height, width, output_type)
+        out = self._decode_latents(latents, height, width, output_type)
         if padding_mask_crop is not None:  # check_inputs made sure output_type is "pil"
             out = [self.image_processor.apply_overlay(mask_image, image, im, crops_coords) for im in out]
-        self.maybe_free_model_hooks()
-        self._finish_report(report, (t0, t_encoded, t_sampled, time.perf_counter()), grid_h * grid_w,
-                            prompt_embeds.shape[1], calls_per_step=2 if negative is not None else 1)
-        if not return_dict:
-            return (out,)
-        return FluxPipelineOutput(images=out)
+        return self._finish_call(report, out, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                 output_class=FluxPipelineOutput)

@@ -30,11 +30,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import logging
 
 from ..config import JiTConfig
-from ..schedule import beta_sigmas
-from .attention_processor import use_anchor_attention
-from .base import UNSET, JiTPipelineMixin, execution_device, per_image
-from .flux import JiTFluxPipeline
-from .velocity import FluxVelocity
+from .flux1_common import Flux1JiTMixin
 
 __all__ = ["JiTFluxKontextPipeline"]
 
@@ -61,7 +57,7 @@ def _check_reference(image, latent_channels: int) -> None:
                              f"{tuple(image.shape)}")
 
 
-class JiTFluxKontextPipeline(JiTPipelineMixin, FluxKontextPipeline):
+class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
     """``FluxKontextPipeline`` with a ``jit=`` argument (``None``, a preset name or a :class:`JiTConfig`).
 
     ``jit=None`` calls ``FluxKontextPipeline.__call__`` unchanged. Otherwise every argument
@@ -79,21 +75,10 @@ class JiTFluxKontextPipeline(JiTPipelineMixin, FluxKontextPipeline):
     _stock_class = FluxKontextPipeline
     _stock_call = inspect.signature(FluxKontextPipeline.__call__)
 
-    # FLUX.1's resolution shift and IP-adapter preparation are the same for Kontext.
-    _shift_mu = JiTFluxPipeline._shift_mu
-    _ip_adapter_embeds = JiTFluxPipeline._ip_adapter_embeds
-
-    def __call__(self, *args, jit=UNSET, anchor_attention: bool = False, **kwargs):
-        if anchor_attention:
-            with use_anchor_attention(self.transformer):
-                return self.__call__(*args, jit=jit, **kwargs)
-        return self._dispatch(super().__call__, args, kwargs, jit)
-
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
         rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
-        asked_h = height or self.default_sample_size * self.vae_scale_factor
-        asked_w = width or self.default_sample_size * self.vae_scale_factor
+        asked_h, asked_w = self._default_size(height, width)
         aspect_ratio = asked_w / asked_h
         multiple_of = self.vae_scale_factor * 2
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
@@ -137,36 +122,17 @@ class JiTFluxKontextPipeline(JiTPipelineMixin, FluxKontextPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
+        self._start_call(guidance_scale, joint_attention_kwargs)
 
         batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
-        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
-        has_neg_prompt = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        if do_true_cfg and prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(f"`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed "
-                                 f"directly, but got {prompt_embeds.shape} != {negative_prompt_embeds.shape}.")
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-            lora_scale=lora_scale)
-        negative = None
-        if do_true_cfg:
-            negative = self.encode_prompt(
-                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
-                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-                lora_scale=lora_scale)
         total = batch_size * num_images_per_prompt
-        prompt_embeds, pooled_prompt_embeds = per_image(prompt_embeds, total), per_image(pooled_prompt_embeds, total)
-        if negative is not None:
-            negative = (per_image(negative[0], total), per_image(negative[1], total), negative[2])
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            joint_attention_kwargs=joint_attention_kwargs, total=total)
 
         image = self._preprocess_reference(image, _auto_resize)
         t_encoded = time.perf_counter()
@@ -174,51 +140,25 @@ class JiTFluxKontextPipeline(JiTPipelineMixin, FluxKontextPipeline):
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, image_latents, latent_ids, image_ids = self.prepare_latents(
             image, total, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents)
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
         num_ref = 0 if image_latents is None else image_latents.shape[1]
 
-        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
-        steps = cfg.total_steps
-        if cfg.sigma_schedule == "beta" and sigmas is None:
-            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
-        else:  # stock shifts by the target's token count (the reference does not count)
-            sig = self._scheduler_sigmas(steps, sigmas, latents.shape[1], device)
-        self._num_timesteps = steps
-
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+        # stock shifts by the target's token count (the reference does not count)
+        cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
         image_embeds, negative_image_embeds = self._ip_adapter_embeds(
             ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
             width, height, device, total)
-        if self._joint_attention_kwargs is None:
-            self._joint_attention_kwargs = {}
 
-        timesteps, set_timestep = self._timesteps(sig, device)
-        velocity = FluxVelocity(self.transformer, prompt_embeds, pooled_prompt_embeds, text_ids, latent_ids,
-                                guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
-                                joint_attention_kwargs=self._joint_attention_kwargs, image_embeds=image_embeds,
-                                negative_image_embeds=negative_image_embeds if do_true_cfg else None,
-                                pre_call=set_timestep, backend=cfg.backend, token_bucket=cfg.token_bucket,
-                                ref_tokens=image_latents, ref_ids=image_ids)
-
-        latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
-                                        callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents, report = self._run(
+            cfg, sig, latents=latents, latent_image_ids=latent_ids, grid_h=grid_h, grid_w=grid_w,
+            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
+            negative=negative, true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, device=device,
+            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, generator=generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, ref_tokens=image_latents,
+            ref_ids=image_ids)
         t_sampled = time.perf_counter()
-
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
-
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if do_true_cfg else 1, ref_tokens=num_ref)
-        if not return_dict:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        image = self._decode_latents(latents, height, width, output_type)
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                 output_class=FluxPipelineOutput, ref_tokens=num_ref)

@@ -55,7 +55,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from ..config import JiTConfig
 from ..report import flop_summary
-from ..schedule import beta_sigmas
 from .base import UNSET, JiTPipelineMixin, execution_device, per_image
 
 __all__ = ["JiTQwenImagePipeline", "QwenImageVelocity", "qwen_flop_config"]
@@ -275,8 +274,7 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         self._refuse_newer(newer)
         self._refuse_unsupported(cfg)
         t0 = time.perf_counter()
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._default_size(height, width)
         self.check_inputs(prompt, height, width, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           negative_prompt_embeds_mask=negative_prompt_embeds_mask,
@@ -325,19 +323,12 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
         latents = self.prepare_latents(total, tc.in_channels // 4, height, width, prompt_embeds.dtype, device,
                                        generator, latents)
         # The packed token grid (prepare_latents rounds the latent size down to even).
-        grid_h = int(height) // (self.vae_scale_factor * 2)
-        grid_w = int(width) // (self.vae_scale_factor * 2)
+        grid_h, grid_w = self._token_grid(height, width)
         if latents.dim() != 3 or latents.shape[0] != total:  # the grid and channels are checked by jit_sample
             raise ValueError(f"latents must be packed [B, N, C] with B = {total} (prompts x num_images_per_prompt), "
                              f"got shape {tuple(latents.shape)}")
 
-        cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
-        steps = cfg.total_steps
-        if cfg.sigma_schedule == "beta" and sigmas is None:
-            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
-        else:
-            sig = self._scheduler_sigmas(steps, sigmas, grid_h * grid_w, device)
-        self._num_timesteps = steps
+        cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, grid_h * grid_w, device)
 
         if self._attention_kwargs is None:
             self._attention_kwargs = {}
@@ -361,17 +352,14 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
             latents = latents / inv_std + mean
             image = self.vae.decode(latents.to(execution_device(self.vae)), return_dict=False)[0][:, :, 0]
             image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
-        t_end = time.perf_counter()
+        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                 calls_per_step=2 if do_true_cfg else 1, return_dict=return_dict,
+                                 output_class=QwenImagePipelineOutput)
 
-        self._finish_report(report, (t0, t_encoded, t_sampled, t_end), grid_h * grid_w, prompt_embeds.shape[1],
-                            calls_per_step=2 if do_true_cfg else 1)
-        if not return_dict:
-            return (image,)
-        return QwenImagePipelineOutput(images=image)
-
-    def _finish_report(self, report, times, num_tokens: int, text_tokens: int, calls_per_step: int) -> None:
-        """The shared report, with FLOPs counted from :func:`qwen_flop_config` (Qwen's config has no FLUX keys)."""
+    def _finish_report(self, report, times, num_tokens: int, text_tokens: int, calls_per_step: int,
+                       ref_tokens=0) -> None:
+        """The shared report, with FLOPs counted from :func:`qwen_flop_config` (Qwen's config has no FLUX keys;
+        Qwen-Image has no reference tokens, ``ref_tokens`` is always 0)."""
         super()._finish_report(report, times, num_tokens, text_tokens, calls_per_step)
         report.flops = flop_summary(qwen_flop_config(self.transformer.config), report.active_tokens, num_tokens,
                                     text_tokens=int(text_tokens), calls_per_step=calls_per_step)
