@@ -165,6 +165,10 @@ def test_cpp_thread_count_does_not_change_results():
 # ---------------------------------------------------------------- padding and per-sample sets
 
 
+# The padding below is NaN on purpose. The Triton interpreter evaluates the row max of padded
+# query rows with numpy, which warns about the all-NaN slice; those rows are then written as zeros
+# (asserted below), so the warning is expected and says nothing about valid rows.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("device,backend", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_batch_equals_each_sample_alone(device, backend, dtype):
