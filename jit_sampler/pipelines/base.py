@@ -30,6 +30,7 @@ from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
 from ..schedule import beta_sigmas
+from .checks import check_call_arguments
 from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
@@ -93,6 +94,7 @@ class JiTPipelineMixin:
         bound.apply_defaults()
         a = dict(bound.arguments)
         a.pop("self")
+        check_call_arguments(self, a, "num_inference_steps" in explicit)
         return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
 
     def _refuse_newer(self, newer: dict) -> None:

@@ -35,6 +35,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
 from ..config import JiTConfig
+from .checks import check_latents_shape
 from .base import UNSET, JiTPipelineMixin, execution_device, per_image
 from .velocity import FluxVelocity
 
@@ -83,6 +84,13 @@ def prepare_reference_images(pipe, images: list | None, height, width):
         height = height or image_height
         width = width or image_width
     return condition_images, height, width
+
+
+def check_flux2_latents(pipe, latents, total: int, height: int, width: int) -> None:
+    """Given FLUX.2 ``latents`` are the unpacked ``[total, in_channels, grid_h, grid_w]`` noise (as stock)."""
+    grid_h, grid_w = pipe._token_grid(height, width)
+    check_latents_shape(latents, (total, pipe.transformer.config.in_channels, grid_h, grid_w),
+                        "unpacked start latents [B, C, grid_h, grid_w]")
 
 
 def decode_flux2(pipe, latents, latent_ids, grid_h: int, grid_w: int, output_type: str):
@@ -142,6 +150,13 @@ class JiTFlux2KleinPipeline(Flux2JiTMixin, Flux2KleinPipeline):
         self._current_timestep = None
         self._interrupt = False
         batch_size = self._batch_size(prompt, prompt_embeds)
+        if self.do_classifier_free_guidance and negative_prompt_embeds is None and self.text_encoder is None:
+            raise ValueError("guidance_scale > 1 encodes an empty negative prompt, but the pipeline has no "
+                             "text_encoder: pass negative_prompt_embeds (or guidance_scale=1.0)")
+        # Reference preprocessing (no model) first, so that the latent shape can be checked before any work.
+        condition_images, height, width = prepare_reference_images(self, images, height, width)
+        height, width = self._default_size(height, width)
+        check_flux2_latents(self, latents, batch_size * num_images_per_prompt, height, width)
         device = self._execution_device
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
@@ -156,8 +171,6 @@ class JiTFlux2KleinPipeline(Flux2JiTMixin, Flux2KleinPipeline):
             total = batch_size * num_images_per_prompt
             negative = (per_image(neg_embeds, total), None, neg_ids[0])
 
-        condition_images, height, width = prepare_reference_images(self, images, height, width)
-        height, width = self._default_size(height, width)
         latents, latent_ids = self.prepare_latents(
             batch_size=batch_size * num_images_per_prompt, num_latents_channels=self.transformer.config.in_channels // 4,
             height=height, width=width, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents)

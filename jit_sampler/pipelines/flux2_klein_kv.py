@@ -38,7 +38,8 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
 from ..config import JiTConfig
-from .flux2_klein import Flux2JiTMixin, check_reference_images, decode_flux2, prepare_reference_images
+from .flux2_klein import (Flux2JiTMixin, check_flux2_latents, check_reference_images, decode_flux2,
+                          prepare_reference_images)
 from .velocity import FluxVelocity
 
 __all__ = ["JiTFlux2KleinKVPipeline", "KVReferenceVelocity"]
@@ -154,14 +155,16 @@ class JiTFlux2KleinKVPipeline(Flux2JiTMixin, Flux2KleinKVPipeline):
         self._current_timestep = None
         self._interrupt = False
         batch_size = self._batch_size(prompt, prompt_embeds)
+        total = batch_size * num_images_per_prompt
+        # Reference preprocessing (no model) first, so that the latent shape can be checked before any work.
+        condition_images, height, width = prepare_reference_images(self, images, height, width)
+        height, width = self._default_size(height, width)
+        check_flux2_latents(self, latents, total, height, width)
         device = self._execution_device
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length, text_encoder_out_layers=text_encoder_out_layers)
 
-        condition_images, height, width = prepare_reference_images(self, images, height, width)
-        height, width = self._default_size(height, width)
-        total = batch_size * num_images_per_prompt
         latents, latent_ids = self.prepare_latents(
             batch_size=total, num_latents_channels=self.transformer.config.in_channels // 4, height=height,
             width=width, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents)

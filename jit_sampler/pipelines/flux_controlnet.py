@@ -445,9 +445,10 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                                       "ControlNet: the stock callback sees pixels, the JiT loop holds tokens")
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
         tokens = math.prod(self._token_grid(height, width))
-        if isinstance(latents, torch.Tensor) and (latents.dim() != 3 or latents.shape[1] != tokens):
-            raise ValueError(f"latents must be packed [B, {tokens}, C] for the {height} x {width} control image, "
-                             f"got shape {tuple(latents.shape)}")
+        want = (batch_size * num_images_per_prompt, tokens, self.transformer.config.in_channels)
+        if isinstance(latents, torch.Tensor) and tuple(latents.shape) != want:
+            raise ValueError(f"latents must be packed [B, {tokens}, C] = {list(want)} for the {height} x {width} "
+                             f"control image, got shape {tuple(latents.shape)}")
         self._start_call(guidance_scale, joint_attention_kwargs)
 
         device = self._execution_device

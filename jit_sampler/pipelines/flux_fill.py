@@ -28,6 +28,7 @@ from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from ..config import JiTConfig
+from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux_img2img import _JiTFluxImageMixin
 
 __all__ = ["JiTFluxFillPipeline"]
@@ -67,11 +68,14 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         # image is needed for the start latent and, without `masked_image_latents`, for the condition.
         if image is None and (masked_image_latents is None or latents is None):
             raise ValueError("`image` is required (unless both `masked_image_latents` and `latents` are given)")
+        check_image_input("image", image, required=False)
+        check_image_input("mask_image", mask_image, required=masked_image_latents is None)
         batch_size, total, device, grid_h, grid_w = self._start_image_call(
             guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
             width)
         n_tokens = grid_h * grid_w
         c = self.vae.config.latent_channels
+        check_latents_shape(latents, (total, n_tokens, 4 * c), "packed noised start latents [B, N tokens, C]")
         cond_channels = self.transformer.config.in_channels - 4 * c
         if masked_image_latents is None and cond_channels != 4 * c + 4 * self.vae_scale_factor ** 2:
             raise ValueError(f"{type(self).__name__} needs a FLUX Fill transformer with in_channels = 4 * {c} (latent) "
@@ -90,11 +94,12 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
         init_image = mask_pre = None
         if image is not None:
             init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
-        if masked_image_latents is None:
+            # a latent-channel image can only be the start latent; the masked image is made from pixels
+            check_preprocessed("image", init_image, (3,) if masked_image_latents is None else (3, self.latent_channels),
+                               total)
+        if masked_image_latents is None:  # checked before any encoding
             mask_pre = self.mask_processor.preprocess(mask_image, height=height, width=width)
-            if total % mask_pre.shape[0] or total % init_image.shape[0]:  # checked before any encoding
-                raise ValueError(f"{mask_pre.shape[0]} masks / {init_image.shape[0]} images cannot be repeated to a "
-                                 f"total batch size of {total}.")
+            check_preprocessed("mask_image", mask_pre, (1,), total, "masks")
 
         prompt_embeds, pooled_prompt_embeds, text_ids, _ = self._encode_prompts(
             prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device=device,

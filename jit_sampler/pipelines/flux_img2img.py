@@ -51,6 +51,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
 from ..schedule import beta_sigmas
+from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
 __all__ = ["JiTFluxImg2ImgPipeline", "JiTFluxInpaintPipeline"]
@@ -83,11 +84,6 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
             raise TypeError(f"strength must be a number in [0, 1], got {type(strength).__name__}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
-
-    @staticmethod
-    def _require(name: str, value) -> None:
-        if value is None:
-            raise ValueError(f"`{name}` is required (got None)")
 
     @staticmethod
     def _check_generators(generator, total: int) -> None:
@@ -167,6 +163,20 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
         return 2 * grid_h, 2 * grid_w
 
     @staticmethod
+    def _check_masked_image_latents(masked_image_latents, total: int) -> None:
+        """Inpainting's ``masked_image_latents``: ``[b, 16, h, w]`` latents or a ``[b, 3, H, W]`` masked image
+        (the stock ``prepare_mask_latents`` tells them apart by the 16 channels), ``b`` dividing ``total``."""
+        if masked_image_latents is None:
+            return
+        if not isinstance(masked_image_latents, torch.Tensor) or not masked_image_latents.is_floating_point():
+            raise TypeError(f"masked_image_latents must be a floating-point tensor, got "
+                            f"{getattr(masked_image_latents, 'dtype', type(masked_image_latents).__name__)}")
+        if masked_image_latents.dim() != 4:
+            raise ValueError(f"masked_image_latents must be [B, 16, h, w] latents or a [B, 3, H, W] masked image, "
+                             f"got shape {tuple(masked_image_latents.shape)}")
+        check_preprocessed("masked_image_latents", masked_image_latents, (3, 16), total)
+
+    @staticmethod
     def _blank_ip_image(width, height):
         """The stock Img2Img / Inpaint placeholder: one black image (not one per IP-adapter)."""
         return np.zeros((width, height, 3), dtype=np.uint8)
@@ -205,13 +215,16 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
-        self._require("image", image)
+        check_image_input("image", image)
         batch_size, total, device, grid_h, grid_w = self._start_image_call(
             guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
             width)
+        check_latents_shape(latents, (total, grid_h * grid_w, self.transformer.config.in_channels),
+                            "packed noised start latents [B, N tokens, C]")
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        check_preprocessed("image", init_image, (3, self.latent_channels), total)
 
         # The stock check_inputs has compared precomputed embedding shapes; the negative branch
         # takes the positive's text ids, as the stock loop does.
@@ -276,11 +289,14 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           padding_mask_crop=padding_mask_crop, max_sequence_length=max_sequence_length)
-        self._require("image", image)
-        self._require("mask_image", mask_image)
+        check_image_input("image", image)
+        check_image_input("mask_image", mask_image)
         batch_size, total, device, grid_h, grid_w = self._start_image_call(
             guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
             width)
+        check_latents_shape(latents, (total, self.transformer.config.in_channels // 4, *self._latent_size(height, width)),
+                            "unpacked noise latents [B, C, h, w] (as the stock inpainting pipeline takes them)")
+        self._check_masked_image_latents(masked_image_latents, total)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
         if padding_mask_crop is not None:
@@ -292,9 +308,9 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
                                                      resize_mode=resize_mode).to(dtype=torch.float32)
         mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width,
                                                         resize_mode=resize_mode, crops_coords=crops_coords)
-        if total % mask_condition.shape[0]:  # checked before any encoding (the stock checks it after)
-            raise ValueError(f"The passed mask and the required batch size don't match: {mask_condition.shape[0]} "
-                             f"masks cannot be repeated to a total batch size of {total}.")
+        # checked before any encoding (the stock pipeline finds a mismatch after it, or not at all)
+        check_preprocessed("image", init_image, (3, self.latent_channels), total)
+        check_preprocessed("mask_image", mask_condition, (1,), total, "masks")
 
         # The stock check_inputs has compared precomputed embedding shapes; the negative branch
         # takes the positive's text ids, as the stock loop does.

@@ -21,6 +21,8 @@ addition: the reference image.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import time
 
 import torch
@@ -30,6 +32,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import logging
 
 from ..config import JiTConfig
+from .checks import check_image_input, check_latents_shape
 from .flux1_common import Flux1JiTMixin
 
 __all__ = ["JiTFluxKontextPipeline"]
@@ -41,16 +44,9 @@ def _check_reference(image, latent_channels: int) -> None:
     """Refuse a reference ``image`` that the stock preprocessing would choke on, before any work."""
     if image is None:
         return
-    items = image if isinstance(image, list) else [image]
-    if not items:
+    if isinstance(image, list) and not image:
         raise ValueError("image: an empty list; pass None for text-to-image")
-    import numpy as np
-    from PIL import Image
-
-    for it in items:
-        if not isinstance(it, (Image.Image, np.ndarray, torch.Tensor)):
-            raise TypeError(f"image: expected a PIL image, a numpy array or a torch tensor (or a list of them), "
-                            f"got {type(it).__name__}")
+    check_image_input("image", image)
     if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == latent_channels:
         if image.shape[2] % 2 or image.shape[3] % 2:
             raise ValueError(f"image: reference latents need an even height and width to be packed 2 x 2, got "
@@ -74,15 +70,23 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
 
     _stock_class = FluxKontextPipeline
     _stock_call = inspect.signature(FluxKontextPipeline.__call__)
+    _fits_size = True  # height / width only set the aspect ratio: max_area sets the size (checked after the fit)
 
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
         rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
+        if isinstance(max_area, bool) or not isinstance(max_area, numbers.Real):
+            raise TypeError(f"max_area must be a number of pixels, got {type(max_area).__name__}")
+        if not (math.isfinite(max_area) and max_area > 0):
+            raise ValueError(f"max_area must be a positive number of pixels, got {max_area}")
         asked_h, asked_w = self._default_size(height, width)
         aspect_ratio = asked_w / asked_h
         multiple_of = self.vae_scale_factor * 2
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
         height = round((max_area / aspect_ratio) ** 0.5) // multiple_of * multiple_of
+        if height < multiple_of or width < multiple_of:
+            raise ValueError(f"max_area={max_area} with the aspect ratio {asked_w}:{asked_h} gives a {height} x {width} "
+                             f"image, less than one {multiple_of} x {multiple_of} token")
         if (height, width) != (asked_h, asked_w):
             logger.warning(f"Generation `height` and `width` have been adjusted to {height} and {width} to fit "
                            f"`max_area` ({max_area}) and the model's multiple of {multiple_of}.")
@@ -101,8 +105,15 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
                                                for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
         image_width = image_width // multiple_of * multiple_of
         image_height = image_height // multiple_of * multiple_of
+        if image_width < multiple_of or image_height < multiple_of:
+            raise ValueError(f"image: the reference is smaller than one {multiple_of} x {multiple_of} token "
+                             f"(use _auto_resize=True to resize it)")
         image = self.image_processor.resize(image, image_height, image_width)
-        return self.image_processor.preprocess(image, image_height, image_width)
+        image = self.image_processor.preprocess(image, image_height, image_width)
+        if image.shape[1] != 3:
+            raise ValueError(f"image: a reference image needs 3 channels (or {self.latent_channels} for latents), got "
+                             f"shape {tuple(image.shape)}")
+        return image
 
     @torch.no_grad()
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, image, prompt, prompt_2, negative_prompt,
@@ -127,20 +138,22 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
         batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
         total = batch_size * num_images_per_prompt
+        grid_h, grid_w = self._token_grid(height, width)
+        check_latents_shape(latents, (total, grid_h * grid_w, self.transformer.config.in_channels),
+                            "packed start latents [B, N tokens, C]")
+        # Preprocessing (no model) before the prompts are encoded, so that a bad reference fails first.
+        image = self._preprocess_reference(image, _auto_resize)
         prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
             prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total)
-
-        image = self._preprocess_reference(image, _auto_resize)
         t_encoded = time.perf_counter()
 
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, image_latents, latent_ids, image_ids = self.prepare_latents(
             image, total, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents)
-        grid_h, grid_w = self._token_grid(height, width)
         num_ref = 0 if image_latents is None else image_latents.shape[1]
 
         # stock shifts by the target's token count (the reference does not count)

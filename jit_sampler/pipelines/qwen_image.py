@@ -55,6 +55,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from ..config import JiTConfig
 from ..report import flop_summary
+from .checks import check_latents_shape
 from .base import UNSET, JiTPipelineMixin, execution_device, per_image
 
 __all__ = ["JiTQwenImagePipeline", "QwenImageVelocity", "qwen_flop_config"]
@@ -282,6 +283,10 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
                           max_sequence_length=max_sequence_length)
         _check_mask("prompt_embeds_mask", prompt_embeds_mask, prompt_embeds)
         _check_mask("negative_prompt_embeds_mask", negative_prompt_embeds_mask, negative_prompt_embeds)
+        grid = self._token_grid(height, width)
+        check_latents_shape(latents, (self._batch_size(prompt, prompt_embeds) * num_images_per_prompt,
+                                      grid[0] * grid[1], self.transformer.config.in_channels),
+                            "packed start latents [B, N tokens, C]")
         tc = self.transformer.config
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -324,9 +329,6 @@ class JiTQwenImagePipeline(JiTPipelineMixin, QwenImagePipeline):
                                        generator, latents)
         # The packed token grid (prepare_latents rounds the latent size down to even).
         grid_h, grid_w = self._token_grid(height, width)
-        if latents.dim() != 3 or latents.shape[0] != total:  # the grid and channels are checked by jit_sample
-            raise ValueError(f"latents must be packed [B, N, C] with B = {total} (prompts x num_images_per_prompt), "
-                             f"got shape {tuple(latents.shape)}")
 
         cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, grid_h * grid_w, device)
 

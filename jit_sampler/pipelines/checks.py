@@ -1,0 +1,178 @@
+"""Input checks shared by the JiT pipelines, run before any model (VAE, text encoder, ControlNet, transformer).
+
+The stock diffusers pipelines check some arguments in ``check_inputs`` and leave the rest to
+fail wherever they are first used: a negative ``num_images_per_prompt`` in ``repeat``, an
+integer image in the resize, a latent of the wrong shape after the VAE has encoded the image,
+a generator that is not one in ``randn_tensor``. Under ``jit=`` every such input raises here
+instead, with a message that names the argument: ``TypeError`` for a wrong type or dtype,
+``ValueError`` for a wrong shape, size, count or value.
+
+:func:`check_call_arguments` covers the arguments every pipeline shares by name (it is called
+by :meth:`~jit_sampler.pipelines.base.JiTPipelineMixin._dispatch` for JiT calls only, so
+``jit=None`` is untouched); the other helpers are called by each ``_jit_call`` for the
+arguments only it has (images, masks, the expected latent shape).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["check_call_arguments", "check_image_input", "check_latents_shape", "check_preprocessed",
+           "check_int", "effective_batch"]
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """``value`` is an int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_sigmas(sigmas) -> None:
+    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+        raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
+    values = sigmas.tolist() if isinstance(sigmas, (np.ndarray, torch.Tensor)) else list(sigmas)
+    if not values:
+        raise ValueError("sigmas must hold at least one value, got an empty sequence")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"sigmas must be real numbers, got {type(v).__name__} {v!r}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"sigmas must be finite, got {list(values)}")
+
+
+def _check_tensor(name: str, value, dims: tuple) -> None:
+    """``None`` or a floating-point tensor with one of the dimension counts ``dims``."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(value.shape)}")
+
+
+def _check_size(name: str, value) -> None:
+    if value is None:
+        return
+    check_int(name, value, minimum=1)
+
+
+def effective_batch(prompt, prompt_embeds, num_images_per_prompt) -> int | None:
+    """``batch * num_images_per_prompt`` (``None`` when the prompt gives no batch: stock ``check_inputs`` refuses)."""
+    if isinstance(prompt, str):
+        batch = 1
+    elif isinstance(prompt, list):
+        batch = len(prompt)
+    elif isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.dim() >= 1:
+        batch = prompt_embeds.shape[0]
+    else:
+        return None
+    return batch * num_images_per_prompt
+
+
+def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
+    """The arguments every JiT pipeline shares, by name (those ``a`` has): steps, sigmas, images per
+    prompt, generators, latents (type only; each pipeline checks the shape), prompt embeddings,
+    height / width (positive ints; at least one token unless ``pipe._fits_size``), the attention
+    kwargs and the callback."""
+    if explicit_steps and "num_inference_steps" in a:
+        check_int("num_inference_steps", a["num_inference_steps"])
+    if a.get("sigmas") is not None:
+        _check_sigmas(a["sigmas"])
+    if "num_images_per_prompt" in a:
+        check_int("num_images_per_prompt", a["num_images_per_prompt"])
+    gen = a.get("generator")
+    if gen is not None:
+        items = gen if isinstance(gen, list) else [gen]
+        if not all(isinstance(g, torch.Generator) for g in items):
+            bad = next(g for g in items if not isinstance(g, torch.Generator))
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(bad).__name__}")
+    _check_tensor("latents", a.get("latents"), (2, 3, 4, 5))
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        _check_tensor(key, a.get(key), (3,))
+    for key, of in (("pooled_prompt_embeds", "prompt_embeds"),
+                    ("negative_pooled_prompt_embeds", "negative_prompt_embeds")):
+        pooled, embeds = a.get(key), a.get(of)
+        _check_tensor(key, pooled, (2,))
+        if pooled is not None and embeds is not None and pooled.shape[0] != embeds.shape[0]:
+            raise ValueError(f"{key} has batch {pooled.shape[0]} but {of} has batch {embeds.shape[0]}")
+    for key in ("height", "width"):
+        _check_size(key, a.get(key))
+    if not getattr(pipe, "_fits_size", False):
+        multiple = pipe.vae_scale_factor * 2
+        for key in ("height", "width"):
+            if a.get(key) is not None and a[key] < multiple:
+                raise ValueError(f"{key} must be at least {multiple} (one {multiple} x {multiple} token), got {a[key]}")
+    for key in ("joint_attention_kwargs", "attention_kwargs"):
+        if a.get(key) is not None and not isinstance(a[key], Mapping):
+            raise TypeError(f"{key} must be a dict or None, got {type(a[key]).__name__}")
+    if a.get("callback_on_step_end") is not None and not callable(a["callback_on_step_end"]):
+        raise TypeError(f"callback_on_step_end must be callable, got {type(a['callback_on_step_end']).__name__}")
+    if a.get("prompt_embeds") is None and a.get("prompt") is not None:
+        components = getattr(pipe, "components", {})
+        missing = [k for k in ("text_encoder", "text_encoder_2") if k in components and components[k] is None]
+        if missing:
+            raise ValueError(f"{type(pipe).__name__} has no {' / '.join(missing)}: pass prompt_embeds (and the "
+                             f"pipeline's other precomputed embeddings) instead of a prompt")
+    total = effective_batch(a.get("prompt"), a.get("prompt_embeds"), a.get("num_images_per_prompt", 1))
+    if isinstance(gen, list) and total is not None and len(gen) != total:
+        raise ValueError(f"You have passed a list of generators of length {len(gen)}, but requested an effective "
+                         f"batch size of {total}. Make sure the batch size matches the length of the generators.")
+
+
+_IMAGE_TYPES = (torch.Tensor, np.ndarray)
+
+
+def check_image_input(name: str, image, *, required: bool = True) -> None:
+    """A ``PipelineImageInput`` before preprocessing: a PIL image, a numpy array or a floating-point
+    tensor (2 to 4 dims), or a non-empty list of one kind of them."""
+    from PIL import Image
+
+    if image is None:
+        if required:
+            raise ValueError(f"`{name}` is required (got None)")
+        return
+    items = image if isinstance(image, list) else [image]
+    if not items:
+        raise ValueError(f"{name}: an empty list")
+    kinds = set()
+    for it in items:
+        if isinstance(it, Image.Image):
+            kinds.add(Image.Image)
+            continue
+        if not isinstance(it, _IMAGE_TYPES):
+            raise TypeError(f"{name}: expected a PIL image, a numpy array or a torch tensor (or a list of one kind), "
+                            f"got {type(it).__name__}")
+        kinds.add(type(it))
+        if it.ndim not in (2, 3, 4):
+            raise ValueError(f"{name}: an array / tensor must have 2 to 4 dimensions, got shape {tuple(it.shape)}")
+        if isinstance(it, torch.Tensor) and not it.is_floating_point():
+            raise TypeError(f"{name}: a tensor must be floating point (values in [0, 1] or [-1, 1]), got {it.dtype}")
+        if isinstance(it, np.ndarray) and it.dtype.kind not in "fiub":
+            raise TypeError(f"{name}: an array must hold numbers, got dtype {it.dtype}")
+    if len(kinds) > 1:
+        raise TypeError(f"{name}: a list must hold one kind of image, got {sorted(k.__name__ for k in kinds)}")
+
+
+def check_preprocessed(name: str, t: torch.Tensor, channels: tuple, total: int, what: str = "images") -> None:
+    """A preprocessed image / mask ``[b, C, H, W]``: ``C`` one of ``channels`` and ``b`` dividing ``total``."""
+    if t.shape[1] not in channels:
+        raise ValueError(f"{name} must have {' or '.join(map(str, channels))} channels, got shape {tuple(t.shape)}")
+    if t.shape[0] < 1 or total % t.shape[0]:
+        raise ValueError(f"{name}: {t.shape[0]} {what} cannot be repeated to a total batch size of {total} "
+                         f"(prompts x num_images_per_prompt)")
+
+
+def check_latents_shape(latents, shape: tuple, what: str) -> None:
+    """Given ``latents`` must have exactly ``shape`` (``what`` says which layout it is)."""
+    if latents is not None and tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must be {what} of shape {tuple(shape)} (B = {shape[0]}: prompts x "
+                         f"num_images_per_prompt), got {tuple(latents.shape)}")
