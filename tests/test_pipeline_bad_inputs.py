@@ -273,6 +273,20 @@ def _latents_shape(name, d):
     return d
 
 
+GUIDED = tuple(p for p in ALL if p != "klein_kv")  # the KV pipeline takes no guidance_scale
+TRUE_CFG = ("img2img", "inpaint", "kontext", "controlnet")  # FLUX.1 pipelines with negative prompts
+
+
+def _negative(d, **over):
+    """True CFG (scale 2) with precomputed negative embeddings, then ``over``."""
+    d.update(prompt_inputs(1, seed=3, prefix="negative_"), true_cfg_scale=2.0)
+    d.update(over)
+
+
+def _attention_key(d) -> str:
+    return "joint_attention_kwargs" if "pooled_prompt_embeds" in d else "attention_kwargs"
+
+
 def _text_prompt(d):
     """A text prompt instead of the embeddings (the fixtures have no text encoder)."""
     for k in ("prompt_embeds", "pooled_prompt_embeds", "prompt_embeds_mask"):
@@ -380,6 +394,35 @@ CASES: list[Case] = [
     Case("qwen-mask-wrong-shape", ("qwen",), _call(lambda d: d.update(
         prompt_embeds_mask=d["prompt_embeds_mask"][:, :3])), ValueError),
     Case("qwen-mask-list", ("qwen",), _set(prompt_embeds_mask=[1, 1, 1]), TypeError),
+    # --- guidance, true CFG and the negative branch
+    Case("guidance-string", GUIDED, _set(guidance_scale="high"), TypeError),
+    Case("guidance-none", FLUX1, _set(guidance_scale=None), TypeError),
+    Case("guidance-nan", GUIDED, _set(guidance_scale=float("nan")), ValueError),
+    Case("true-cfg-nan", TRUE_CFG, _call(lambda d: _negative(d, true_cfg_scale=float("nan"))), ValueError),
+    Case("true-cfg-string", TRUE_CFG, _call(lambda d: _negative(d, true_cfg_scale="2")), TypeError),
+    Case("negative-embeds-wrong-length", TRUE_CFG, _call(lambda d: _negative(
+        d, negative_prompt_embeds=torch.randn(1, 3, 32))), ValueError),
+    Case("negative-pooled-missing", TRUE_CFG, _call(lambda d: _negative(d, negative_pooled_prompt_embeds=None)),
+         ValueError),
+    Case("negative-embeds-int", TRUE_CFG, _call(lambda d: _negative(
+        d, negative_prompt_embeds=torch.zeros(1, 6, 32, dtype=torch.long))), TypeError),
+    Case("ip-adapter-not-loaded", TRUE_CFG, _set(ip_adapter_image=pil()), ValueError),
+    # --- more schedules and text arguments
+    Case("sigmas-increasing", ALL, _set(sigmas=[0.3, 0.6, 0.9]), ValueError),
+    Case("sigmas-above-one", ALL, _set(sigmas=[2.0, 1.0, 0.5]), ValueError),
+    Case("sigmas-negative", ALL, _set(sigmas=[1.0, 0.5, -0.5]), ValueError),
+    Case("max-sequence-length-huge", FLUX1, _set(max_sequence_length=100000), ValueError),
+    Case("max-sequence-length-negative", ALL, _set(max_sequence_length=-1), ValueError),
+    Case("prompt-list-of-ints", ALL, _set(prompt=[1, 2]), ValueError),
+    Case("callback-not-callable", ALL, _set(callback_on_step_end=3), TypeError),
+    Case("attention-kwargs-list", ALL, _call(lambda d: d.update({_attention_key(d): [1]})), TypeError),
+    # --- more pipeline-specific combinations
+    Case("kontext-latent-reference-batch-3", ("kontext",), _set(image=torch.randn(3, 4, 8, 8)), ValueError),
+    Case("fill-image-and-masked-latents", ("fill",), _set(masked_image_latents=torch.randn(1, 16, 272)),
+         ValueError),
+    Case("padding-mask-crop-tensor-image", ("inpaint",), _set(padding_mask_crop=4), ValueError),
+    Case("control-guidance-start-list-length", ("controlnet",), _set(control_guidance_start=[0.0, 0.1]),
+         ValueError),
 ]
 
 
@@ -414,29 +457,65 @@ def test_bad_input(name, case):
 #: diffusers 0.42.1 (``num_inference_steps=2`` unless the case sets it).
 STOCK: dict = {
     "steps-zero": "ZeroDivisionError",
-    "sigmas-empty": {"controlnet": "accepts", "klein": "accepts", "klein_kv": "accepts", "kontext": "accepts", "qwen": "IndexError"},
+    "sigmas-empty": {
+        "controlnet": "accepts", "klein": "accepts", "klein_kv": "accepts", "kontext": "accepts",
+        "qwen": "IndexError",
+    },
     "sigmas-nan": "accepts",
     "sigmas-string": "ValueError",
     "images-per-prompt-zero": "RuntimeError",
     "images-per-prompt-negative": "RuntimeError",
     "images-per-prompt-float": {"kontext": "ValueError"},
     "generator-wrong-type": "AttributeError",
-    "latents-wrong-shape": {"controlnet": "RuntimeError", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError", "kontext": "RuntimeError", "qwen": "RuntimeError"},
-    "latents-wrong-dim": {"controlnet": "accepts", "fill": "IndexError", "img2img": "accepts", "inpaint": "accepts", "kontext": "RuntimeError", "qwen": "RuntimeError"},
-    "latents-int-dtype": {"controlnet": "accepts", "fill": "accepts", "img2img": "accepts", "inpaint": "RuntimeError", "klein": "ValueError", "klein_kv": "ValueError", "kontext": "accepts", "qwen": "RuntimeError"},
+    "latents-wrong-shape": {
+        "controlnet": "RuntimeError", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError",
+        "kontext": "RuntimeError", "qwen": "RuntimeError",
+    },
+    "latents-wrong-dim": {
+        "controlnet": "accepts", "fill": "IndexError", "img2img": "accepts", "inpaint": "accepts",
+        "kontext": "RuntimeError", "qwen": "RuntimeError",
+    },
+    "latents-int-dtype": {
+        "controlnet": "accepts", "fill": "accepts", "img2img": "accepts", "inpaint": "RuntimeError",
+        "klein": "ValueError", "klein_kv": "ValueError", "kontext": "accepts", "qwen": "RuntimeError",
+    },
     "latents-numpy": "AttributeError",
     "prompt-embeds-list": "AttributeError",
-    "prompt-embeds-2d": {"controlnet": "RuntimeError", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError", "kontext": "RuntimeError"},
-    "prompt-embeds-int": {"controlnet": "NotImplementedError", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError", "klein": "NotImplementedError", "klein_kv": "NotImplementedError", "kontext": "RuntimeError", "qwen": "NotImplementedError"},
-    "pooled-batch-mismatch": {"controlnet": "accepts", "fill": "RuntimeError", "img2img": "accepts", "inpaint": "accepts", "kontext": "RuntimeError"},
-    "height-negative": {"controlnet": "accepts", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError", "klein": "RuntimeError", "klein_kv": "RuntimeError", "kontext": "TypeError", "qwen": "RuntimeError"},
+    "prompt-embeds-2d": {
+        "controlnet": "RuntimeError", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError",
+        "kontext": "RuntimeError",
+    },
+    "prompt-embeds-int": {
+        "controlnet": "NotImplementedError", "fill": "RuntimeError", "img2img": "RuntimeError",
+        "inpaint": "RuntimeError", "klein": "NotImplementedError", "klein_kv": "NotImplementedError",
+        "kontext": "RuntimeError", "qwen": "NotImplementedError",
+    },
+    "pooled-batch-mismatch": {
+        "controlnet": "accepts", "fill": "RuntimeError", "img2img": "accepts", "inpaint": "accepts",
+        "kontext": "RuntimeError",
+    },
+    "height-negative": {
+        "controlnet": "accepts", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError",
+        "klein": "RuntimeError", "klein_kv": "RuntimeError", "kontext": "TypeError", "qwen": "RuntimeError",
+    },
     "height-float": {"controlnet": "accepts", "klein": "accepts", "klein_kv": "accepts", "kontext": "accepts"},
-    "width-too-small": {"controlnet": "accepts", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError", "klein": "accepts", "klein_kv": "RuntimeError", "qwen": "RuntimeError"},
-    "prompt-without-text-encoder": {"controlnet": "TypeError", "fill": "AttributeError", "img2img": "TypeError", "inpaint": "TypeError", "klein": "AttributeError", "klein_kv": "AttributeError", "kontext": "AttributeError", "qwen": "AttributeError"},
-    "image-string": {"fill": "ValueError", "img2img": "ValueError", "inpaint": "ValueError", "kontext": "AttributeError"},
+    "width-too-small": {
+        "controlnet": "accepts", "fill": "RuntimeError", "img2img": "RuntimeError", "inpaint": "RuntimeError",
+        "klein": "accepts", "klein_kv": "RuntimeError", "qwen": "RuntimeError",
+    },
+    "prompt-without-text-encoder": {
+        "controlnet": "TypeError", "fill": "AttributeError", "img2img": "TypeError", "inpaint": "TypeError",
+        "klein": "AttributeError", "klein_kv": "AttributeError", "kontext": "AttributeError",
+        "qwen": "AttributeError",
+    },
+    "image-string": {
+        "fill": "ValueError", "img2img": "ValueError", "inpaint": "ValueError", "kontext": "AttributeError",
+    },
     "image-2-channels": "RuntimeError",
     "image-int-tensor": "NotImplementedError",
-    "image-empty-list": {"fill": "IndexError", "img2img": "IndexError", "inpaint": "IndexError", "kontext": "IndexError"},
+    "image-empty-list": {
+        "fill": "IndexError", "img2img": "IndexError", "inpaint": "IndexError", "kontext": "IndexError",
+    },
     "image-mixed-list": "ValueError",
     "image-batch-3-for-2": "RuntimeError",
     "mask-string": "ValueError",
@@ -460,6 +539,22 @@ STOCK: dict = {
     "control-window-reversed": "accepts",
     "control-mode-for-plain-net": "ValueError",
     "qwen-mask-wrong-shape": "RuntimeError",
+    "guidance-string": {"controlnet": "ValueError", "qwen": "accepts"},
+    "guidance-none": {"controlnet": "RuntimeError"},
+    "guidance-nan": "accepts",
+    "true-cfg-nan": "accepts",
+    "negative-embeds-int": "RuntimeError",
+    "ip-adapter-not-loaded": "AttributeError",
+    "sigmas-increasing": "accepts",
+    "sigmas-above-one": "accepts",
+    "sigmas-negative": "accepts",
+    "max-sequence-length-negative": "accepts",
+    "attention-kwargs-list": {
+        "controlnet": "AttributeError", "fill": "AttributeError", "img2img": "AttributeError",
+        "inpaint": "AttributeError", "kontext": "AttributeError",
+    },
+    "kontext-latent-reference-batch-3": "RuntimeError",
+    "control-guidance-start-list-length": "accepts",
 }
 
 
@@ -521,6 +616,8 @@ EDGES = {
     "strength-1": (lambda n, d: d.update(strength=1.0) if n in STRENGTH else None, 1, (S, S)),
     "one-step": (lambda n, d: d.update(num_inference_steps=1, **({"strength": 1.0} if n in STRENGTH else {})), 1,
                  (S, S)),
+    "numpy-scalars": (lambda n, d: d.update(num_inference_steps=np.int64(3), height=np.int64(S),
+                                            **({"strength": np.float32(1.0)} if n in STRENGTH else {})), 1, (S, S)),
     "attention-kwargs-and-config": (
         lambda n, d: d.update({"attention_kwargs" if n in ("klein", "klein_kv", "qwen") else
                                "joint_attention_kwargs": {"scale": 1.0}}), 1, (S, S)),

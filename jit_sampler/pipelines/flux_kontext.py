@@ -32,7 +32,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import logging
 
 from ..config import JiTConfig
-from .checks import check_image_input, check_latents_shape
+from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
 __all__ = ["JiTFluxKontextPipeline"]
@@ -143,6 +143,8 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
                             "packed start latents [B, N tokens, C]")
         # Preprocessing (no model) before the prompts are encoded, so that a bad reference fails first.
         image = self._preprocess_reference(image, _auto_resize)
+        if image is not None:  # the stock prepare_latents repeats a reference batch that divides the images
+            check_preprocessed("image", image, (3, self.latent_channels), total)
         prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
             prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
