@@ -579,7 +579,7 @@ def test_stock_behaviour(name, case):
         assert_unchanged(before, kwargs)
 
 
-# ---------------------------------------------------------------- valid edge cases: they run, reproducibly, mutating nothing
+# ---------------------------------------------------------------- valid edge cases: reproducible, mutating nothing
 
 
 def _batch2(name, d):
@@ -655,3 +655,52 @@ def test_valid_edge_case(name, edge):
         tuple(out.shape[2:]) == tokens
     assert torch.isfinite(out).all()
     assert torch.equal(outs[0], outs[1]), "same seed, same inputs: the output must be bit-identical"
+
+
+# ---------------------------------------------------------------- enable_cache_dit: bad options change nothing
+
+
+def _cache_state(pipe):
+    tr = pipe.transformer
+    mods = [tr, *tr.transformer_blocks, *tr.single_transformer_blocks]
+    return (sorted(tr.__dict__), [m.__dict__.get("forward") for m in mods], pipe.__dict__.get("cache_dit"),
+            tuple(pipe._call_contexts))
+
+
+@pytest.mark.parametrize("options, exc", [
+    (dict(cache_config="fast"), TypeError),
+    (dict(foo=1), TypeError),
+    (dict(calibrator_config=3), TypeError),  # cache_dit.enable_cache: AttributeError deep inside
+    (dict(params_modifiers="x"), TypeError),  # idem
+], ids=["config-string", "unknown-option", "calibrator-int", "params-modifiers-string"])
+@pytest.mark.parametrize("name", ["img2img", "controlnet", "klein_kv"])
+def test_enable_cache_dit_bad_options(name, options, exc):
+    pytest.importorskip("cache_dit")
+    from jit_sampler.pipelines.cache_dit import enable_cache_dit
+
+    pipe = get_pipe(name)
+    before = _cache_state(pipe)
+    with pytest.raises(exc):
+        enable_cache_dit(pipe, **options)
+    assert _cache_state(pipe) == before
+
+
+@pytest.mark.parametrize("name", ["img2img", "kontext", "klein_kv"])
+def test_bad_call_under_cache_dit_leaves_the_cache_usable(name):
+    """A refused call with cache-dit enabled runs no model, and the next call gives what a clean one gives."""
+    cache_dit = pytest.importorskip("cache_dit")
+    from jit_sampler.pipelines.cache_dit import disable_cache_dit, enable_cache_dit
+
+    pipe = get_pipe(name)
+    cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1,
+                                  residual_diff_threshold=0.12)
+    enable_cache_dit(pipe, cfg)
+    try:
+        clean = pipe(**valid_kwargs(name), generator=gen(0), jit="7x").images
+        with Spies(pipe) as spies, pytest.raises(ValueError):
+            pipe(**valid_kwargs(name), generator=gen(0), num_images_per_prompt=0, jit="7x")
+        assert spies.ran() == {}
+        again = pipe(**valid_kwargs(name), generator=gen(0), jit="7x").images
+    finally:
+        disable_cache_dit(pipe)
+    assert torch.equal(clean, again)

@@ -96,6 +96,22 @@ def _adapter(cache_dit, transformer):
         forward_pattern=patterns, check_forward_pattern=True)
 
 
+def _check_option_types(cache_dit, options: dict) -> None:
+    """``calibrator_config`` / ``params_modifiers`` of the kinds ``cache_dit.enable_cache`` takes (it fails
+    deep inside on anything else, with an ``AttributeError``), checked before anything is attached."""
+    cal = options.get("calibrator_config")
+    if cal is not None and not isinstance(cal, cache_dit.CalibratorConfig):
+        raise TypeError(f"calibrator_config must be a cache_dit.CalibratorConfig, got {type(cal).__name__}")
+    mods = options.get("params_modifiers")
+    if mods is None:
+        return
+    flat = mods if isinstance(mods, list) else [mods]
+    flat = [m for item in flat for m in (item if isinstance(item, list) else [item])]
+    if not all(isinstance(m, cache_dit.ParamsModifier) for m in flat):
+        raise TypeError("params_modifiers must be a cache_dit.ParamsModifier or a list (of lists) of them, got "
+                        f"{type(mods).__name__}")
+
+
 class CacheDiT:
     """cache-dit attached to one FLUX transformer, active only inside :meth:`active`.
 
@@ -126,6 +142,7 @@ class CacheDiT:
         cfg = options.get("cache_config")
         if cfg is not None and not isinstance(cfg, cache_dit.BasicCacheConfig):
             raise TypeError(f"cache_config must be a cache_dit.DBCacheConfig, got {type(cfg).__name__}")
+        _check_option_types(cache_dit, options)
         options = {k: copy.deepcopy(v) for k, v in options.items() if v is not None}
         options.setdefault("cache_config", cache_dit.DBCacheConfig())
         self.transformer = transformer

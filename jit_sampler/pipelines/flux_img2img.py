@@ -294,7 +294,8 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
         batch_size, total, device, grid_h, grid_w = self._start_image_call(
             guidance_scale, joint_attention_kwargs, prompt, prompt_embeds, num_images_per_prompt, generator, height,
             width)
-        check_latents_shape(latents, (total, self.transformer.config.in_channels // 4, *self._latent_size(height, width)),
+        channels = self.transformer.config.in_channels // 4
+        check_latents_shape(latents, (total, channels, *self._latent_size(height, width)),
                             "unpacked noise latents [B, C, h, w] (as the stock inpainting pipeline takes them)")
         self._check_masked_image_latents(masked_image_latents, total)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,

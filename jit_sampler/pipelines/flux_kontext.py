@@ -85,8 +85,8 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
         height = round((max_area / aspect_ratio) ** 0.5) // multiple_of * multiple_of
         if height < multiple_of or width < multiple_of:
-            raise ValueError(f"max_area={max_area} with the aspect ratio {asked_w}:{asked_h} gives a {height} x {width} "
-                             f"image, less than one {multiple_of} x {multiple_of} token")
+            raise ValueError(f"max_area={max_area} with the aspect ratio {asked_w}:{asked_h} gives a {height} x "
+                             f"{width} image, less than one {multiple_of} x {multiple_of} token")
         if (height, width) != (asked_h, asked_w):
             logger.warning(f"Generation `height` and `width` have been adjusted to {height} and {width} to fit "
                            f"`max_area` ({max_area}) and the model's multiple of {multiple_of}.")
