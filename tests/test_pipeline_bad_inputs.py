@@ -325,6 +325,14 @@ CASES: list[Case] = [
          TypeError),
     Case("prompt-embeds-2d", ALL, _call(lambda d: d.update(prompt_embeds=d["prompt_embeds"][0])), ValueError),
     Case("prompt-embeds-int", ALL, _call(lambda d: d.update(prompt_embeds=d["prompt_embeds"].long())), TypeError),
+    Case("prompt-embeds-no-tokens", ALL, _call(lambda d: d.update(prompt_embeds=d["prompt_embeds"][:, :0])),
+         ValueError),
+    Case("prompt-embeds-batch-0", ALL, _call(lambda d: d.update(
+        {k: v[:0] for k, v in d.items() if isinstance(v, torch.Tensor) and "prompt" in k})), ValueError),
+    Case("prompt-embeds-wrong-width", ALL, _call(lambda d: d.update(prompt_embeds=torch.randn(1, 6, 7))), ValueError),
+    Case("pooled-wrong-width", FLUX1, _set(pooled_prompt_embeds=torch.randn(1, 5)), ValueError),
+    Case("embeds-mixed-dtypes", FLUX1, _call(lambda d: d.update(
+        pooled_prompt_embeds=d["pooled_prompt_embeds"].bfloat16())), TypeError),
     Case("pooled-batch-mismatch", FLUX1, _call(lambda d: d.update(
         pooled_prompt_embeds=d["pooled_prompt_embeds"].repeat(2, 1))), ValueError),
     # --- sizes
@@ -490,6 +498,14 @@ STOCK: dict = {
         "inpaint": "RuntimeError", "klein": "NotImplementedError", "klein_kv": "NotImplementedError",
         "kontext": "RuntimeError", "qwen": "NotImplementedError",
     },
+    "prompt-embeds-no-tokens": {
+        "controlnet": "accepts", "fill": "accepts", "img2img": "accepts", "inpaint": "accepts",
+        "klein": "RuntimeError", "klein_kv": "RuntimeError", "kontext": "accepts", "qwen": "RuntimeError",
+    },
+    "prompt-embeds-batch-0": "RuntimeError",
+    "prompt-embeds-wrong-width": "RuntimeError",
+    "pooled-wrong-width": "RuntimeError",
+    "embeds-mixed-dtypes": "RuntimeError",
     "pooled-batch-mismatch": {
         "controlnet": "accepts", "fill": "RuntimeError", "img2img": "accepts", "inpaint": "accepts",
         "kontext": "RuntimeError",
@@ -704,3 +720,39 @@ def test_bad_call_under_cache_dit_leaves_the_cache_usable(name):
     finally:
         disable_cache_dit(pipe)
     assert torch.equal(clean, again)
+
+
+# ---------------------------------------------------------------- what a step callback hands back
+
+
+def _callback(result):
+    def callback(pipe, i, t, kwargs):
+        return result
+    return callback
+
+
+@pytest.mark.parametrize("result, exc", [
+    ({"prompt_embeds": torch.zeros(1, 2, 2)}, ValueError),  # was: a shape mismatch inside the transformer
+    ({"latents": torch.zeros(1, 3, 3)}, ValueError),
+    ([1], TypeError),  # was: list.pop(key, default)
+], ids=["prompt-embeds-wrong-shape", "latents-wrong-shape", "not-a-dict"])
+@pytest.mark.parametrize("name", ["img2img", "controlnet", "klein", "qwen"])
+def test_bad_callback_output_is_a_clear_error(name, result, exc):
+    """Replacements from ``callback_on_step_end`` are checked when they come back (after the step that
+    made them: this cannot be refused before the first model call); the returned dict is not popped."""
+    pipe = get_pipe(name)
+    before = snapshot(result)
+    with pytest.raises(exc, match="step 0"):
+        pipe(**valid_kwargs(name), generator=gen(0), callback_on_step_end=_callback(result),
+             callback_on_step_end_tensor_inputs=["latents"], jit="7x")
+    assert same(before, snapshot(result))
+
+
+@pytest.mark.parametrize("name", ["img2img", "klein_kv", "qwen"])
+def test_callback_returning_none_or_the_same_tensors_changes_nothing(name):
+    pipe = get_pipe(name)
+    ref = pipe(**valid_kwargs(name), generator=gen(0), jit="7x").images
+    for cb in (_callback(None), lambda p, i, t, kw: dict(kw)):
+        out = pipe(**valid_kwargs(name), generator=gen(0), callback_on_step_end=cb,
+                   callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], jit="7x").images
+        assert torch.equal(out, ref)

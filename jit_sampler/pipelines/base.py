@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,26 @@ def per_image(t: torch.Tensor, total: int) -> torch.Tensor:
     if t.shape[0] == total or total % t.shape[0]:
         return t
     return t.repeat_interleave(total // t.shape[0], dim=0)
+
+
+def _callback_outputs(outputs, step: int) -> dict:
+    """What ``callback_on_step_end`` returned, as a new dict (``None`` -> ``{}``; the caller's dict is not popped)."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, Mapping):
+        raise TypeError(f"callback_on_step_end must return a dict (or None), got {type(outputs).__name__} at step "
+                        f"{step}")
+    return dict(outputs)
+
+
+def _replacement(new, old: torch.Tensor, name: str, step: int) -> torch.Tensor:
+    """A tensor a callback hands back for ``name``: the shape of the one it replaces (a clear error, not a
+    shape mismatch inside the next transformer call)."""
+    if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+        raise ValueError(f"callback_on_step_end returned {name} of shape "
+                         f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__} at step {step}; "
+                         f"a replacement must have the shape {tuple(old.shape)}")
+    return new
 
 
 class JiTPipelineMixin:
@@ -206,10 +227,11 @@ class JiTPipelineMixin:
                 if callback_on_step_end is not None:
                     avail = {"latents": y, "prompt_embeds": velocity.prompt_embeds}
                     callback_kwargs = {k: avail[k] for k in callback_on_step_end_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, timesteps[i], callback_kwargs) or {}
+                    outputs = _callback_outputs(callback_on_step_end(self, i, timesteps[i], callback_kwargs), i)
                     new_latents = outputs.pop("latents", new_latents)
                     if "prompt_embeds" in outputs:
-                        velocity.prompt_embeds = outputs.pop("prompt_embeds")
+                        velocity.prompt_embeds = _replacement(outputs.pop("prompt_embeds"), velocity.prompt_embeds,
+                                                              "prompt_embeds", i)
                 progress_bar.update()
                 return new_latents
 

@@ -92,6 +92,26 @@ def effective_batch(prompt, prompt_embeds, num_images_per_prompt) -> int | None:
     return batch * num_images_per_prompt
 
 
+def _check_embedding_sizes(pipe, a: dict) -> None:
+    """Precomputed embeddings: non-empty, one dtype, and as wide as the transformer's text inputs."""
+    config = pipe.transformer.config
+    widths = {"prompt_embeds": config.get("joint_attention_dim"),
+              "negative_prompt_embeds": config.get("joint_attention_dim"),
+              "pooled_prompt_embeds": config.get("pooled_projection_dim"),
+              "negative_pooled_prompt_embeds": config.get("pooled_projection_dim")}
+    given = {k: a[k] for k in widths if a.get(k) is not None}
+    for key, t in given.items():
+        if 0 in t.shape:
+            raise ValueError(f"{key} is empty: shape {tuple(t.shape)}")
+        if widths[key] is not None and t.shape[-1] != widths[key]:
+            raise ValueError(f"{key} must have {widths[key]} features (the transformer's "
+                             f"{'pooled_projection_dim' if 'pooled' in key else 'joint_attention_dim'}), got shape "
+                             f"{tuple(t.shape)}")
+    if len({t.dtype for t in given.values()}) > 1:
+        raise TypeError(f"the precomputed embeddings must share one dtype, got "
+                        f"{ {k: str(t.dtype) for k, t in given.items()} }")
+
+
 def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
     """The arguments every JiT pipeline shares, by name (those ``a`` has): steps, sigmas, images per
     prompt, generators, latents (type only; each pipeline checks the shape), prompt embeddings,
@@ -128,6 +148,7 @@ def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
         _check_tensor(key, pooled, (2,))
         if pooled is not None and embeds is not None and pooled.shape[0] != embeds.shape[0]:
             raise ValueError(f"{key} has batch {pooled.shape[0]} but {of} has batch {embeds.shape[0]}")
+    _check_embedding_sizes(pipe, a)
     for key in ("height", "width"):
         _check_size(key, a.get(key))
     if not getattr(pipe, "_fits_size", False):
