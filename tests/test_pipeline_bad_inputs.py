@@ -756,3 +756,50 @@ def test_callback_returning_none_or_the_same_tensors_changes_nothing(name):
         out = pipe(**valid_kwargs(name), generator=gen(0), callback_on_step_end=cb,
                    callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], jit="7x").images
         assert torch.equal(out, ref)
+
+
+def _mask_pil():
+    m = np.zeros((S, S), np.uint8)
+    m[16:48, 16:48] = 255
+    return Image.fromarray(m)
+
+
+VARIANTS = [
+    # (pipeline, overrides, expected output shape) - the inputs the checks above must keep accepting
+    ("inpaint", lambda: dict(image=pil(), mask_image=_mask_pil(), padding_mask_crop=4, output_type="pil"), None),
+    ("inpaint", lambda: dict(masked_image_latents=img() * (1 - mask())), (1, 16, 16)),
+    ("inpaint", lambda: dict(latents=torch.randn(1, 4, 8, 8, generator=gen(3))), (1, 16, 16)),
+    ("fill", lambda: dict(image=None, mask_image=None, masked_image_latents=torch.randn(1, 16, 272, generator=gen(3)),
+                          latents=torch.randn(1, 16, 16, generator=gen(4))), (1, 16, 16)),
+    ("img2img", lambda: dict(latents=torch.randn(1, 16, 16, generator=gen(3))), (1, 16, 16)),
+    ("img2img", lambda: dict(image=torch.randn(1, 4, 8, 8, generator=gen(3))), (1, 16, 16)),  # latent image
+    ("img2img", lambda: dict(sigmas=np.linspace(1.0, 0.1, 4)), (1, 16, 16)),
+    ("img2img", lambda: dict(image=[pil(), pil(80, 48, seed=2)], **prompt_inputs(2)), (2, 16, 16)),
+    ("kontext", lambda: dict(image=None), (1, 16, 16)),
+    ("kontext", lambda: dict(image=torch.randn(1, 4, 8, 8, generator=gen(3))), (1, 16, 16)),  # latent reference
+    ("kontext", lambda: dict(image=[pil(), pil(seed=1)], num_images_per_prompt=2), (2, 16, 16)),
+    ("controlnet", lambda: dict(latents=torch.randn(1, 16, 16, generator=gen(3))), (1, 16, 16)),
+    ("klein", lambda: dict(image=None), (1, 8, 8, 8)),
+    ("klein", lambda: dict(latents=torch.randn(1, 32, 4, 4, generator=gen(3))), (1, 8, 8, 8)),
+    ("klein_kv", lambda: dict(image=None, jit=JiTConfig.preset("7x").replace(token_bucket=8)), (1, 8, 8, 8)),
+    ("qwen", lambda: dict(true_cfg_scale=2.0, negative_prompt_embeds=torch.randn(1, 7, 16, generator=gen(4)),
+                          negative_prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long)), (1, 64, 16)),
+    ("qwen", lambda: dict(latents=torch.randn(1, 64, 16, generator=gen(3))), (1, 64, 16)),
+    ("qwen", lambda: dict(sigmas=[1.0, 0.6, 0.3]), (1, 64, 16)),
+]
+
+
+@pytest.mark.parametrize("name, over, shape", VARIANTS,
+                         ids=[f"{n}-{'-'.join(o())}" for n, o, _ in VARIANTS])
+def test_valid_variants_still_run(name, over, shape):
+    pipe = get_pipe(name)
+    kwargs = valid_kwargs(name)
+    kwargs.update(generator=gen(0), **over())
+    jit = kwargs.pop("jit", "7x")
+    before = {k: snapshot(v) for k, v in kwargs.items()}
+    out = pipe(**kwargs, jit=jit).images
+    assert_unchanged(before, kwargs)
+    if shape is None:  # PIL output
+        assert len(out) == 1 and out[0].size == (S, S)
+    else:
+        assert tuple(out.shape) == shape and torch.isfinite(out).all()

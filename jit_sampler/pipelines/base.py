@@ -5,7 +5,9 @@ The mixin owns everything that is not specific to one model family:
 
 - ``jit=None`` calls the stock ``__call__`` untouched; a preset name or a
   :class:`~jit_sampler.JiTConfig` goes to the subclass's ``_jit_call`` with every stock
-  argument bound to its name (``_dispatch``);
+  argument bound to its name (``_dispatch``), after the arguments every pipeline shares have
+  been checked (:func:`~jit_sampler.pipelines.checks.check_call_arguments`: a clear
+  ``TypeError`` / ``ValueError`` before any model runs);
 - the step count (the config's, unless the caller passed ``num_inference_steps`` or
   ``sigmas``) and the scheduler's own shifted sigmas (``_scheduler_sigmas``);
 - :func:`~jit_sampler.jit_sample` under the progress bar with ``interrupt`` and
