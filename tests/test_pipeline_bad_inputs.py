@@ -803,3 +803,19 @@ def test_valid_variants_still_run(name, over, shape):
         assert len(out) == 1 and out[0].size == (S, S)
     else:
         assert tuple(out.shape) == shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "fill", "kontext", "klein", "klein_kv"])
+def test_token_bucket_leaves_the_attention_kwargs_alone(name):
+    """token_bucket adds a padding mask to the transformer's attention kwargs: on a copy, never the caller's dict."""
+    pipe = get_pipe(name)
+    kwargs = valid_kwargs(name)
+    if name == "klein_kv":
+        kwargs["image"] = None  # token_bucket is refused with KV-cached references
+    key = "attention_kwargs" if name in ("klein", "klein_kv") else "joint_attention_kwargs"
+    kwargs.update({key: {"scale": 1.0}}, generator=gen(0))
+    before = {k: snapshot(v) for k, v in kwargs.items()}
+    cfg = JiTConfig.preset("7x").replace(token_bucket=8)
+    out = pipe(**kwargs, jit=cfg).images
+    assert_unchanged(before, kwargs)
+    assert kwargs[key] == {"scale": 1.0} and torch.isfinite(out).all()
