@@ -769,6 +769,8 @@ VARIANTS = [
     ("inpaint", lambda: dict(image=pil(), mask_image=_mask_pil(), padding_mask_crop=4, output_type="pil"), None),
     ("inpaint", lambda: dict(masked_image_latents=img() * (1 - mask())), (1, 16, 16)),
     ("inpaint", lambda: dict(latents=torch.randn(1, 4, 8, 8, generator=gen(3))), (1, 16, 16)),
+    ("inpaint", lambda: dict(mask_image=mask(1, 32, 48)), (1, 16, 16)),  # a mask of another size is resized
+    ("fill", lambda: dict(mask_image=mask(1, 32, 48)), (1, 16, 16)),
     ("fill", lambda: dict(image=None, mask_image=None, masked_image_latents=torch.randn(1, 16, 272, generator=gen(3)),
                           latents=torch.randn(1, 16, 16, generator=gen(4))), (1, 16, 16)),
     ("img2img", lambda: dict(latents=torch.randn(1, 16, 16, generator=gen(3))), (1, 16, 16)),
