@@ -821,3 +821,20 @@ def test_token_bucket_leaves_the_attention_kwargs_alone(name):
     out = pipe(**kwargs, jit=cfg).images
     assert_unchanged(before, kwargs)
     assert kwargs[key] == {"scale": 1.0} and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unsplittable_context_parallel_run_is_refused_before_any_model(name):
+    """A transformer set up for context parallelism over 2 ranks (what diffusers' ``enable_parallelism``
+    leaves on it) cannot split JiT's 5- and 9-token stages of a 4 x 4 grid: refused before the VAE
+    encodes anything (the image pipelines used to find out only before the first transformer call)."""
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    pipe = get_pipe(name)
+    pipe.transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    try:
+        with Spies(pipe) as spies, pytest.raises(ValueError, match="context parallelism over 2 ranks"):
+            pipe(**valid_kwargs(name), generator=gen(0), jit="7x")
+    finally:
+        del pipe.transformer._parallel_config
+    assert spies.ran() == {}

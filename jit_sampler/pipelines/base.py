@@ -170,18 +170,18 @@ class JiTPipelineMixin:
         self._num_timesteps = steps
         return cfg, sig
 
-    def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds) -> None:
+    def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds, extra: int = 0) -> None:
         """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
 
         Checks the stage token counts of the ``height x width`` image (the pipeline defaults when
         ``None``) and the text length of the precomputed ``embeds`` given; encoded prompts are
-        checked again before the first transformer call (``_denoise``). No-op without context
-        parallelism.
+        checked again before the first transformer call (``_denoise``). ``extra``: reference tokens
+        that ride along in every call. No-op without context parallelism.
         """
         if context_parallel_degree(self.transformer) == 1:
             return
         grid_h, grid_w = self._token_grid(*self._default_size(height, width))
-        check_context_parallel(self.transformer, cfg.token_counts(max(1, grid_h * grid_w)),
+        check_context_parallel(self.transformer, [c + extra for c in cfg.token_counts(max(1, grid_h * grid_w))],
                                [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
 
     def _scheduler_sigmas(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:

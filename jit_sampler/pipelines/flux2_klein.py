@@ -144,7 +144,8 @@ class JiTFlux2KleinPipeline(Flux2JiTMixin, Flux2KleinPipeline):
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           guidance_scale=guidance_scale)
         self._guidance_scale = guidance_scale
-        self._check_context_parallel(cfg, height, width, prompt_embeds,
+        stages = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)  # this run's stages
+        self._check_context_parallel(stages, height, width, prompt_embeds,
                                      negative_prompt_embeds if self.do_classifier_free_guidance else None)
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None

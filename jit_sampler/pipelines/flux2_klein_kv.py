@@ -160,6 +160,8 @@ class JiTFlux2KleinKVPipeline(Flux2JiTMixin, Flux2KleinKVPipeline):
         condition_images, height, width = prepare_reference_images(self, images, height, width)
         height, width = self._default_size(height, width)
         check_flux2_latents(self, latents, total, height, width)
+        stages = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)  # this run's stages
+        self._check_context_parallel(stages, height, width, prompt_embeds)
         device = self._execution_device
         prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, device=device, num_images_per_prompt=num_images_per_prompt,

@@ -444,6 +444,9 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
             raise NotImplementedError("callback_on_step_end with 'control_image' and a hint-encoder (XLabs) "
                                       "ControlNet: the stock callback sees pixels, the JiT loop holds tokens")
         height, width = images[-1].shape[-2:]  # as stock: the output follows the control image
+        stages = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)  # this run's stages
+        self._check_context_parallel(stages, height, width, prompt_embeds,
+                                     negative_prompt_embeds if true_cfg_scale > 1 else None)
         tokens = math.prod(self._token_grid(height, width))
         want = (batch_size * num_images_per_prompt, tokens, self.transformer.config.in_channels)
         if isinstance(latents, torch.Tensor) and tuple(latents.shape) != want:

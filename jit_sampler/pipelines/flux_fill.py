@@ -91,6 +91,7 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
                                  f"(or batch 1), got {tuple(masked_image_latents.shape)}")
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps, n_tokens,
                                            device)
+        self._check_context_parallel(cfg, height, width, prompt_embeds)
         init_image = mask_pre = None
         if image is not None:
             init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)

@@ -223,6 +223,8 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
                             "packed noised start latents [B, N tokens, C]")
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
+        self._check_context_parallel(cfg, height, width, prompt_embeds,
+                                     negative_prompt_embeds if true_cfg_scale > 1 else None)
         init_image = self.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
         check_preprocessed("image", init_image, (3, self.latent_channels), total)
 
@@ -300,6 +302,8 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
         self._check_masked_image_latents(masked_image_latents, total)
         cfg, sig = self._strength_schedule(cfg, strength, sigmas, explicit_steps, num_inference_steps,
                                            grid_h * grid_w, device)
+        self._check_context_parallel(cfg, height, width, prompt_embeds,
+                                     negative_prompt_embeds if true_cfg_scale > 1 else None)
         if padding_mask_crop is not None:
             crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
             resize_mode = "fill"

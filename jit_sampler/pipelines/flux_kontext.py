@@ -92,6 +92,13 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
                            f"`max_area` ({max_area}) and the model's multiple of {multiple_of}.")
         return height, width
 
+    def _reference_tokens(self, image) -> int:
+        """Packed tokens of a preprocessed reference (pixels ``[b, 3, H, W]`` or latents ``[b, c, h, w]``)."""
+        if image is None:
+            return 0
+        p = 2 if image.shape[1] == self.latent_channels else 2 * self.vae_scale_factor
+        return (image.shape[-2] // p) * (image.shape[-1] // p)
+
     def _preprocess_reference(self, image, auto_resize: bool):
         """The reference image resized and normalised as stock does (latent tensors pass through)."""
         if image is None or (isinstance(image, torch.Tensor) and image.size(1) == self.latent_channels):
@@ -145,6 +152,10 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
         image = self._preprocess_reference(image, _auto_resize)
         if image is not None:  # the stock prepare_latents repeats a reference batch that divides the images
             check_preprocessed("image", image, (3, self.latent_channels), total)
+        stages = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)  # this run's stages
+        self._check_context_parallel(stages, height, width, prompt_embeds,
+                                     negative_prompt_embeds if true_cfg_scale > 1 else None,
+                                     extra=self._reference_tokens(image))
         prompt_embeds, pooled_prompt_embeds, text_ids, negative = self._encode_prompts(
             prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
