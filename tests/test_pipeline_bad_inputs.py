@@ -4,10 +4,10 @@ Every bad case runs a tiny offline pipeline under ``jit="7x"`` with one bad argu
 names the exception the call must raise: ``TypeError`` for a wrong type / dtype,
 ``ValueError`` for a wrong shape / size / value / range, ``NotImplementedError`` for an
 unsupported combination. Forward pre-hooks on the VAE encoder, the transformer and the
-ControlNet (the :class:`Spies`) prove that the error came before any of them ran. Cases where
-the stock pipeline (``jit=None``) accepts the input or fails deep inside (an ``AttributeError``,
-``IndexError`` or ``RuntimeError`` from diffusers or torch) are marked ``stock=`` with what the
-stock call does; ``test_stock_behaviour`` keeps that documentation honest.
+ControlNet (the :class:`Spies`) prove that the error came before any of them ran. Where the
+stock pipeline (``jit=None``) accepts the input or fails deep inside (an ``AttributeError``,
+``IndexError`` or ``RuntimeError`` from diffusers or torch), :data:`STOCK` records what the
+stock call does; ``test_stock_behaviour`` keeps that record honest.
 
 The valid edge cases (batch 2 with ``num_images_per_prompt=2``, sizes that are not multiples
 of 16, ``strength=1.0``, a one-step run) must run, give the expected output shape and be
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -235,16 +235,13 @@ def assert_unchanged(before: dict, kwargs: dict) -> None:
 @dataclass
 class Case:
     """One bad input: ``edit(kwargs)`` edits a valid call of each pipeline in ``pipes`` in place;
-    the JiT call must raise ``exc`` before any model runs. ``stock``: what ``jit=None`` does
-    with the same input ("raises X" / "accepts" / "crashes X"), when it differs from ``exc``."""
+    the JiT call (``jit``) must raise ``exc`` before any model runs (what ``jit=None`` does: :data:`STOCK`)."""
 
     id: str
     pipes: tuple
     edit: Callable
     exc: type
     jit: object = "7x"
-    stock: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 FLUX1 = ("img2img", "inpaint", "fill", "kontext", "controlnet")
@@ -263,14 +260,6 @@ def _call(fn):
     def edit(d):
         fn(d)
     return edit
-
-
-def _emb_key(d):
-    return "prompt_embeds"
-
-
-def _latents_shape(name, d):
-    return d
 
 
 GUIDED = tuple(p for p in ALL if p != "klein_kv")  # the KV pipeline takes no guidance_scale
