@@ -563,9 +563,20 @@ STOCK: dict = {
 }
 
 
+STOCK_DIFFUSERS = "0.42.1"  # the diffusers release the STOCK table was recorded on
+
+
 @pytest.mark.parametrize("name, case", [p for p in _params() if p.values[1].jit == "7x"])
 def test_stock_behaviour(name, case):
-    """Keeps the :data:`STOCK` documentation honest: the stock call does what it says."""
+    """Keeps the :data:`STOCK` documentation honest: the stock call does what it says.
+
+    The table describes diffusers' own pipelines, not this package: on another diffusers release it
+    is out of date rather than wrong, so the check runs only on the release it was recorded on
+    (the JiT cases above run on every release)."""
+    import diffusers
+
+    if diffusers.__version__ != STOCK_DIFFUSERS:
+        pytest.skip(f"STOCK table recorded on diffusers {STOCK_DIFFUSERS}, installed {diffusers.__version__}")
     want = STOCK.get(case.id, case.exc.__name__)
     want = want.get(name, case.exc.__name__) if isinstance(want, dict) else want
     pipe = get_pipe(name)
