@@ -161,7 +161,9 @@ def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
             raise TypeError(f"{key} must be a dict or None, got {type(a[key]).__name__}")
     if a.get("callback_on_step_end") is not None and not callable(a["callback_on_step_end"]):
         raise TypeError(f"callback_on_step_end must be callable, got {type(a['callback_on_step_end']).__name__}")
-    if a.get("prompt_embeds") is None and a.get("prompt") is not None:
+    # A prompt without text encoders cannot be encoded, unless the caller swapped in their own
+    # ``encode_prompt`` on this instance (a remote or cached text encoder, a test double).
+    if a.get("prompt_embeds") is None and a.get("prompt") is not None and "encode_prompt" not in vars(pipe):
         components = getattr(pipe, "components", {})
         missing = [k for k in ("text_encoder", "text_encoder_2") if k in components and components[k] is None]
         if missing:
