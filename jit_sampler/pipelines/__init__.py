@@ -86,19 +86,14 @@ def _install_filter() -> None:
 _install_filter()
 
 
-def _quiet_import(name: str):
-    """Import a pipeline module of this package (the notice filter above is already in place)."""
-    return importlib.import_module(f"{__name__}.{name}")
-
-
 def _load_all() -> None:
     for m in _MODULES:
-        _quiet_import(m)
+        importlib.import_module(f"{__name__}.{m}")
 
 
 def __getattr__(name):
     if name in _CLASSES:
-        return getattr(_quiet_import(_CLASSES[name]), name)
+        return getattr(importlib.import_module(f"{__name__}.{_CLASSES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
