@@ -278,3 +278,40 @@ def test_flux_size_lift_on_cuda():
     got = jk.lift_field(vals, a, h, w, nearest=near, backend="triton")
     want = ref.lift_field_ref(vals, a, near, jk.lift_weights(m, n, device="cuda"), h, w)
     assert_close(got, want, torch.bfloat16)
+
+
+@pytest.mark.skipif(not INTERP, reason="the interpreter's __index__ patch (compiled Triton never runs it)")
+def test_interpreter_index_mend_for_triton_36(monkeypatch):
+    """Triton <= 3.6's interpreter converts a runtime scalar with ``int(array)``, which numpy >= 2.4
+    refuses; ``common._mend_interpreter_index`` wraps that patch on those versions only.
+
+    Reproduced here on a newer Triton by putting the 3.6 form of the patch back."""
+    import numpy as np
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
+
+    real = interpreter._patch_lang_tensor
+
+    def patch_as_in_36(tensor, scope):
+        real(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_as_in_36)
+    idx = torch.tensor([3, 0, 7, 20, 33])
+    want = jk.nearest_anchor_map(idx, 7, 13, backend="reference")
+    try:
+        int(np.array([1]))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    if numpy_refuses:  # the failure the mend exists for
+        with pytest.raises(InterpreterError, match="0-dimensional"):
+            jk.nearest_anchor_map(idx, 7, 13, backend="triton")
+
+    monkeypatch.setattr(common, "_triton_version", lambda: (3, 7))
+    assert common._mend_interpreter_index() is False  # fixed upstream from 3.7 on: nothing wrapped
+    assert interpreter._patch_lang_tensor is patch_as_in_36
+    monkeypatch.setattr(common, "_triton_version", lambda: (3, 6))
+    assert common._mend_interpreter_index() is True
+    assert common._mend_interpreter_index() is False  # once only
+    assert torch.equal(jk.nearest_anchor_map(idx, 7, 13, backend="triton"), want)

@@ -19,6 +19,47 @@ __all__ = ["INTERPRET", "NUM_WARPS", "MAX_GRID_YZ", "MAX_FLAT_ROWS", "tile_shape
 # The interpreter is chosen when @triton.jit runs, so this is read once, at import time.
 INTERPRET = triton_interpret()
 
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return (0, 0)
+
+
+def _mend_interpreter_index() -> bool:
+    """Let Triton <= 3.6's interpreter index with a runtime scalar under numpy >= 2.4.
+
+    Those interpreters hold a scalar kernel argument as a one-element array and convert it
+    with ``int(array)`` when a kernel loops ``range(0, M, BLOCK)`` over it; numpy 2.4 turned
+    that conversion of a 1-d array into a ``TypeError``, so every such kernel failed under
+    the interpreter (Triton 3.7 takes the element first). Only the interpreter's patch of
+    ``tl.tensor.__index__`` is wrapped, only on those versions; compiled kernels are
+    untouched. Returns whether the wrapper was installed.
+    """
+    if _triton_version() >= (3, 7):
+        return False
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_jit_kernels_mended", False):
+        return False
+
+    def _patch_lang_tensor(tensor, scope, _orig=patch):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _patch_lang_tensor._jit_kernels_mended = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+if INTERPRET:
+    _mend_interpreter_index()
+
 # Elements per tile. On a GPU ~4K fp32 elements over 4 warps keeps 32 live values per
 # thread (no spills, enough loads in flight). Under the interpreter every program
 # instance costs ~0.6 ms of Python overhead, so tiles are made as large as numpy likes.
