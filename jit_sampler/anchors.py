@@ -127,12 +127,15 @@ def complement(active: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if active.dim() == 1:
         mask = torch.ones(num_tokens, dtype=torch.bool, device=active.device)
         mask[active] = False
-        return mask.nonzero().flatten()
-    b = active.shape[0]
-    mask = torch.ones(b, num_tokens, dtype=torch.bool, device=active.device)
-    mask.scatter_(1, active, False)
-    # Equal counts per row, so the row-major nonzero list reshapes to [B, N - M].
-    return mask.nonzero()[:, 1].reshape(b, num_tokens - active.shape[1])
+        out = mask.nonzero().flatten()
+    else:
+        b = active.shape[0]
+        mask = torch.ones(b, num_tokens, dtype=torch.bool, device=active.device)
+        mask.scatter_(1, active, False)
+        # Equal counts per row, so the row-major nonzero list reshapes to [B, N - M].
+        out = mask.nonzero()[:, 1].reshape(b, num_tokens - active.shape[1])
+    jk._checks.remember(("range", num_tokens), out, flag=True)  # positions of a mask: distinct, in range
+    return out
 
 
 def merge_active(active: torch.Tensor, new: torch.Tensor, *, order: str = "sorted") -> torch.Tensor:
@@ -187,5 +190,9 @@ def activate_tokens(
         score = _distance_score(active, nearest, height, width)
     if active.dim() == 1:
         score = score.mean(0, keepdim=True)  # shared set: batch-mean importance
-        return jk.select_new_tokens(score, active, count, backend=backend)[0]
+        new = jk.select_new_tokens(score, active, count, backend=backend)[0]
+        # The row is a new tensor object: carry over what select_new_tokens' result is by construction
+        # (distinct tokens of the grid), so the next ops do not re-check its values (a host sync).
+        jk._checks.remember(("range", n), new, flag=True)
+        return new
     return jk.select_new_tokens(score, active, count, backend=backend)

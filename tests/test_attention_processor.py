@@ -412,3 +412,18 @@ def test_ulysses_two_gloo_ranks(tmp_path):
         assert "context parallelism" in res["call_error"]
         assert res["restored_diff"] < 1e-5
         assert "context parallelism" in res["install_error"] and res["install_swapped_nothing"]
+
+
+def test_lengths_of_a_tracked_mask_are_value_checked_once_under_inference_mode(tiny):
+    # The mask is an ordinary tensor (FluxVelocity builds its masks outside inference mode); the
+    # lengths made from it must be one too, or the kernel re-checks them (a host sync) at every layer.
+    import jit_kernels as jk
+    from jit_sampler.pipelines.attention_processor import use_anchor_attention
+
+    tr = tiny.transformer
+    x, lab, ids, mask = _padded_batch()
+    jk.reset_validation_passes()
+    with torch.inference_mode(), use_anchor_attention(tr):
+        for _ in range(2):  # 2 forwards x 4 layers
+            tr(**_transformer_kwargs(tiny, x, lab, ids, mask))
+    assert jk.validation_passes().get("anchor_attention", 0) == 1

@@ -221,17 +221,28 @@ def _velocity(x, idx, sigma, step):
     return 0.5 * x + torch.tanh(x.roll(1, dims=-1)) * sigma
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("preset", ["4x", "7x"])
 @pytest.mark.parametrize("policy", ["shared", "per_sample"])
-def test_sparse_steps_do_no_validation(preset, policy):
-    """Validation passes per run depend on the number of stages, not of steps."""
-    counts = []
+def test_sparse_steps_do_no_validation(preset, policy, mode):
+    """Validation passes per run depend on the number of stages, not of steps; also under a caller's
+    ``torch.inference_mode`` (the sampler keeps its index tensors out of it, so they stay cacheable)."""
+    counts, outs = [], []
     for steps in (18, 36):
         cfg = JiTConfig.preset(preset, total_steps=steps, anchor_policy=policy)
         x = torch.randn(2, N, C, generator=torch.Generator().manual_seed(0))
         jk.reset_validation_passes()
-        jit_sample(_velocity, x, H, W, beta_sigmas(steps), cfg, torch.Generator().manual_seed(1))
+        with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+            outs.append(jit_sample(_velocity, x, H, W, beta_sigmas(steps), cfg, torch.Generator().manual_seed(1))[0])
         counts.append(_passes())
+        # Only each new anchor set is checked (by nearest_anchor_map): the new tokens of ITA and of the
+        # last transition are distinct grid tokens by construction, and are not checked again.
+        assert set(jk.validation_passes()) <= {"nearest_anchor_map"}, jk.validation_passes()
     assert counts[0] == counts[1]
+    if mode == "inference_mode":  # the same result as outside it
+        x = torch.randn(2, N, C, generator=torch.Generator().manual_seed(0))
+        cfg = JiTConfig.preset(preset, total_steps=36, anchor_policy=policy)
+        want, _ = jit_sample(_velocity, x, H, W, beta_sigmas(36), cfg, torch.Generator().manual_seed(1))
+        assert torch.equal(outs[1], want)
     # One new anchor set per sparse stage (checked by nearest_anchor_map), nothing per step.
     assert 1 <= counts[0] <= 2 * JiTConfig.preset(preset).num_stages

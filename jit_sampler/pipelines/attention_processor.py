@@ -120,7 +120,10 @@ def _cached_key_lengths(mask, batch: int, seq_len: int):
     entry = _LENGTHS_CACHE.get(key)
     if entry is not None and entry[0]() is mask and entry[1:4] == (version, batch, seq_len):
         return entry[4]
-    lengths = key_lengths_from_mask(mask, batch, seq_len)
+    # Outside inference mode, so the lengths have a version counter and the kernel's value check of
+    # them is remembered too (an inference tensor is re-checked, with a host sync, at every layer).
+    with torch.inference_mode(False), torch.no_grad():
+        lengths = key_lengths_from_mask(mask, batch, seq_len)
     _LENGTHS_CACHE.pop(key, None)
     while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
         _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)), None)  # the oldest
