@@ -170,6 +170,22 @@ def _gen(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
+def _exact_fp32():
+    """fp32 matmuls and convolutions in full fp32 (no TF32) while parity is judged at fp32 tolerances.
+
+    cuDNN may run fp32 convolutions in TF32 by default (about 1e-3 off); the package's own
+    reference avoids them, but torch code a check compares against must not depend on the default.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def _quiet_fd2():
     """Silence C++ writes to stderr (the profiler's per-window log lines); replayed if the block raises."""
     sys.stderr.flush()
@@ -198,19 +214,58 @@ def build_command(arch: str | None) -> str:
             f"python setup.py build_ext --inplace   # from {ROOT}")
 
 
-def run_build(dry: bool) -> dict:
+def _text(out) -> str:
+    """A subprocess stream as text (a timeout's partial output is bytes even with ``text=True``)."""
+    if out is None:
+        return ""
+    return out.decode(errors="replace") if isinstance(out, bytes) else out
+
+
+def _cuda_home_with_runtime() -> str | None:
+    """A CUDA_HOME whose ``lib64`` holds libcudart, when torch's own guess lacks it.
+
+    torch guesses CUDA_HOME from ``nvcc`` on PATH; where that is a wrapper (``/usr/local/bin/nvcc``)
+    the guess is ``/usr/local`` and the link fails on ``-lcudart`` after the whole compile.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME as guess
+    except Exception:
+        guess = None
+
+    def has_runtime(d):
+        return d is not None and any((Path(d) / "lib64").glob("libcudart.so*"))
+
+    if has_runtime(guess):
+        return None
+    for cand in ("/usr/local/cuda", *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))):
+        if has_runtime(cand) and (Path(cand) / "bin" / "nvcc").exists():
+            return cand
+    return None
+
+
+def run_build(dry: bool, timeout: float | None = None) -> dict:
     """``python setup.py build_ext --inplace`` for this machine (the CUDA kernels for the local GPU)."""
     env = dict(os.environ)
     if not dry and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
         env["JIT_KERNELS_CUDA"] = "1"
+        home = _cuda_home_with_runtime()
+        if home:
+            env["CUDA_HOME"] = home
+            env["PATH"] = f"{home}/bin{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    return {"rc": p.returncode, "seconds": round(time.perf_counter() - t, 1),
-            "TORCH_CUDA_ARCH_LIST": env.get("TORCH_CUDA_ARCH_LIST"), "log_tail": (p.stdout + p.stderr)[-3000:]}
+    try:
+        p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        rc, log = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, log = "timeout", f"the build ran past {timeout:.0f}s: " + _text(exc.stdout)[-2000:]
+    return {"rc": rc, "seconds": round(time.perf_counter() - t, 1), "CUDA_HOME": env.get("CUDA_HOME"),
+            "TORCH_CUDA_ARCH_LIST": env.get("TORCH_CUDA_ARCH_LIST"), "log_tail": log[-3000:]}
 
 
 def _backends_under_test(device: str) -> list[str]:
@@ -234,7 +289,7 @@ def section_env(kit: Kit) -> dict:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_arch=f"sm_{major}{minor}", gpu_memory_GiB=round(props.total_memory / 2**30, 1),
                    gpu_sms=props.multi_processor_count, cuda=torch.version.cuda,
-                   compute_sanitizer=shutil.which("compute-sanitizer") or "absent", nvcc=shutil.which("nvcc") or "absent")
+                   compute_sanitizer=_find_sanitizer() or "absent", nvcc=shutil.which("nvcc") or "absent")
         have = jk.available_backends("cuda")
         env["backends_cuda"] = have
         if "cuda" not in have:
@@ -577,8 +632,12 @@ def run_probes(kit: Kit) -> list[dict]:
     return probes
 
 
-def run_parity_groups(kit: Kit, budget: Budget, shard: int = 0, shards: int = 1) -> tuple[list[dict], list[dict], int]:
-    """Run the groups ``i`` with ``i % shards == shard``: (records, probes, cases left out for budget)."""
+def run_parity_groups(kit: Kit, budget: Budget, shard: int = 0, shards: int = 1,
+                      emit: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict], int]:
+    """Run the groups ``i`` with ``i % shards == shard``: (records, probes, cases left out for budget).
+
+    ``emit(record)`` is called as each record is made (a child prints it at once, so a later crash
+    of the CUDA context does not take the records before it along)."""
     records: list[dict] = []
     probes: list[dict] = []
     skipped = 0
@@ -626,11 +685,16 @@ def run_parity_groups(kit: Kit, budget: Budget, shard: int = 0, shards: int = 1)
                     if "CUDA error" in str(exc) or "illegal memory" in str(exc):
                         poisoned = f"{case.op} [{case.shape}] on {be}: {exc}"[:300]
                 records.append(rec)
+                if emit is not None:
+                    emit(rec)
                 if not rec["ok"]:
                     kit.fail("parity", f"{case.op} {be} {case.dtype} [{case.shape}]: {rec.get('why') or rec.get('error')}")
             del ref
-        if kit.device == "cuda":
-            torch.cuda.empty_cache()
+        if kit.device == "cuda" and not poisoned:
+            try:
+                torch.cuda.empty_cache()
+            except Exception as exc:  # a sticky CUDA error surfaces here too
+                poisoned = f"torch.cuda.empty_cache after group {gi}: {exc}"[:300]
     if poisoned:
         kit.fail("parity", f"the CUDA context is unusable after {poisoned}; the rest of this shard did not run")
     return records, probes, skipped
@@ -642,9 +706,12 @@ def run_parity_child(shard: int, shards: int, budget_s: float, dry: bool, small:
     kit = Kit(out=Path("."), dry=dry, small=small, device=dev, backends=_backends_under_test(dev),
               args=argparse.Namespace())
     kit.log = lambda msg: None  # the parent reports
-    records, probes, skipped = run_parity_groups(kit, Budget(budget_s), shard, shards)
-    for r in records:
+
+    def emit(r):
         print(CHILD_TAG + json.dumps({"record": r}), flush=True)
+
+    with _exact_fp32():
+        records, probes, skipped = run_parity_groups(kit, Budget(budget_s), shard, shards, emit=emit)
     for p in probes:
         print(CHILD_TAG + json.dumps({"probe": p}), flush=True)
     for f in kit.failures:
@@ -669,13 +736,14 @@ def section_parity(kit: Kit, budget: Budget) -> tuple[list[dict], dict]:
 
     shards = parity_shards(kit)
     if shards == 1:
-        records, probes, skipped = run_parity_groups(kit, budget)
+        with _exact_fp32():
+            records, probes, skipped = run_parity_groups(kit, budget)
     else:
         def run(k):
             cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--child-parity", f"{k}/{shards}",
                    "--child-budget", f"{max(1.0, budget.left() - 5):.1f}"] + (["--dry-run"] if kit.dry else [])
             try:
-                return k, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget.left() + 60)
+                return k, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget.left() + 20)
             except subprocess.TimeoutExpired as exc:
                 return k, exc
 
@@ -905,10 +973,14 @@ def section_bad_inputs(kit: Kit, budget: Budget) -> dict:
         workers = max(2, min(12, (os.cpu_count() or 4) - 2))
     deadline = time.perf_counter() + budget.left()
 
+    # A child needs seconds to import torch and make a CUDA context: one started with less than this
+    # left is not started (counted as left out for budget) rather than timed out as a failure.
+    min_start = 2.0 if kit.dry else 20.0
+
     def run(job):
         group, be = job
         left = deadline - time.perf_counter()
-        if left <= 2:
+        if left <= min_start:
             return job, None, "skipped: out of budget"
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--child-bad", "|".join(group), "--backend", be]
         if kit.dry:
@@ -1031,7 +1103,8 @@ def count_launches(kit: Kit, run: Callable[[Callable[[], bool]], object]) -> lis
     def ready(p):
         ev = p.events()
         if cuda:
-            dev_ev = [e for e in ev if e.device_type == DeviceType.CUDA]
+            # GPU-side user annotations (the schedule's ProfilerStep#N ranges) are not kernels
+            dev_ev = [e for e in ev if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
             mem = sum(1 for e in dev_ev if e.name.lower().startswith(("memcpy", "memset")))
             windows.append({"kernels": len(dev_ev) - mem, "memcpy_memset": mem})
         else:
@@ -1307,7 +1380,13 @@ def section_bench(kit: Kit, budget: Budget) -> dict:
                 fns.update(variants)
                 try:
                     err = float((fns[f"ours_{kit.backends[0]}"]().float() - fns["stock"]().float()).abs().max())
-                    t = {kk: time_ms(f, dev) for kk, f in fns.items()}
+                    t = {}
+                    for kk, f in fns.items():
+                        if kk.startswith("v2_") and budget.over():  # the sweep's configs: while budget is left
+                            skipped += 1
+                            continue
+                        t[kk] = time_ms(f, dev)
+                    variants = {kk: f for kk, f in variants.items() if kk in t}
                 except Exception as exc:
                     kit.fail("bench", f"anchor_attention {text}+{img}: {exc!r}"[:300])
                     continue
@@ -1465,10 +1544,13 @@ def section_e2e(kit: Kit, budget: Budget) -> dict:
         _, rep_d, _ = run("dense-50", steps_cap=2)
         t_dense = rep_d.time_total_s / max(1, rep_d.steps)
         est = {"dense-50": 50 * t_dense}
-        for name in ("JiT 7x", "JiT 7x + anchor attn"):
-            run(name)
+        for name in methods:  # every stage size of every method compiles its kernels here, not in round 1
+            if name == "dense-50":
+                continue
             _, r, _ = run(name)
-            est[name] = r.time_total_s
+            if name in ("JiT 7x", "JiT 7x + anchor attn"):
+                _, r, _ = run(name)  # warm: the estimate
+                est[name] = r.time_total_s
     out["warmup_s"] = round(time.perf_counter() - t, 2)
     for p in ("4x", "reference"):
         est[f"JiT {p}"] = est["JiT 7x"] * 18 / 11
@@ -1578,37 +1660,71 @@ def section_e2e(kit: Kit, budget: Budget) -> dict:
 # ---------------------------------------------------------------- compute-sanitizer
 
 
-def section_sanitizer(kit: Kit, budget: Budget) -> dict:
+def _find_sanitizer() -> str | None:
+    """compute-sanitizer on PATH, else beside the CUDA toolkit (it is often not on PATH)."""
     exe = shutil.which("compute-sanitizer")
+    if exe:
+        return exe
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+        homes.append(CUDA_HOME)
+    except Exception:
+        pass
+    for home in homes:
+        if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
+            return str(Path(home) / "bin" / "compute-sanitizer")
+    return None
+
+
+def _sanitizer_errors(log: str) -> int | None:
+    """The error count of memcheck's last ``ERROR SUMMARY: N error(s)`` line, or None without one."""
+    import re
+
+    found = re.findall(r"ERROR SUMMARY:\s*(\d+)\s+error", log)
+    return int(found[-1]) if found else None
+
+
+def section_sanitizer(kit: Kit, budget: Budget) -> dict:
+    exe = _find_sanitizer()
     sub = kit.out / "sanitizer"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", "parity", "--small", "--out", str(sub)]
+    # The child plans its parity run inside this budget (memcheck slows kernels down many times over).
+    child_scale = max(0.05, 0.7 * budget.seconds / (BUDGET_DRY if kit.dry else BUDGET_GPU)["parity"])
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", "parity", "--small", "--out", str(sub),
+           "--budget-scale", f"{child_scale:.3f}"]
     if kit.dry:
         cmd.append("--dry-run")
         wrap = []
         note = "dry run: the parity subset in a child process without compute-sanitizer (CPU)"
     elif exe is None:
-        return {"status": "skipped: compute-sanitizer not on PATH"}
+        return {"status": "skipped: compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"}
     else:
         wrap = [exe, "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20", "--target-processes", "all"]
         note = "compute-sanitizer --tool memcheck over --section parity --small"
     sub.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
+    # Without PyTorch's caching allocator every tensor is its own cudaMalloc, so memcheck sees
+    # an access past a tensor's end (inside a cached block it would be in bounds).
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    # A session of its own, so a timeout ends the Python child too (not only compute-sanitizer).
+    proc = subprocess.Popen(wrap + cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        # Without PyTorch's caching allocator every tensor is its own cudaMalloc, so memcheck sees
-        # an access past a tensor's end (inside a cached block it would be in bounds).
-        env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-        p = subprocess.run(wrap + cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=max(5.0, budget.left()))
-    except subprocess.TimeoutExpired as exc:
-        log = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or ""))
-        (sub / "log.txt").write_text(log)
-        return {"status": f"incomplete: timed out after {budget.seconds:.0f}s (budget)", "command": " ".join(wrap + cmd)}
-    log = p.stdout + p.stderr
+        log, _ = proc.communicate(timeout=max(5.0, budget.left()))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        log, _ = proc.communicate()
+        (sub / "log.txt").write_text(_text(log))
+        return {"status": f"incomplete: timed out after {budget.seconds:.0f}s (budget)", "command": " ".join(wrap + cmd),
+                "error_summary": _sanitizer_errors(_text(log))}
+    log = _text(log)
     (sub / "log.txt").write_text(log)
-    res = {"command": " ".join(wrap + cmd), "note": note, "rc": p.returncode, "seconds": round(time.perf_counter() - t, 1),
-           "log": str(sub / "log.txt")}
+    res = {"command": " ".join(wrap + cmd), "note": note, "rc": proc.returncode,
+           "seconds": round(time.perf_counter() - t, 1), "log": str(sub / "log.txt")}
     summary = [ln for ln in log.splitlines() if "ERROR SUMMARY" in ln]
     res["error_summary"] = summary[-1].strip() if summary else None
+    errors = _sanitizer_errors(log)
     try:
         child = json.loads((sub / "gpu_check.json").read_text())
         res["parity_records"] = len(child.get("parity", []))
@@ -1619,9 +1735,19 @@ def section_sanitizer(kit: Kit, budget: Budget) -> dict:
         res["status"] = "skipped: compute-sanitizer cannot run on this machine (" + \
                         next((ln.strip() for ln in log.splitlines() if "Device not supported" in ln or "injection" in ln), "") + ")"
         return res
-    if p.returncode != 0 or child is None or (summary and not summary[-1].strip().endswith("0 errors")):
+    if wrap:
+        # The verdict is memcheck's: its error count (or its exit code 3). Parity mismatches of the
+        # child are the parity section's business and are only reported here.
+        if proc.returncode == 3 or (errors or 0) > 0:
+            res["status"] = "failed"
+            kit.fail("sanitizer", f"memcheck: {res['error_summary']} (rc {proc.returncode}), tail: {log[-400:]}")
+        elif errors == 0:
+            res["status"] = "ok"
+        else:
+            res["status"] = f"incomplete: no ERROR SUMMARY from compute-sanitizer (rc {proc.returncode})"
+    elif proc.returncode != 0 or child is None:
         res["status"] = "failed"
-        kit.fail("sanitizer", f"rc {p.returncode}, {res['error_summary']}, tail: {log[-400:]}")
+        kit.fail("sanitizer", f"the child run failed (rc {proc.returncode}), tail: {log[-400:]}")
     else:
         res["status"] = "ok"
     return res
@@ -1769,6 +1895,9 @@ def parse_args(argv):
     p.add_argument("--build", action="store_true", help="first run `python setup.py build_ext --inplace` for this GPU")
     p.add_argument("--e2e-steps", type=int, default=0, help="dense steps to time and extrapolate to 50 (0: as many as fit)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="hard wall-clock seconds for the whole command, --build included: every budget shrinks "
+                        "to fit what is left after the build (for a machine that kills a command at a fixed limit)")
     p.add_argument("--total-budget", type=float, default=None,
                    help="seconds for all sections (default 470 on a GPU, 300 dry); the sanitizer gets what is left")
     p.add_argument("--child-bad", default=None, help=argparse.SUPPRESS)
@@ -1782,13 +1911,24 @@ def parse_args(argv):
     return args
 
 
+def sanitizer_seconds(total: float, elapsed: float, dry: bool) -> float | None:
+    """The last section's budget: what the others left of the total (less 5 s), or None when too
+    little is left to start compute-sanitizer and the child it watches."""
+    seconds = total - elapsed - 5.0
+    return seconds if seconds >= (10.0 if dry else 30.0) else None
+
+
 def main(argv=None) -> int:
+    process_start = time.perf_counter()
     cli = argv is None
     argv = list(sys.argv[1:] if cli else argv)
     args = parse_args(argv)
+    if args.out:  # children run from the repo root: hand them (and the report) an absolute path
+        args.out = str(Path(args.out).resolve())
     if args.child_bad is not None:
         _prepare_env(args.dry_run, argv if cli else None)
-        return run_bad_child(args.child_bad.split("|"), args.backend, args.dry_run)
+        with _exact_fp32():  # the health check compares fp32 lifts
+            return run_bad_child(args.child_bad.split("|"), args.backend, args.dry_run)
     if args.child_parity is not None:
         _prepare_env(args.dry_run, argv if cli else None)
         if args.dry_run:
@@ -1798,7 +1938,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here. Run on a GPU machine, or rehearse with --dry-run.", file=sys.stderr)
         return 2
-    build = run_build(args.dry_run) if args.build else None
+    build = run_build(args.dry_run, None if args.time_limit is None else 0.6 * args.time_limit) if args.build else None
     if build is not None and build["rc"] != 0:
         print(build["log_tail"], file=sys.stderr)
     _prepare_env(args.dry_run, argv if cli else None)
@@ -1828,6 +1968,16 @@ def main(argv=None) -> int:
 
     wanted = [args.section] if args.section else list(SECTIONS)
     total = args.total_budget if args.total_budget is not None else (300.0 if kit.dry else 470.0) * args.budget_scale
+    if args.time_limit is not None:
+        # What the limit leaves after the build, imports and env, less a margin for the last child's
+        # teardown and the report: every budget shrinks by the same factor to fit.
+        left = args.time_limit - (time.perf_counter() - process_start) - 20.0
+        fit = max(0.0, min(1.0, left / total)) if total > 0 else 0.0
+        budgets = {k: v * fit for k, v in budgets.items()}
+        total *= fit
+        kit.result["env"]["time_limit"] = {"seconds": args.time_limit, "budget_fit": round(fit, 3),
+                                           "total_budget_s": round(total, 1)}
+        kit.log(f"time limit {args.time_limit:.0f}s: {left:.0f}s left for the sections, budgets x {fit:.2f}")
     run_start = time.perf_counter()
     for name in wanted:
         if not kit.backends and name != "e2e":
@@ -1835,7 +1985,11 @@ def main(argv=None) -> int:
             continue
         seconds = budgets[name]
         if name == "sanitizer" and len(wanted) > 1:  # the last section: whatever the others left of the total
-            seconds = max(seconds, total - (time.perf_counter() - run_start) - 5)
+            seconds = sanitizer_seconds(total, time.perf_counter() - run_start, kit.dry)
+            if seconds is None:
+                kit.result["sections"][name] = {"status": "skipped: out of time"}
+                kit.log(f"{name}: skipped, out of time")
+                continue
         budget = Budget(seconds)
         n_fail = len(kit.failures)
         kit.log(f"{name}: start (budget {budget.seconds:.0f}s)")

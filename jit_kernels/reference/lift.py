@@ -61,11 +61,20 @@ def gaussian_blur_ref(field: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     rows = reflect_index(torch.arange(-r, h + r, device=dev), h)
     cols = reflect_index(torch.arange(-r, w + r, device=dev), w)
     wk = weights.to(device=dev, dtype=field.dtype)
+    # Plain multiply-adds, tap by tap (not conv2d: on CUDA, cuDNN may run an fp32 convolution in
+    # TF32, ~1e-3 off, and the reference must be the exact fp32 answer on every device).
     x = field.index_select(3, cols)  # [B, C, H, W + 2r]
-    x = F.conv2d(x.reshape(b * c, 1, h, w + 2 * r), wk.view(1, 1, 1, k))
-    x = x.view(b, c, h, w).index_select(2, rows)  # [B, C, H + 2r, W]
-    x = F.conv2d(x.reshape(b * c, 1, h + 2 * r, w), wk.view(1, 1, k, 1))
-    return x.view(b, c, h, w)
+    x = _taps(x, wk, 3, w)
+    x = x.index_select(2, rows)  # [B, C, H + 2r, W]
+    return _taps(x, wk, 2, h)
+
+
+def _taps(x: torch.Tensor, wk: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``sum_t wk[t] * x.narrow(dim, t, size)``, summed in tap order."""
+    out = x.narrow(dim, 0, size) * wk[0]
+    for t in range(1, wk.numel()):
+        out = out + x.narrow(dim, t, size) * wk[t]
+    return out
 
 
 def lift_field_ref(
