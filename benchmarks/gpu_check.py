@@ -1301,7 +1301,7 @@ def bench_variants(kit: Kit, budget: Budget) -> tuple[list[dict], int]:
                     kit.fail("bench", f"variants {case.op} {case.size} {be}: {exc!r}"[:300])
                     rows.append(row)
                     continue
-                row["v2_speedup"] = round(row["v1_us"][1] / max(row["v2_us"][1], 1e-3), 2)
+                row["v2_speedup"] = float(f"{row['v1_us'][1] / max(row['v2_us'][1], 1e-3):.3g}")  # never rounds to 0
                 row["same_bits"] = torch.equal(outs["v1"], outs["v2"]) if outs else None
                 if outs and not row["same_bits"]:
                     kit.fail("bench", f"variants {case.op} {case.size} {be}: v1 and v2 outputs differ")
