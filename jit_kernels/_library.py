@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _values
+from . import _metadata, _values
 
 import torch
 
@@ -70,6 +70,13 @@ class OpDef:
     def launcher(self) -> str:
         """Name of the plain Triton launcher in ``jit_kernels.triton.<family>``."""
         return "launch_" + self.name
+
+    @property
+    def metadata(self) -> Callable:
+        """The op's metadata check (:mod:`jit_kernels._metadata`: shapes, dtypes, devices, in-place
+        targets; what the C++ kernels check with ``TORCH_CHECK``), taking the schema arguments
+        without ``validate``."""
+        return getattr(_metadata, self.name)
 
     @property
     def values(self) -> Callable:
