@@ -733,3 +733,56 @@ def test_compiled_triton_refuses_cpu_tensors():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("the Triton kernels need CUDA tensors") == 2, proc.stdout + proc.stderr[-2000:]
 
+
+# ---------------------------------------------------------------- 10. in-place writes bump the version counter
+#
+# scatter_tokens_, lift_euler_ and microflow_update_ write an argument: like a torch in-place op, every
+# backend bumps its autograd version counter, so a tensor saved for backward and then overwritten by
+# them is reported at backward instead of giving wrong gradients (and the value-check cache sees the
+# write). The C++ kernels and the Triton launcher the CUDA key routes to did not bump it.
+
+
+def _inplace_calls(device):
+    """(op, the written tensor, direct kernel call(kernel), public call(backend)) of each in-place op."""
+    out = []
+    for op in ("scatter_tokens_", "lift_euler_", "microflow_update_"):
+        args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _kernel_args(op).items()}
+        target = args[OPS[op].mutates[0]]
+        direct = lambda kernel, op=op, args=args: kernel(*_schema_args(op, args))  # noqa: E731
+        if op == "scatter_tokens_":
+            public = lambda be, a=args: jk.scatter_tokens_(a["base"], a["idx"], a["src"], backend=be)  # noqa: E731
+        elif op == "lift_euler_":
+            public = lambda be, a=args: jk.lift_euler_(a["y"], a["values"], a["anchor_idx"], MH, MW, 0.1,  # noqa: E731
+                                                       nearest=a["nearest"], backend=be)
+        else:
+            public = lambda be, a=args: jk.microflow_update_(a["y"], a["new_idx"], a["target"], "blend", 0.5,  # noqa: E731
+                                                             backend=be)
+        out.append((op, target, direct, public))
+    return out
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton", "reference")))
+def test_inplace_ops_bump_the_version_counter(device, backend):
+    for op, target, direct, public in _inplace_calls(device):
+        if backend != "reference":  # the kernel called directly (the reference has none)
+            v0 = target._version
+            direct(_kernel(op, backend))
+            assert target._version > v0, f"{op} ({backend}) wrote {OPS[op].mutates[0]} without bumping its version"
+        v0 = target._version
+        public(backend)
+        assert target._version > v0, f"jk.{op}(backend={backend!r}) did not bump the version"
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton", "reference")))
+def test_overwriting_a_tensor_saved_for_backward_is_reported(device, backend):
+    for op, target, direct, public in _inplace_calls(device):
+        scale = torch.ones((), device=device, requires_grad=True)
+        loss = (scale * target).sum()  # saves target for the gradient of scale
+        public(backend)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        if backend != "reference":
+            loss = (scale * target).sum()
+            direct(_kernel(op, backend))
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
