@@ -20,7 +20,10 @@ backend and device:
 - The public function then calls the backend's kernel with ``validate=False``. Called
   directly (``torch.ops.jit_kernels.<op>``), the kernels validate values themselves
   (``validate=True``, the schema default): the C++ kernels with ``TORCH_CHECK_INDEX`` /
-  ``TORCH_CHECK_VALUE``, the Triton launchers with the same Python checks.
+  ``TORCH_CHECK_VALUE``, the Triton launchers with the same Python checks. Every kernel also
+  checks its arguments' metadata itself, whatever ``validate`` says: the C++ kernels with
+  ``TORCH_CHECK``, the Triton launchers with the same conditions in Python
+  (:mod:`jit_kernels._metadata`).
 - While ``torch.compile`` traces, no Python value check runs (it would read the
   tensors); the kernels are called with ``validate=True`` instead.
 

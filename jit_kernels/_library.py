@@ -10,7 +10,12 @@ whether its CUDA kernel is the Triton launcher. From the table:
   (same schema and fake) around the launcher ``launch_<op>`` of
   ``jit_kernels/triton/<family>.py``, and, for rows with ``cuda_via_triton``, registers that
   launcher as the CUDA kernel of ``<op>`` itself;
-- :mod:`jit_kernels._backends` finds the implementation of ``(op, backend)`` through the row.
+- :mod:`jit_kernels._backends` finds the implementation of ``(op, backend)`` through the row;
+- for rows that write an argument (``Tensor(a!)``: ``scatter_tokens_``, ``lift_euler_``,
+  ``microflow_update_``), this module registers an ``ADInplaceOrView`` kernel that bumps the
+  autograd version counter of that argument and redispatches to the backend kernel, so every
+  backend's in-place write is visible to autograd's saved-tensor check (and to the value-check
+  cache of :mod:`jit_kernels._checks`), as a torch in-place op's is.
 
 The schemas live in Python rather than in ``csrc/`` because the package must work
 without its compiled extension (reference and Triton paths). The compiled extension is
@@ -33,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _values
+from . import _metadata, _values
 
 import torch
 
@@ -70,6 +75,13 @@ class OpDef:
     def launcher(self) -> str:
         """Name of the plain Triton launcher in ``jit_kernels.triton.<family>``."""
         return "launch_" + self.name
+
+    @property
+    def metadata(self) -> Callable:
+        """The op's metadata check (:mod:`jit_kernels._metadata`: shapes, dtypes, devices, in-place
+        targets; what the C++ kernels check with ``TORCH_CHECK``), taking the schema arguments
+        without ``validate``."""
+        return getattr(_metadata, self.name)
 
     @property
     def values(self) -> Callable:
@@ -165,3 +177,28 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 for _op in OPS.values():
     _lib.define(_op.name + _op.schema, tags=(torch.Tag.pt2_compliant_tag,))
     torch.library.register_fake(_op.qualname, _op.fake)
+
+
+def _version_bump_kernel(op: OpDef) -> Callable:
+    """``ADInplaceOrView`` kernel of an op that writes arguments in place: bump their version counters,
+    then redispatch below ``ADInplaceOrView`` to the backend kernel (C++, or the Triton launcher the
+    CUDA key routes to). What ``torch.library.custom_op`` registers for its mutable ops (so the Triton
+    twins already bump); the ops defined here need it too, or their kernels' writes stay invisible to
+    autograd (a tensor saved for backward and then overwritten would go unnoticed)."""
+    overload = getattr(getattr(torch.ops, NAMESPACE), op.name).default
+    written = [(i, a.name) for i, a in enumerate(overload._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def bump_version(keyset, *args, **kwargs):
+        for i, name in written:
+            torch.autograd.graph.increment_version(args[i] if i < len(args) else kwargs[name])
+        return overload.redispatch(keyset & below, *args, **kwargs)
+
+    bump_version.__name__ = f"{op.name}_bump_version"
+    return bump_version
+
+
+for _op in OPS.values():
+    if _op.mutates:
+        _lib.impl(_op.name, _version_bump_kernel(_op), "ADInplaceOrView", with_keyset=True)

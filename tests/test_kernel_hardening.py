@@ -441,3 +441,348 @@ def test_triton_launches_split_past_grid_limits(monkeypatch, limits):
     assert len(split) > len(whole)  # the work was split
     for g in split:
         assert all(d <= limits[0] for d in g[1:]), g
+
+
+# ---------------------------------------------------------------- 9. metadata of direct kernel calls
+#
+# Every kernel checks its arguments' metadata (ranks, shapes, dtypes, devices, in-place targets) itself,
+# before any work, whatever validate says: the C++ kernels with TORCH_CHECK (csrc/checks.h), the Triton
+# launchers through jit_kernels._metadata (jit_kernels.triton.guarded). One table of bad calls per op,
+# with the exception type the C++ CPU kernel raises (the cpu-cpp rows check that the table says what
+# C++ does), run on every kernel: the C++ CPU kernels, the Triton twins (interpreted on CPU, compiled on
+# CUDA) and, on a CUDA machine, torch.ops.jit_kernels.<op> on CUDA tensors (CUDA C++, or the Triton
+# launcher for the ops routed to it). Before, the Triton kernels checked index values only: a target too
+# short, a per-sample index of a larger batch or an odd head dim read (or wrote) out of bounds.
+
+from jit_kernels._library import OPS  # noqa: E402
+from jit_kernels.testing import device_backends  # noqa: E402
+
+MH, MW = 4, 5  # the grid of the default arguments (N = 20)
+
+
+def _kernel_args(op: str) -> dict:
+    """Valid schema arguments of ``op`` (without validate), on the CPU."""
+    b, c, n = 2, 3, MH * MW
+    a = torch.tensor([0, 7, 13])
+    near = ref.nearest_anchor_map_ref(a, MH, MW)
+    wts = jk.lift_weights(3, n)
+    new = torch.tensor([1, 2, 3, 4])  # none of them an anchor
+    if op == "gather_tokens":
+        return dict(x=tokens(b, n, c), idx=torch.tensor([1, 4, 9]))
+    if op in ("scatter_tokens", "scatter_tokens_"):
+        return dict(base=tokens(b, n, c), idx=torch.tensor([1, 4, 9]), src=tokens(b, 3, c, seed=1))
+    if op == "nearest_anchor_map":
+        return dict(anchor_idx=a, height=MH, width=MW)
+    if op == "lift_field":
+        return dict(values=tokens(b, 3, c, seed=2), anchor_idx=a, nearest=near, weights=wts, height=MH, width=MW)
+    if op == "lift_euler_":
+        return dict(y=tokens(b, n, c, seed=3), values=tokens(b, 3, c, seed=2), anchor_idx=a, nearest=near,
+                    weights=wts, height=MH, width=MW, dt=0.1)
+    if op == "token_importance":
+        return dict(field=tokens(b, n, c), height=MH, width=MW)
+    if op == "select_new_tokens":
+        return dict(importance=torch.rand(b, n, generator=gen(4)), active_idx=a, count=5)
+    if op == "microflow_update_":
+        return dict(y=tokens(b, n, c), new_idx=new, target=tokens(b, 4, c, seed=5), weight=0.5)
+    if op == "microflow_target":
+        return dict(y_prev=tokens(b, n, c), v_prev=tokens(b, n, c, seed=6), anchor_idx=a, nearest=near, weights=wts,
+                    new_idx=new, eps=tokens(b, 4, c, seed=7), sigma_prev=0.8, sigma=0.5, height=MH, width=MW)
+    if op == "anchor_attention":
+        q, k, v = (torch.randn(b, 5, 2, 4, generator=gen(8 + i)) for i in range(3))
+        return dict(q=q, k=k, v=v, cos=torch.rand(5, 4, generator=gen(11)), sin=torch.rand(5, 4, generator=gen(12)),
+                    key_lengths=torch.tensor([5, 3]), scale=0.5)
+    raise KeyError(op)
+
+
+# (op, label, exception type, message pattern, overrides, devices); an override maps an argument to a value
+# or to a function of the arguments (on the test's device). devices="cuda": a mixed-device call (the
+# arguments named in ``cpu`` stay on the CPU), which only a CUDA machine can make.
+META_CASES = []
+
+
+def meta_bad(op, label, exc, match, cpu=(), **over):
+    META_CASES.append(pytest.param(op, over, exc, match, tuple(cpu), id=f"{op}: {label}"))
+
+
+_I32 = lambda name: lambda a: a[name].int()  # noqa: E731
+_F64 = lambda name: lambda a: a[name].double()  # noqa: E731
+_RANK2 = lambda name: lambda a: a[name][0]  # noqa: E731
+_EXPANDED = lambda name: lambda a: a[name][:1].expand(a[name].shape[0], -1, -1)  # noqa: E731
+_EMPTY = torch.zeros(0, dtype=torch.int64)
+
+meta_bad("gather_tokens", "x rank 2", ValueError, r"gather_tokens: x must be \[B, N, C\]", x=_RANK2("x"))
+meta_bad("gather_tokens", "x float64", TypeError, "gather_tokens: x must be float32", x=_F64("x"))
+meta_bad("gather_tokens", "idx int32", TypeError, "gather_tokens: idx must be int64", idx=_I32("idx"))
+meta_bad("gather_tokens", "idx rank 3", ValueError, r"gather_tokens: idx must be \[M\] \(shared\) or \[B, M\]",
+         idx=lambda a: a["idx"].view(1, 1, 3))
+meta_bad("gather_tokens", "idx of a larger batch", ValueError, "gather_tokens: idx is per sample with batch 3",
+         idx=torch.zeros(3, 2, dtype=torch.int64))
+meta_bad("gather_tokens", "idx on the CPU", ValueError, "gather_tokens: .*one device", cpu=("idx",))
+for _op in ("scatter_tokens", "scatter_tokens_"):
+    meta_bad(_op, "src rows", ValueError, rf"{_op}: src must be \[B, M, C\] = \[2, 3, 3\]",
+             src=lambda a: a["src"][:, :2])
+    meta_bad(_op, "src channels", ValueError, rf"{_op}: src must be \[B, M, C\]", src=lambda a: a["src"][..., :2])
+    meta_bad(_op, "src int64", TypeError, f"{_op}: src must be float32", src=lambda a: a["src"].long())
+    meta_bad(_op, "base rank 2", ValueError, rf"{_op}: base must be \[B, N, C\]", base=_RANK2("base"))
+    meta_bad(_op, "idx of a larger batch", ValueError, f"{_op}: idx is per sample with batch 3",
+             idx=torch.zeros(3, 3, dtype=torch.int64))
+    meta_bad(_op, "src on the CPU", ValueError, f"{_op}: .*one device", cpu=("src",))
+meta_bad("scatter_tokens_", "base expanded", ValueError, "scatter_tokens_: base has internally overlapping memory",
+         base=_EXPANDED("base"))
+meta_bad("scatter_tokens_", "src a view of base", ValueError, "scatter_tokens_: src overlaps the memory of base",
+         src=lambda a: a["base"][:, 5:8])
+meta_bad("nearest_anchor_map", "no anchors (M = 0)", ValueError, "nearest_anchor_map: anchor_idx is empty",
+         anchor_idx=_EMPTY)
+meta_bad("nearest_anchor_map", "per-sample, no anchors", ValueError, "nearest_anchor_map: anchor_idx is empty",
+         anchor_idx=torch.zeros(2, 0, dtype=torch.int64))
+meta_bad("nearest_anchor_map", "anchor_idx int32", TypeError, "nearest_anchor_map: anchor_idx must be int64",
+         anchor_idx=_I32("anchor_idx"))
+meta_bad("nearest_anchor_map", "anchor_idx rank 3", ValueError, r"nearest_anchor_map: anchor_idx must be \[M\]",
+         anchor_idx=lambda a: a["anchor_idx"].view(1, 1, 3))
+meta_bad("nearest_anchor_map", "height 0", ValueError, "nearest_anchor_map: .*must be >= 1", height=0)
+meta_bad("nearest_anchor_map", "grid past 2^30", ValueError, "nearest_anchor_map: grid 65536 x 32768 is too large",
+         height=1 << 16, width=1 << 15)
+meta_bad("lift_field", "values rank 2", ValueError, r"lift_field: values must be \[B, N, C\]", values=_RANK2("values"))
+meta_bad("lift_field", "values float64", TypeError, "lift_field: values must be float32", values=_F64("values"))
+meta_bad("lift_field", "weights float64", TypeError, "lift_field: weights must be float32", weights=_F64("weights"))
+meta_bad("lift_field", "weights of even length", ValueError, "lift_field: weights must be an odd-length",
+         weights=lambda a: a["weights"][1:])
+meta_bad("lift_field", "nearest too short", ValueError, "lift_field: nearest has 19 entries, expected N = 20",
+         nearest=lambda a: a["nearest"][:-1])
+meta_bad("lift_field", "grid larger than nearest", ValueError, "lift_field: nearest has 20 entries, expected N = 25",
+         height=5)
+meta_bad("lift_field", "fewer values rows than anchors", ValueError,
+         "lift_field: values has 2 rows but anchor_idx has 3 anchors", values=lambda a: a["values"][:, :2])
+meta_bad("lift_field", "per-sample nearest, shared anchors", ValueError, "lift_field: nearest must be per sample",
+         nearest=lambda a: a["nearest"].expand(2, -1))
+meta_bad("lift_field", "anchor_idx of a larger batch", ValueError, "lift_field: anchor_idx is per sample with batch 3",
+         anchor_idx=lambda a: a["anchor_idx"].expand(3, -1))
+meta_bad("lift_field", "nearest int32", TypeError, "lift_field: nearest must be int64", nearest=_I32("nearest"))
+meta_bad("lift_field", "values on the CPU", ValueError, "lift_field: .*one device", cpu=("values",))
+meta_bad("lift_field", "weights on the CPU", ValueError, "lift_field: .*one device", cpu=("weights",))
+meta_bad("lift_euler_", "y too short", ValueError, r"lift_euler_: y must be \[B, H\*W, C\] = \[2, 20, 3\]",
+         y=lambda a: a["y"][:, :10])
+meta_bad("lift_euler_", "y float64", TypeError, "lift_euler_: y must be float32", y=_F64("y"))
+meta_bad("lift_euler_", "y rank 2", ValueError, r"lift_euler_: y must be \[B, N, C\]", y=_RANK2("y"))
+meta_bad("lift_euler_", "y expanded", ValueError, "lift_euler_: y has internally overlapping memory",
+         y=_EXPANDED("y"))
+meta_bad("lift_euler_", "values a view of y", ValueError, "lift_euler_: values overlaps the memory of y",
+         values=lambda a: a["y"][:, 2:5])
+meta_bad("lift_euler_", "weights of even length", ValueError, "lift_euler_: weights must be an odd-length",
+         weights=lambda a: a["weights"][1:])
+meta_bad("lift_euler_", "y on the CPU", ValueError, "lift_euler_: .*one device", cpu=("y",))
+meta_bad("token_importance", "field rank 2", ValueError, r"token_importance: field must be \[B, N, C\]",
+         field=_RANK2("field"))
+meta_bad("token_importance", "field int64", TypeError, "token_importance: field must be float32",
+         field=lambda a: a["field"].long())
+meta_bad("token_importance", "no channels", ValueError, r"token_importance: field has no channels \(C = 0\)",
+         field=lambda a: a["field"][..., :0])
+meta_bad("token_importance", "grid does not match N", ValueError, "token_importance: grid 5 x 5 = 25 does not match",
+         height=5)
+meta_bad("select_new_tokens", "importance rank 1", ValueError, r"select_new_tokens: importance must be a float \[B, N\]",
+         importance=lambda a: a["importance"][0])
+meta_bad("select_new_tokens", "importance int64", ValueError, r"select_new_tokens: importance must be a float \[B, N\]",
+         importance=lambda a: a["importance"].long())
+meta_bad("select_new_tokens", "active_idx int32", TypeError, "select_new_tokens: active_idx must be int64",
+         active_idx=_I32("active_idx"))
+meta_bad("select_new_tokens", "active_idx of a larger batch", ValueError,
+         "select_new_tokens: active_idx is per sample with batch 3", active_idx=lambda a: a["active_idx"].expand(3, -1))
+meta_bad("select_new_tokens", "count past the inactive tokens", ValueError,
+         r"select_new_tokens: count must be in \[0, 17\]", count=18)
+meta_bad("select_new_tokens", "count negative", ValueError, r"select_new_tokens: count must be in \[0, 17\]", count=-1)
+meta_bad("select_new_tokens", "active_idx on the CPU", ValueError, "select_new_tokens: .*one device",
+         cpu=("active_idx",))
+meta_bad("microflow_update_", "target shorter than new_idx", ValueError,
+         r"microflow_update_: target must be \[B, R, C\] = \[2, 4, 3\], got \[2, 2, 3\]",
+         target=lambda a: a["target"][:, :2])
+meta_bad("microflow_update_", "target channels", ValueError, r"microflow_update_: target must be \[B, R, C\]",
+         target=lambda a: a["target"][..., :2])
+meta_bad("microflow_update_", "target float64", TypeError, "microflow_update_: target must be float32",
+         target=_F64("target"))
+meta_bad("microflow_update_", "new_idx int32", TypeError, "microflow_update_: new_idx must be int64",
+         new_idx=_I32("new_idx"))
+meta_bad("microflow_update_", "new_idx of a larger batch", ValueError,
+         "microflow_update_: new_idx is per sample with batch 3", new_idx=lambda a: a["new_idx"].expand(3, -1))
+meta_bad("microflow_update_", "y rank 2", ValueError, r"microflow_update_: y must be \[B, N, C\]", y=_RANK2("y"))
+for _w in (0.0, 1.5, float("nan")):
+    meta_bad("microflow_update_", f"weight {_w}", ValueError, r"microflow_update_: weight must be in \(0, 1\]",
+             weight=_w)
+meta_bad("microflow_update_", "y expanded", ValueError, "microflow_update_: y has internally overlapping memory",
+         y=_EXPANDED("y"))
+meta_bad("microflow_update_", "target a view of y", ValueError, "microflow_update_: target overlaps the memory of y",
+         target=lambda a: a["y"][:, 10:14])
+meta_bad("microflow_update_", "target on the CPU", ValueError, "microflow_update_: .*one device", cpu=("target",))
+meta_bad("microflow_target", "v_prev shape", ValueError, "microflow_target: v_prev .* must match y_prev",
+         v_prev=lambda a: a["v_prev"][:, :10])
+meta_bad("microflow_target", "eps shorter than new_idx", ValueError, r"microflow_target: eps must be \[B, R, C\]",
+         eps=lambda a: a["eps"][:, :2])
+meta_bad("microflow_target", "eps float64", TypeError, "microflow_target: eps must be float32", eps=_F64("eps"))
+meta_bad("microflow_target", "grid does not match N", ValueError, "microflow_target: grid 5 x 5 = 25 does not match",
+         height=5)
+meta_bad("microflow_target", "weights float64", TypeError, "microflow_target: weights must be float32",
+         weights=_F64("weights"))
+meta_bad("microflow_target", "no anchors", ValueError, "microflow_target: anchor_idx is empty", anchor_idx=_EMPTY)
+meta_bad("microflow_target", "nearest too short", ValueError, "microflow_target: nearest has 19 entries",
+         nearest=lambda a: a["nearest"][:-1])
+meta_bad("microflow_target", "new_idx of a larger batch", ValueError,
+         "microflow_target: new_idx is per sample with batch 3", new_idx=lambda a: a["new_idx"].expand(3, -1))
+meta_bad("microflow_target", "sigma above sigma_prev", ValueError, "microflow_target: need 0 <= sigma <= sigma_prev",
+         sigma=0.9)
+meta_bad("microflow_target", "eps on the CPU", ValueError, "microflow_target: .*one device", cpu=("eps",))
+_ODD = {name: (lambda a, name=name: a[name][..., :3]) for name in ("q", "k", "v", "cos", "sin")}
+meta_bad("anchor_attention", "odd head dim", ValueError, r"anchor_attention: the head dim D must be even .*D = 3",
+         **_ODD)
+meta_bad("anchor_attention", "q rank 3", ValueError, r"anchor_attention: q must be \[B, L, H, D\]", q=_RANK2("q"))
+meta_bad("anchor_attention", "q float64", TypeError, "anchor_attention: q must be float32", q=_F64("q"))
+meta_bad("anchor_attention", "k shape", ValueError, "anchor_attention: k .* must match q",
+         k=lambda a: a["k"][:, :4])
+meta_bad("anchor_attention", "v dtype", TypeError, "anchor_attention: v is .* but q is", v=lambda a: a["v"].half())
+meta_bad("anchor_attention", "cos shape", ValueError, r"anchor_attention: cos must be \[L, D\] = \[5, 4\]",
+         cos=lambda a: a["cos"][:4])
+meta_bad("anchor_attention", "sin int64", TypeError, "anchor_attention: sin must be a floating tensor",
+         sin=lambda a: a["sin"].long())
+meta_bad("anchor_attention", "cos per sample, sin shared", ValueError,
+         r"anchor_attention: cos and sin must both be \[L, D\] or both \[B, L, D\]",
+         cos=lambda a: a["cos"].expand(2, -1, -1))
+meta_bad("anchor_attention", "key_lengths int32", TypeError, "anchor_attention: key_lengths must be int64",
+         key_lengths=_I32("key_lengths"))
+meta_bad("anchor_attention", "key_lengths shape", ValueError, r"anchor_attention: key_lengths must be \[B\] = \[2\]",
+         key_lengths=torch.tensor([5, 3, 1]))
+for _s in (0.0, float("inf"), float("nan")):
+    meta_bad("anchor_attention", f"scale {_s}", ValueError, "anchor_attention: scale must be finite and > 0", scale=_s)
+meta_bad("anchor_attention", "cos on the CPU", ValueError, "anchor_attention: .*one device", cpu=("cos",))
+
+
+def test_the_metadata_table_covers_every_op():
+    assert {p.values[0] for p in META_CASES} == set(OPS)
+
+
+def _schema_args(op: str, args: dict) -> list:
+    return [args[a.name] for a in getattr(ops, op).default._schema.arguments if a.name != "validate"]
+
+
+def _build_args(op: str, over: dict, device: str, cpu: tuple = ()) -> dict:
+    """:func:`_kernel_args` on ``device`` (those named in ``cpu`` left on the CPU), with ``over`` applied."""
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) and k not in cpu else v
+            for k, v in _kernel_args(op).items()}
+    for k, v in over.items():
+        v = v(args) if callable(v) else v
+        args[k] = v.to(device) if isinstance(v, torch.Tensor) and v.device.type != device else v
+    return args
+
+
+def _kernel(op: str, backend: str):
+    return getattr(ops, OPS[op].triton_op if backend == "triton" else op)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton")))
+@pytest.mark.parametrize("op,over,exc,match,cpu", META_CASES)
+def test_kernels_refuse_bad_metadata(device, backend, op, over, exc, match, cpu):
+    if cpu and device == "cpu":
+        pytest.skip("a mixed-device call needs a CUDA device")
+    args = _build_args(op, over, device, cpu)
+    written = {name: args[name].clone() for name in OPS[op].mutates}
+    kernel = _kernel(op, backend)
+    with pytest.raises(exc, match=match):
+        kernel(*_schema_args(op, args))  # validate=True: the metadata must be refused before the value checks
+    with pytest.raises(exc, match=match):
+        kernel(*_schema_args(op, args), False)  # and also without them
+    for name, before in written.items():
+        assert torch.equal(args[name], before), f"{name} was written"
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton")))
+@pytest.mark.parametrize("op,over,exc,match", [
+    ("lift_euler_", dict(y=lambda a: a["y"][:, :10], anchor_idx=torch.tensor([0, 7, 99])), ValueError,
+     r"lift_euler_: y must be \[B, H\*W, C\]"),
+    ("lift_euler_", dict(y=lambda a: a["y"][:1].expand(2, -1, -1), nearest=lambda a: a["nearest"] + 5), ValueError,
+     "lift_euler_: y has internally overlapping memory"),
+    ("anchor_attention", dict(cos=lambda a: a["cos"].expand(2, -1, -1), key_lengths=torch.tensor([9, 3])),
+     ValueError, "anchor_attention: cos and sin must both be"),
+    ("microflow_update_", dict(target=lambda a: a["target"][:, :2], new_idx=torch.tensor([1, 2, 3, 99])), ValueError,
+     r"microflow_update_: target must be \[B, R, C\]"),
+    ("gather_tokens", dict(x=_F64("x"), idx=torch.tensor([99])), TypeError, "gather_tokens: x must be float32"),
+], ids=["lift_euler_ y shape", "lift_euler_ y expanded", "attention tables", "microflow_update_ target",
+        "gather_tokens x dtype"])
+def test_metadata_is_refused_before_index_values(device, backend, op, over, exc, match):
+    """Bad metadata and a bad index value in one call: every kernel reports the metadata (checked first, as
+    the public functions do), not the index. The C++ lift_euler_ and anchor_attention checked the anchors
+    and key lengths before the shape of y and the rank of the rotary tables."""
+    args = _build_args(op, over, device)
+    with pytest.raises(exc, match=match):
+        _kernel(op, backend)(*_schema_args(op, args))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not importable")
+def test_compiled_triton_refuses_cpu_tensors():
+    """Without the interpreter, a Triton twin called with CPU tensors is a ValueError (as the CUDA C++
+    kernels' check_cuda), not an error from inside Triton's launcher."""
+    proc = _python("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "0"
+        import torch, jit_kernels
+        import jit_kernels.triton  # noqa: F401
+        x = torch.randn(1, 4, 2)
+        for call in (lambda: torch.ops.jit_kernels.gather_tokens_triton(x, torch.tensor([1])),
+                     lambda: torch.ops.jit_kernels.token_importance_triton(x, 2, 2, False)):
+            try:
+                call()
+            except ValueError as e:
+                print("refused:", e)
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("the Triton kernels need CUDA tensors") == 2, proc.stdout + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 10. in-place writes bump the version counter
+#
+# scatter_tokens_, lift_euler_ and microflow_update_ write an argument: like a torch in-place op, every
+# backend bumps its autograd version counter, so a tensor saved for backward and then overwritten by
+# them is reported at backward instead of giving wrong gradients (and the value-check cache sees the
+# write). The C++ kernels and the Triton launcher the CUDA key routes to did not bump it.
+
+
+def _inplace_calls(device):
+    """(op, the written tensor, direct kernel call(kernel), public call(backend)) of each in-place op."""
+    out = []
+    for op in ("scatter_tokens_", "lift_euler_", "microflow_update_"):
+        args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _kernel_args(op).items()}
+        target = args[OPS[op].mutates[0]]
+        direct = lambda kernel, op=op, args=args: kernel(*_schema_args(op, args))  # noqa: E731
+        if op == "scatter_tokens_":
+            public = lambda be, a=args: jk.scatter_tokens_(a["base"], a["idx"], a["src"], backend=be)  # noqa: E731
+        elif op == "lift_euler_":
+            public = lambda be, a=args: jk.lift_euler_(a["y"], a["values"], a["anchor_idx"], MH, MW, 0.1,  # noqa: E731
+                                                       nearest=a["nearest"], backend=be)
+        else:
+            public = lambda be, a=args: jk.microflow_update_(a["y"], a["new_idx"], a["target"], "blend", 0.5,  # noqa: E731
+                                                             backend=be)
+        out.append((op, target, direct, public))
+    return out
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton", "reference")))
+def test_inplace_ops_bump_the_version_counter(device, backend):
+    for op, target, direct, public in _inplace_calls(device):
+        if backend != "reference":  # the kernel called directly (the reference has none)
+            v0 = target._version
+            direct(_kernel(op, backend))
+            assert target._version > v0, f"{op} ({backend}) wrote {OPS[op].mutates[0]} without bumping its version"
+        v0 = target._version
+        public(backend)
+        assert target._version > v0, f"jk.{op}(backend={backend!r}) did not bump the version"
+
+
+@pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton", "reference")))
+def test_overwriting_a_tensor_saved_for_backward_is_reported(device, backend):
+    for op, target, direct, public in _inplace_calls(device):
+        scale = torch.ones((), device=device, requires_grad=True)
+        loss = (scale * target).sum()  # saves target for the gradient of scale
+        public(backend)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        if backend != "reference":
+            loss = (scale * target).sum()
+            direct(_kernel(op, backend))
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()

@@ -358,6 +358,8 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
                       ", ", L, ", ", D, "], got ", t->sizes());
     check_same_device(op, q_in, "q", *t, name);
   }
+  TORCH_CHECK_VALUE(cos_in.dim() == sin_in.dim(), op, ": cos and sin must both be [L, D] or both [B, L, D], got ",
+                    cos_in.sizes(), " and ", sin_in.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, op, ": scale must be finite and > 0, got ", scale);
   at::Tensor lens;
   if (lens_in.has_value()) {
@@ -373,8 +375,6 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   auto unit_stride = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   const at::Tensor q = unit_stride(q_in), k = unit_stride(k_in), v = unit_stride(v_in);
-  TORCH_CHECK_VALUE(cos_in.dim() == sin_in.dim(), op, ": cos and sin must both be [L, D] or both [B, L, D], got ",
-                    cos_in.sizes(), " and ", sin_in.sizes());
   const at::Tensor cs = cos_in.to(at::kFloat).contiguous(), sn = sin_in.to(at::kFloat).contiguous();
   const int64_t tb = cs.dim() == 3 ? L * D : 0;
   at::Tensor out = at::empty({B, L, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));

@@ -98,10 +98,10 @@ struct LiftArgs {
   int64_t h, w;
 };
 
-LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
-                     const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width,
-                     bool validate) {
-  check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
+// The index values (with validate) and the fp32 / contiguous operands; after check_lift_meta.
+LiftArgs lift_prepare(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
+                      const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width,
+                      bool validate) {
   const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous(),
              height, width};
@@ -200,7 +200,9 @@ void lift_rows(const LiftArgs& a, Emit emit) {
 
 at::Tensor lift_field_cpu(const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
                           const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
-  const LiftArgs a = lift_checks("lift_field", values, anchor_idx, nearest, weights, height, width, validate);
+  constexpr const char* op = "lift_field";
+  check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
+  const LiftArgs a = lift_prepare(op, values, anchor_idx, nearest, weights, height, width, validate);
   const int64_t b = values.size(0), c = values.size(2), n = height * width;
   at::Tensor out = at::empty({b, n, c}, values.options());
   if (out.numel() == 0) return out;  // no samples or no channels: nothing to compute
@@ -230,10 +232,12 @@ void lift_euler_cpu(at::Tensor& y, const at::Tensor& values, const at::Tensor& a
                     const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
   constexpr const char* op = "lift_euler_";
   check_tokens(op, "y", y);
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
+  check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_same_device(op, y, "y", values, "values");
   const int64_t c = values.size(2), n = height * width;
   check_euler_target(op, y, values, anchor_idx, nearest, n);  // any strides, no overlap
+  // Metadata first, then the index values (as every kernel does: a bad shape is reported as such).
+  const LiftArgs a = lift_prepare(op, values, anchor_idx, nearest, weights, height, width, validate);
   if (y.numel() == 0) return;  // no samples or no channels: nothing to update
   if (y.is_contiguous()) {
     euler_rows(a, y, n, c, dt);

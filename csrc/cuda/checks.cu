@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstring>
@@ -41,6 +42,10 @@ __global__ void validate_index_kernel(const int64_t* __restrict__ idx, int64_t r
 }  // namespace
 
 void check_index_values_cuda(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique) {
+  // The callers checked the metadata (a CUDA idx on their tensors' device) and hold a guard of that
+  // device; checked again here, before the guard, so no caller can launch on the wrong device.
+  check_cuda(op, name, idx);
+  const c10::cuda::CUDAGuard guard(idx.device());
   const int64_t rows = idx.dim() == 1 ? 1 : idx.size(0);
   const int64_t m = idx.size(-1);
   if (rows * m == 0) return;

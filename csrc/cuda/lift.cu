@@ -316,10 +316,18 @@ struct LiftArgs {
   at::Tensor weights;  // [K] fp32 contiguous
 };
 
-LiftArgs lift_checks(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
-                     const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
+// Metadata of a lift (shapes, dtypes, devices): every tensor on values' device, a CUDA one. Runs
+// before any device guard or allocation, so a mixed CPU/CUDA call is a ValueError like on CPU.
+void lift_meta(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx, const at::Tensor& nearest,
+               const at::Tensor& weights, int64_t height, int64_t width) {
   check_lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_cuda(op, "values", values);
+}
+
+// The index values (with validate) and the fp32 / contiguous operands; under the device guard of values.
+LiftArgs lift_prepare(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
+                      const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width,
+                      bool validate) {
   const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous()};
   if (validate) check_index_values_cuda(op, "anchor_idx", a.anchors, n, /*unique=*/false);
@@ -374,8 +382,9 @@ at::Tensor lift_field_cuda(const at::Tensor& values, const at::Tensor& anchor_id
                            const at::Tensor& weights, int64_t height, int64_t width, bool validate) {
   constexpr const char* op = "lift_field";
   const bool v1 = lift_v1(op);
+  lift_meta(op, values, anchor_idx, nearest, weights, height, width);  // before the guard: values may be a CPU tensor
   const c10::cuda::CUDAGuard guard(values.device());
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
+  const LiftArgs a = lift_prepare(op, values, anchor_idx, nearest, weights, height, width, validate);
   at::Tensor out = at::empty({values.size(0), height * width, values.size(2)}, values.options());
   launch_lift<false>(a, out, height, width, 0.f, v1);
   return out;
@@ -385,12 +394,14 @@ void lift_euler_cuda(at::Tensor& y, const at::Tensor& values, const at::Tensor& 
                      const at::Tensor& weights, int64_t height, int64_t width, double dt, bool validate) {
   constexpr const char* op = "lift_euler_";
   const bool v1 = lift_v1(op);
+  // Every metadata check (the CPU kernel's, in its order, plus CUDA tensors) before the device guard and the
+  // value checks.
   check_tokens(op, "y", y);
-  check_cuda(op, "y", y);
+  lift_meta(op, values, anchor_idx, nearest, weights, height, width);
   check_same_device(op, y, "y", values, "values");
-  const c10::cuda::CUDAGuard guard(y.device());
-  const LiftArgs a = lift_checks(op, values, anchor_idx, nearest, weights, height, width, validate);
   check_euler_target(op, y, values, anchor_idx, nearest, height * width);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const LiftArgs a = lift_prepare(op, values, anchor_idx, nearest, weights, height, width, validate);
   launch_lift<true>(a, y, height, width, static_cast<float>(dt), v1);
 }
 

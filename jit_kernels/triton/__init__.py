@@ -16,10 +16,18 @@ kernel when this module is imported is left alone.
 Launcher naming rule: the launcher of op ``<op>`` is ``launch_<op>`` (e.g.
 ``launch_lift_euler_``), a plain function taking the op's schema arguments except the
 trailing ``validate``. What is registered is :data:`KERNELS`: each launcher wrapped by
-:func:`guarded`, which runs the op's index-value checks when ``validate`` is true (the
-same Python checks the public functions run, :mod:`jit_kernels._values`) and launches
-under a device guard of the tensors' device, so a tensor on ``cuda:1`` launches on
-``cuda:1`` and its current stream whatever device is current.
+:func:`guarded`, which
+
+- always checks the arguments' metadata (:mod:`jit_kernels._metadata`: ranks, shapes,
+  dtypes, devices, in-place targets; the conditions and exception types of the op's C++
+  ``TORCH_CHECK`` calls; no tensor value is read, so no host sync), and that the tensors are on
+  a device Triton runs on here (CUDA; CPU only under the interpreter);
+- runs the op's index-value checks when ``validate`` is true (the same Python checks the
+  public functions run, :mod:`jit_kernels._values`);
+- launches under a device guard of the tensors' device, so a tensor on ``cuda:1`` launches
+  on ``cuda:1`` and its current stream whatever device is current.
+
+So a direct call refuses what the C++ kernel of the same op refuses, before any work.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Callable
 import torch
 
 from .._library import OPS
+from .common import INTERPRET
 
 __all__ = ["LAUNCHERS", "KERNELS", "guarded", "TRITON_OPS", "CUDA_ROUTABLE", "ROUTED_TO_TRITON", "route_to_cuda"]
 
@@ -55,20 +64,33 @@ def _guard(device):
     return contextlib.nullcontext()
 
 
+def _check_runnable(op: str, device: torch.device | None) -> None:
+    """Triton runs on CUDA tensors, and on CPU tensors only through its interpreter (``ValueError``, as the
+    CUDA C++ kernels' ``check_cuda``)."""
+    if device is not None and device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: the Triton kernels need CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 "
+                         f"set before import), got {device}")
+
+
 def guarded(name: str, launcher: Callable) -> Callable:
-    """``launcher`` with the schema's trailing ``validate`` argument and a device guard.
+    """``launcher`` with the schema's trailing ``validate`` argument, checks and a device guard.
 
     Generated with the launcher's exact parameter names (the custom-op machinery binds
-    arguments by name), plus ``validate=True``.
+    arguments by name), plus ``validate=True``. Runs the op's metadata checks always, then
+    its value checks when ``validate`` is true, then the launcher under a device guard.
     """
     params = list(inspect.signature(launcher).parameters)
     arglist = ", ".join(params)
     src = (f"def {name}({arglist}, validate=True):\n"
+           f"    _metadata({arglist})\n"
+           f"    device = _device_of({arglist})\n"
+           f"    _check_runnable({name!r}, device)\n"
            f"    if validate:\n"
            f"        _values({arglist})\n"
-           f"    with _guard(_device_of({arglist})):\n"
+           f"    with _guard(device):\n"
            f"        return _launch({arglist})\n")
-    scope = {"_values": OPS[name].values, "_guard": _guard, "_device_of": _device_of, "_launch": launcher}
+    scope = {"_metadata": OPS[name].metadata, "_values": OPS[name].values, "_check_runnable": _check_runnable,
+             "_guard": _guard, "_device_of": _device_of, "_launch": launcher}
     exec(compile(src, f"<jit_kernels.triton.guarded {name}>", "exec"), scope)
     fn = scope[name]
     fn.__doc__ = launcher.__doc__
@@ -76,7 +98,7 @@ def guarded(name: str, launcher: Callable) -> Callable:
     return fn
 
 
-# op name -> what is registered: the launcher with value checks and a device guard
+# op name -> what is registered: the launcher with metadata and value checks and a device guard
 KERNELS: dict[str, Callable] = {name: guarded(name, fn) for name, fn in LAUNCHERS.items()}
 
 

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
 from .._env import lift_variant
 from . import common
 from .common import INTERPRET, NUM_WARPS, batch_stride, cast, f32, spans, sub, tile_shape
@@ -402,10 +401,10 @@ def launch_lift_euler_(
 ) -> None:
     """In place ``y [B, N, C] += dt * lift(values)`` (Triton, one fused pass).
 
-    ``y`` (any strides) must not overlap itself nor the inputs (``ValueError``): every cell reads
-    ``values`` rows while other programs write ``y``.
+    ``y`` (any strides) must not overlap itself nor the inputs: every cell reads ``values`` rows
+    while other programs write ``y`` (checked, with the shapes, by :mod:`jit_kernels._metadata`
+    before the launch; see :func:`jit_kernels.triton.guarded`).
     """
-    _checks.check_inplace("lift_euler_", "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     b, n, c = y.shape
     if y.numel() == 0:
         return

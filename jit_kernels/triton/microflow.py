@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
 from .common import NUM_WARPS, batch_stride, cast, f32, sub, tile_shape
 from .lift import _lift_tile, flat_launches, lift_launch_shape
 from .tokens import _index_view, _row_launches
@@ -52,9 +51,9 @@ def _microflow_update_fwd_kernel(
 def launch_microflow_update_(y: torch.Tensor, new_idx: torch.Tensor, target: torch.Tensor, weight: float) -> None:
     """In place ``y[R] <- (1 - w) y[R] + w target``; ``y [B, N, C]``, ``new_idx [R] | [B, R]``, ``target [B, R, C]``.
 
-    ``y`` (any strides) must not overlap itself nor ``new_idx``/``target`` (``ValueError``).
+    ``y`` (any strides) must not overlap itself nor ``new_idx``/``target`` (checked, with the shapes,
+    by :mod:`jit_kernels._metadata` before the launch; see :func:`jit_kernels.triton.guarded`).
     """
-    _checks.check_inplace("microflow_update_", "y", y, new_idx=new_idx, target=target)
     b, _, c = y.shape
     r = new_idx.shape[-1]
     if b * r * c == 0:

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
 from . import common
 from .common import NUM_WARPS, batch_stride, cast, spans, sub, tile_shape
 
@@ -105,9 +104,9 @@ def launch_gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def launch_scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
     """In place: rows ``idx`` (unique) of ``base [B, N, C]`` <- ``src [B, M, C]`` (Triton).
 
-    ``base`` must not overlap itself nor ``idx``/``src`` (``ValueError``): the kernel writes through its strides.
+    ``base`` must not overlap itself nor ``idx``/``src``: the kernel writes through its strides (checked,
+    with the shapes, by :mod:`jit_kernels._metadata` before the launch; see :func:`jit_kernels.triton.guarded`).
     """
-    _checks.check_inplace("scatter_tokens_", "base", base, idx=idx, src=src)
     b, _, c = base.shape
     m = idx.shape[-1]
     if b * m * c == 0:
