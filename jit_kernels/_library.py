@@ -62,6 +62,9 @@ class OpDef:
     fake: Callable  # the meta kernel shared by the op and its Triton twin (output shapes only)
     cuda_via_triton: bool = False  # no CUDA C++ kernel: the Triton launcher is the op's CUDA kernel
 
+    def __post_init__(self):
+        object.__setattr__(self, "fake", _one_device(self.name, self.fake))
+
     @property
     def qualname(self) -> str:
         return f"{NAMESPACE}::{self.name}"
@@ -97,6 +100,22 @@ class OpDef:
 
 
 # ---------------------------------------------------------------- fakes (output shapes)
+
+
+def _one_device(op: str, fake: Callable) -> Callable:
+    """``fake`` refusing tensors on several devices (``ValueError``, as the C++ kernels' check_same_device).
+
+    The dispatcher sends a call with any ``meta`` tensor to the fake, whatever the other tensors'
+    devices: without this, a direct kernel call mixing CPU and meta tensors returned an empty result."""
+    def checked(*args, **kwargs):
+        devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(f"{op}: every tensor must be on one device, got {sorted(str(d) for d in devices)}")
+        return fake(*args, **kwargs)
+
+    checked.__name__ = getattr(fake, "__name__", "fake")
+    checked.__wrapped__ = fake
+    return checked
 
 
 def _fake_gather_tokens(x, idx, validate=True):

@@ -691,6 +691,24 @@ def test_kernels_refuse_bad_metadata(device, backend, op, over, exc, match, cpu)
         assert torch.equal(args[name], before), f"{name} was written"
 
 
+@pytest.mark.parametrize("backend", ["main", "triton"])
+@pytest.mark.parametrize("op", [op for op in sorted(OPS)  # the ops taking two or more tensors
+                                if sum(isinstance(v, torch.Tensor) for v in _kernel_args(op).values()) > 1])
+def test_a_meta_tensor_among_others_is_refused(op, backend):
+    """Any ``meta`` tensor sends a call to the fake kernel, whatever the devices of the others: the fake
+    refuses a mix (before, a direct call mixing CPU and meta tensors returned an empty result)."""
+    if backend == "triton" and "triton" not in BACKENDS:
+        pytest.skip("triton is not importable")
+    kernel = getattr(ops, OPS[op].triton_op if backend == "triton" else op)
+    args = _kernel_args(op)
+    first = next(k for k, v in args.items() if isinstance(v, torch.Tensor))
+    mixed = dict(args, **{first: args[first].to("meta")})
+    with pytest.raises(ValueError, match=f"{op}: every tensor must be on one device"):
+        kernel(*_schema_args(op, mixed))
+    every = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    kernel(*_schema_args(op, every))  # all on meta: shapes only, no error
+
+
 @pytest.mark.parametrize("device,backend", device_backends(("cuda", "cpp", "triton")))
 @pytest.mark.parametrize("op,over,exc,match", [
     ("lift_euler_", dict(y=lambda a: a["y"][:, :10], anchor_idx=torch.tensor([0, 7, 99])), ValueError,
