@@ -258,7 +258,7 @@ def test_time_limit_shrinks_every_budget_to_fit(tmp_path, capsys):
     rc = gc.main(["--dry-run", "--section", "sampler", "--time-limit", "170", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     fit = out["env"]["time_limit"]["budget_fit"]
-    assert rc == 0 and 0.4 < fit <= 0.5  # (170 - 20 - startup) / 300
+    assert rc == 0 and 0.3 < fit <= 0.5  # (170 - 20 - startup) / 300, startup a few seconds
     assert out["sections"]["sampler"]["budget_s"] == round(gc.BUDGET_DRY["sampler"] * fit)
 
 
