@@ -38,6 +38,7 @@ shape, device, value or overlap, ``IndexError`` for an index out of range.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import Counter, OrderedDict
@@ -228,6 +229,24 @@ def remember(claim: tuple, *tensors: torch.Tensor, flag: bool = False) -> None:
             _cache.popitem(last=False)
 
 
+def remember_index(idx: torch.Tensor, upper: int, *, unique: bool = False) -> None:
+    """Record that ``idx``'s values are in ``[0, upper)`` (with ``unique``: distinct per row), as
+    :func:`validate_index` does after checking them: for results that are valid by construction."""
+    remember(("range", upper), idx, flag=unique)
+
+
+@contextlib.contextmanager
+def versioned():
+    """Make tensors outside a caller's ``torch.inference_mode`` (gradients stay off).
+
+    Inference tensors have no version counter, so nothing here can remember that their values
+    were checked: index tensors made under inference mode would be re-checked (a host sync) at
+    every use. Wrap the code that makes long-lived index tensors (anchor lists, nearest maps,
+    masks, key lengths) in this."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def clear_validation_cache() -> None:
     """Forget every validated tensor (after writing index tensors behind torch's back)."""
     with _lock:
@@ -271,7 +290,7 @@ def validate_index(op: str, name: str, idx: torch.Tensor, upper: int, *, unique:
         raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [0, {upper})")
     if dup and st[2]:
         raise ValueError(f"{op}: {name} contains duplicate indices")
-    remember(("range", upper), idx, flag=unique)
+    remember_index(idx, upper, unique=unique)
 
 
 def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, num_tokens: int) -> None:
@@ -300,7 +319,7 @@ def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n
                          "nearest anchor (nearest[anchor_idx[j]] != j; duplicate anchors cause this too); "
                          "compute it with jit_kernels.nearest_anchor_map")
     remember(claim, nearest, anchor_idx)
-    remember(("range", num_tokens), anchor_idx, flag=True)
+    remember_index(anchor_idx, num_tokens, unique=True)
 
 
 def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:

@@ -57,5 +57,5 @@ def select_new_tokens(
         out = select_new_tokens_ref(importance, active_idx, count)
     else:
         out = backend_op(op, be)(importance, active_idx, count, C.kernel_validates())
-    C.remember(("range", n), out, flag=True)  # distinct inactive tokens by construction
+    C.remember_index(out, n, unique=True)  # distinct inactive tokens by construction
     return out

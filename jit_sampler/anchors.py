@@ -134,7 +134,7 @@ def complement(active: torch.Tensor, num_tokens: int) -> torch.Tensor:
         mask.scatter_(1, active, False)
         # Equal counts per row, so the row-major nonzero list reshapes to [B, N - M].
         out = mask.nonzero()[:, 1].reshape(b, num_tokens - active.shape[1])
-    jk._checks.remember(("range", num_tokens), out, flag=True)  # positions of a mask: distinct, in range
+    jk._checks.remember_index(out, num_tokens, unique=True)  # positions of a mask: distinct, in range
     return out
 
 
@@ -193,6 +193,6 @@ def activate_tokens(
         new = jk.select_new_tokens(score, active, count, backend=backend)[0]
         # The row is a new tensor object: carry over what select_new_tokens' result is by construction
         # (distinct tokens of the grid), so the next ops do not re-check its values (a host sync).
-        jk._checks.remember(("range", n), new, flag=True)
+        jk._checks.remember_index(new, n, unique=True)
         return new
     return jk.select_new_tokens(score, active, count, backend=backend)

@@ -25,7 +25,6 @@ anyway, and rounding the full latent to bf16 every step is what a scheduler avoi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 import time
@@ -281,18 +280,6 @@ def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device)
                            generator=generator, device=device, order=config.anchor_order)
 
 
-@contextlib.contextmanager
-def _versioned():
-    """Make the index tensors (active lists, nearest maps) outside inference mode, gradients off.
-
-    Under a caller's ``torch.inference_mode`` they would be inference tensors, which have no
-    version counter: the kernels could not remember that their values were checked, and would
-    re-check them (a host sync) in every step's gather and lift. The latents stay as they are.
-    """
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
 def _dense_active(n: int, b: int, per_sample: bool, device) -> torch.Tensor:
     """The dense stage's list: every token in row-major order (whatever ``anchor_order``)."""
     active = torch.arange(n, device=device)
@@ -383,7 +370,7 @@ def jit_sample(
     y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # inputs may be strided views
     init_noise = y.clone() if isinstance(config.dmf_noise, str) and config.dmf_noise == "initial" else None
 
-    with _versioned():
+    with jk._checks.versioned():  # index tensors whose value checks the kernels can remember
         active = _initial_active(config, plan, b, generator, device)
         nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
     y_prev = v_prev = None
@@ -397,7 +384,7 @@ def jit_sample(
             count = plan.token_counts[stage] - active.shape[-1]
             if count > 0:
                 # ITA from the cached lifted velocity of step i-1 (no extra model call).
-                with _versioned():
+                with jk._checks.versioned():
                     new = activate_tokens(v_prev, active, count, height, width, ita=config.ita, nearest=nearest,
                                           backend=be)
                 # DMF: target from y_prev, v_prev and the OLD anchors (their nearest map).
@@ -409,7 +396,7 @@ def jit_sample(
                         jk.microflow_update_(y, new, target, mode="assign", backend=be)
                     else:
                         jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be)
-                with _versioned():
+                with jk._checks.versioned():
                     active = merge_active(active, new, order=config.anchor_order)
                     if active.shape[-1] < n:
                         nearest = jk.nearest_anchor_map(active, height, width, backend=be)

@@ -120,9 +120,9 @@ def _cached_key_lengths(mask, batch: int, seq_len: int):
     entry = _LENGTHS_CACHE.get(key)
     if entry is not None and entry[0]() is mask and entry[1:4] == (version, batch, seq_len):
         return entry[4]
-    # Outside inference mode, so the lengths have a version counter and the kernel's value check of
-    # them is remembered too (an inference tensor is re-checked, with a host sync, at every layer).
-    with torch.inference_mode(False), torch.no_grad():
+    # Versioned, so the kernel's value check of the lengths is remembered too (an inference tensor
+    # is re-checked, with a host sync, at every layer).
+    with jk._checks.versioned():
         lengths = key_lengths_from_mask(mask, batch, seq_len)
     _LENGTHS_CACHE.pop(key, None)
     while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
