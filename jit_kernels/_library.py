@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _metadata, _values
+from . import _checks, _metadata, _values
 
 import torch
 
@@ -63,7 +63,7 @@ class OpDef:
     cuda_via_triton: bool = False  # no CUDA C++ kernel: the Triton launcher is the op's CUDA kernel
 
     def __post_init__(self):
-        object.__setattr__(self, "fake", _one_device(self.name, self.fake))
+        object.__setattr__(self, "fake", _one_device(self.name, self.schema, self.fake))
 
     @property
     def qualname(self) -> str:
@@ -102,15 +102,16 @@ class OpDef:
 # ---------------------------------------------------------------- fakes (output shapes)
 
 
-def _one_device(op: str, fake: Callable) -> Callable:
-    """``fake`` refusing tensors on several devices (``ValueError``, as the C++ kernels' check_same_device).
+def _one_device(op: str, schema: str, fake: Callable) -> Callable:
+    """``fake`` refusing tensors on several devices (``ValueError``: the public functions' check,
+    :func:`jit_kernels._checks.check_devices`, by the schema's argument names).
 
     The dispatcher sends a call with any ``meta`` tensor to the fake, whatever the other tensors'
     devices: without this, a direct kernel call mixing CPU and meta tensors returned an empty result."""
+    names = [a.name for a in torch._C.parse_schema(op + schema).arguments]
+
     def checked(*args, **kwargs):
-        devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
-        if len(devices) > 1:
-            raise ValueError(f"{op}: every tensor must be on one device, got {sorted(str(d) for d in devices)}")
+        _checks.check_devices(op, **dict(zip(names, args)), **kwargs)
         return fake(*args, **kwargs)
 
     checked.__name__ = getattr(fake, "__name__", "fake")

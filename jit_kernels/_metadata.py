@@ -57,19 +57,6 @@ def _weights(op: str, w) -> None:
         raise ValueError(f"{op}: weights must be an odd-length [K] tensor, got {list(w.shape)}")
 
 
-def _grid(op: str, height: int, width: int, n: int | None = None) -> None:
-    """check_grid: ``height, width >= 1``, at most 2^30 cells, ``height * width == n`` when given."""
-    C.check_grid(op, height, width, n)
-
-
-def _nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n: int) -> None:
-    """The nearest map's length and its layout against the anchors' (after both passed :func:`_index`)."""
-    if nearest.shape[-1] != n:
-        raise ValueError(f"{op}: nearest has {nearest.shape[-1]} entries, expected N = {n}")
-    if nearest.dim() != anchor_idx.dim():
-        raise ValueError(f"{op}: nearest must be per sample exactly when anchor_idx is ([B, N] with [B, M])")
-
-
 def _rows(op: str, name: str, t: torch.Tensor, b: int, r: int, c: int, letters: str = "R") -> None:
     """``t`` (a checked token tensor) is ``[b, r, c]``."""
     if tuple(t.shape) != (b, r, c):
@@ -111,7 +98,7 @@ def scatter_tokens_(base, idx, src):
 
 def nearest_anchor_map(anchor_idx, height, width):
     op = "nearest_anchor_map"
-    _grid(op, height, width)
+    C.check_grid(op, height, width)
     C.check_tensor(op, "anchor_idx", anchor_idx)
     _index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1)
     if anchor_idx.shape[-1] == 0:
@@ -121,7 +108,7 @@ def nearest_anchor_map(anchor_idx, height, width):
 def _lift(op, values, anchor_idx, nearest, weights, height, width):
     """check_lift_meta."""
     C.check_tokens(op, "values", values)
-    _grid(op, height, width)
+    C.check_grid(op, height, width)
     b, m, n = values.shape[0], values.shape[1], height * width
     _index(op, "anchor_idx", anchor_idx, b)
     _index(op, "nearest", nearest, b)
@@ -133,7 +120,7 @@ def _lift(op, values, anchor_idx, nearest, weights, height, width):
         raise ValueError(f"{op}: anchor_idx is empty; at least one anchor is required")
     if anchor_idx.shape[-1] != m:
         raise ValueError(f"{op}: values has {m} rows but anchor_idx has {anchor_idx.shape[-1]} anchors")
-    _nearest(op, nearest, anchor_idx, n)
+    C.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
 
 
 def lift_field(values, anchor_idx, nearest, weights, height, width):
@@ -161,7 +148,7 @@ def token_importance(field, height, width):
     C.check_tokens(op, "field", field)
     if field.shape[2] == 0:
         raise ValueError(f"{op}: field has no channels (C = 0): the channel mean of the local variance is undefined")
-    _grid(op, height, width, field.shape[1])
+    C.check_grid(op, height, width, field.shape[1])
 
 
 def select_new_tokens(importance, active_idx, count):
@@ -204,7 +191,7 @@ def microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps,
     if v_prev.shape != y_prev.shape:
         raise ValueError(f"{op}: v_prev {list(v_prev.shape)} must match y_prev {list(y_prev.shape)}")
     b, n, c = y_prev.shape
-    _grid(op, height, width, n)
+    C.check_grid(op, height, width, n)
     _index(op, "anchor_idx", anchor_idx, b)
     _index(op, "nearest", nearest, b)
     _index(op, "new_idx", new_idx, b)
@@ -214,7 +201,7 @@ def microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps,
         _same_device(op, y_prev, "y_prev", t, name)
     if anchor_idx.shape[-1] == 0:
         raise ValueError(f"{op}: anchor_idx is empty; at least one anchor is required")
-    _nearest(op, nearest, anchor_idx, n)
+    C.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
     _rows(op, "eps", eps, b, new_idx.shape[-1], c)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:  # NaN fails too
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")

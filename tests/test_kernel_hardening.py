@@ -703,7 +703,7 @@ def test_a_meta_tensor_among_others_is_refused(op, backend):
     args = _kernel_args(op)
     first = next(k for k, v in args.items() if isinstance(v, torch.Tensor))
     mixed = dict(args, **{first: args[first].to("meta")})
-    with pytest.raises(ValueError, match=f"{op}: every tensor must be on one device"):
+    with pytest.raises(ValueError, match=f"{op}: all tensors must be on one device"):
         kernel(*_schema_args(op, mixed))
     every = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     kernel(*_schema_args(op, every))  # all on meta: shapes only, no error
