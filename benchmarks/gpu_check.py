@@ -221,6 +221,20 @@ def _text(out) -> str:
     return out.decode(errors="replace") if isinstance(out, bytes) else out
 
 
+def _torch_cuda_home() -> str | None:
+    """torch's guess of the CUDA toolkit (from CUDA_HOME / CUDA_PATH, else ``nvcc`` on PATH)."""
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception:
+        return None
+    return CUDA_HOME
+
+
+def _toolkit_dirs() -> list[str]:
+    """The usual CUDA toolkit folders: ``/usr/local/cuda``, then ``/usr/local/cuda-*`` by name."""
+    return ["/usr/local/cuda", *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))]
+
+
 def _cuda_home_with_runtime() -> str | None:
     """A CUDA_HOME whose ``lib64`` holds libcudart, when torch's own guess lacks it.
 
@@ -229,17 +243,13 @@ def _cuda_home_with_runtime() -> str | None:
     """
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return None
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME as guess
-    except Exception:
-        guess = None
 
     def has_runtime(d):
         return d is not None and any((Path(d) / "lib64").glob("libcudart.so*"))
 
-    if has_runtime(guess):
+    if has_runtime(_torch_cuda_home()):
         return None
-    for cand in ("/usr/local/cuda", *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))):
+    for cand in _toolkit_dirs():
         if has_runtime(cand) and (Path(cand) / "bin" / "nvcc").exists():
             return cand
     return None
@@ -1665,12 +1675,7 @@ def _find_sanitizer() -> str | None:
     exe = shutil.which("compute-sanitizer")
     if exe:
         return exe
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME
-        homes.append(CUDA_HOME)
-    except Exception:
-        pass
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), _torch_cuda_home(), *_toolkit_dirs()]
     for home in homes:
         if home and (Path(home) / "bin" / "compute-sanitizer").is_file():
             return str(Path(home) / "bin" / "compute-sanitizer")
