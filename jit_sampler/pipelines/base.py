@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,7 @@ from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
 from ..schedule import beta_sigmas
-from .checks import check_call_arguments
+from .checks import check_call_arguments, check_token_bucket_backend
 from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
@@ -95,6 +96,15 @@ class JiTPipelineMixin:
         if cls.__dict__.get("_stock_class") is not None:
             _REGISTRY.append(cls)
 
+    def to_json_string(self) -> str:
+        """``model_index.json`` names the stock class (``FluxPipeline``, ...), not the JiT one, so a folder
+        ``save_pretrained`` writes loads with stock ``DiffusionPipeline.from_pretrained`` (and with
+        ``JiTXxx.from_pretrained``, which picks its own class). The JiT default (``enable_jit``'s preset)
+        is not saved: it is not part of the stock pipeline."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self._stock_class.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
     def _dispatch(self, stock_call, args, kwargs, jit):
         # Per-instance wrappers around every call, JiT or stock (enable_cache_dit installs one):
         # context-manager factories in the instance's own ``_call_contexts``, never on the class.
@@ -118,6 +128,7 @@ class JiTPipelineMixin:
         a = dict(bound.arguments)
         a.pop("self")
         check_call_arguments(self, a, "num_inference_steps" in explicit)
+        check_token_bucket_backend(self.transformer, cfg.token_bucket)
         return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
 
     def _refuse_newer(self, newer: dict) -> None:
@@ -295,6 +306,53 @@ def enable_jit(pipe, jit: Any = "4x"):
         names = " or ".join(c._stock_class.__name__ for c in known)
         raise TypeError(f"enable_jit needs a {names}, got {type(pipe).__name__}")
     cls = min(candidates, key=lambda c: mro.index(c._stock_class))
-    out = pipe if isinstance(pipe, cls) else cls.from_pipe(pipe)
+    out = pipe if isinstance(pipe, cls) else _share(cls, pipe)
     out._default_jit = cfg
+    return out
+
+
+def _share(cls, pipe):
+    """A ``cls`` pipeline over ``pipe``'s own components and pipeline-level state; ``pipe`` is not changed.
+
+    diffusers' ``from_pipe`` is not used: it ends with ``.to(torch_dtype)`` (float32 unless told
+    otherwise), which upcasts a bf16 / fp16 pipeline (the caller's too: the modules are shared),
+    widens fp8 layerwise-cast storage and refuses quantized models, and its new pipeline starts
+    without the offload hooks and progress bar settings. Here nothing is cast, moved or re-hooked:
+
+    - the components are ``pipe.components`` themselves, the ``__init__`` options (FLUX.2-klein's
+      ``is_distilled``, ...) come from ``pipe.config``, and every other config entry
+      (``_name_or_path``, the private ones ``from_pipe`` leaves) is registered as it is;
+    - every instance attribute ``pipe`` holds that ``cls.__init__`` did not set is carried over:
+      the model-offload hooks and device (``_all_hooks``, ``_offload_device``,
+      ``_offload_gpu_id``), ``hf_device_map``, ``quantization_config``, the progress bar config,
+      and whatever a later diffusers keeps there. Lists, dicts and sets are copied one level, so
+      the two pipelines share the hook objects (which act on the shared modules) but not the
+      containers. Sequential and group offload hooks live on the modules and come with them.
+    """
+    expected, optional = cls._get_signature_keys(cls)
+    components = pipe.components
+    config = dict(pipe.config)
+    kwargs = {k: components[k] for k in expected if k in components}
+    for k in optional:
+        for key in (k, f"_{k}"):  # ``_k``: an option ``from_pipe`` kept from another class
+            if key in config:
+                kwargs[k] = config[key]
+                break
+    # A stock __init__ may set processors on the shared modules (Flux2KleinKVPipeline installs fresh
+    # KV attention processors, dropping e.g. an attention backend set on the caller's): put the
+    # caller's own processor objects back.
+    processors = [(m, m.processor) for c in components.values() if isinstance(c, torch.nn.Module)
+                  for m in c.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    out = cls(**kwargs)
+    for module, proc in processors:
+        if module.processor is not proc:
+            module.set_processor(proc)
+    rest = {k: v for k, v in config.items() if k not in out.config and k.lstrip("_") not in kwargs}
+    if rest:
+        out.register_to_config(**rest)
+    made = set(vars(out))
+    for key, value in vars(pipe).items():
+        if key in made or key in components:
+            continue
+        setattr(out, key, type(value)(value) if type(value) in (list, dict, set) else value)
     return out

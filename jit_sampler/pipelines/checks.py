@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["check_call_arguments", "check_image_input", "check_latents_shape", "check_preprocessed",
-           "check_int", "effective_batch"]
+           "check_int", "check_token_bucket_backend", "effective_batch"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:
@@ -223,3 +223,51 @@ def check_latents_shape(latents, shape: tuple, what: str) -> None:
     if latents is not None and tuple(latents.shape) != tuple(shape):
         raise ValueError(f"latents must be {what} of shape {tuple(shape)} (B = {shape[0]}: prompts x "
                          f"num_images_per_prompt), got {tuple(latents.shape)}")
+
+
+# diffusers attention backends (``transformer.set_attention_backend(name)``, the ``attention_backend``
+# context manager, ``DIFFUSERS_ATTN_BACKEND``) that apply ``token_bucket``'s boolean key-padding
+# mask ``[B, 1, 1, keys]`` as given (diffusers 0.42: SDPA's and flex's). The varlen kernels turn a mask
+# into per-row key counts, which is right only while the padding is the last keys: true without
+# context parallelism, not under Ulysses (the padding sits in every rank's chunk, see
+# :func:`~jit_sampler.pipelines.parallel.padding_keep`). Every other backend is refused: the flash,
+# sage, aiter and XLA kernels raise on any mask inside the first transformer call, and xformers
+# would read the boolean mask as an additive bias (a silent wrong answer).
+_MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex"})
+_TRAILING_PAD_BACKENDS = frozenset({"flash_varlen", "flash_varlen_hub", "_flash_varlen_3", "_flash_3_varlen_hub",
+                                    "sage_varlen"})
+
+
+def _attention_backends(transformer) -> set:
+    """The diffusers attention backends ``transformer``'s attention processors run (an anchor-attention
+    processor's fallback included): a processor's own ``_attention_backend``, else the active one."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:  # pragma: no cover - a diffusers without attention backends
+        return set()
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    names = set()
+    for module in transformer.modules():
+        proc = getattr(module, "processor", None)
+        for p in (proc, getattr(proc, "fallback", None)):
+            if p is not None and hasattr(p, "_attention_backend"):
+                backend = p._attention_backend or active
+                names.add(getattr(backend, "value", backend))
+    return names
+
+
+def check_token_bucket_backend(transformer, token_bucket: int) -> None:
+    """``token_bucket`` pads the image tokens and masks the padding keys: refuse, before any model runs,
+    an attention backend that takes no such mask (``ValueError`` saying what to do)."""
+    if not token_bucket:
+        return
+    from .parallel import context_parallel_degree
+
+    allowed = _MASK_BACKENDS if context_parallel_degree(transformer) > 1 else _MASK_BACKENDS | _TRAILING_PAD_BACKENDS
+    bad = sorted(_attention_backends(transformer) - allowed)
+    if bad:
+        raise ValueError(f"token_bucket={token_bucket} masks its padding tokens with an attention mask, which the "
+                         f"transformer's attention backend {' / '.join(map(repr, bad))} does not take"
+                         f"{' under context parallelism' if context_parallel_degree(transformer) > 1 else ''}: use "
+                         f"token_bucket=0 (JiTConfig(..., token_bucket=0)), or an attention backend that takes a mask "
+                         f"(transformer.set_attention_backend(\"native\"); backends that do: {sorted(allowed)})")
