@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from _flux_fixtures import build_pipe, prompt_inputs
+from _quant_fixtures import write_gguf
 from jit_sampler import enable_jit
 
 RTOL = 1e-5
@@ -109,31 +110,6 @@ def test_optimum_quanto_int8_through_diffusers(tiny):
                                                    torch_dtype=torch.float32)
     deq = {f"{n}.weight": m.qweight.dequantize() for n, m in t.named_modules() if isinstance(m, QModuleMixin)}
     _check(tiny, t, deq, min_weights=20)
-
-
-def write_gguf(path, state: dict, qtype_name: str) -> dict:
-    """Write ``state`` (diffusers key names) to a GGUF file: 2-D weights whose rows are whole 32-value blocks
-    quantized to ``qtype_name``, the rest float32 (as FLUX GGUF files keep norms and biases). Returns the
-    quantized weights dequantized by the ``gguf`` package, rounded to fp16 (diffusers' dequantization
-    precision)."""
-    import gguf
-
-    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
-    writer = gguf.GGUFWriter(str(path), "flux")
-    dequantized = {}
-    for name, tensor in state.items():
-        array = tensor.float().numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0 and name.endswith(".weight"):
-            q = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(name, q, raw_dtype=qtype)
-            dequantized[name] = torch.from_numpy(gguf.quants.dequantize(q, qtype).copy()).half()
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dequantized
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
