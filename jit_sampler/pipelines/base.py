@@ -7,7 +7,8 @@ The mixin owns everything that is not specific to one model family:
   :class:`~jit_sampler.JiTConfig` goes to the subclass's ``_jit_call`` with every stock
   argument bound to its name (``_dispatch``), after the arguments every pipeline shares have
   been checked (:func:`~jit_sampler.pipelines.checks.check_call_arguments`: a clear
-  ``TypeError`` / ``ValueError`` before any model runs);
+  ``TypeError`` / ``ValueError`` before any model runs; ``token_bucket`` against the
+  transformer's attention backend, :func:`~jit_sampler.pipelines.checks.check_token_bucket_backend`);
 - the step count (the config's, unless the caller passed ``num_inference_steps`` or
   ``sigmas``) and the scheduler's own shifted sigmas (``_scheduler_sigmas``);
 - :func:`~jit_sampler.jit_sample` under the progress bar with ``interrupt`` and
@@ -15,7 +16,9 @@ The mixin owns everything that is not specific to one model family:
 - the report's phase times and FLOPs (``_finish_report``).
 
 Subclasses set ``_stock_class`` (the diffusers pipeline they extend); that registers them
-for :func:`enable_jit`, which picks the most specific registered class for a pipeline.
+for :func:`enable_jit`, which picks the most specific registered class for a pipeline and
+builds it over the pipeline's own components and state (:func:`_share`, not ``from_pipe``).
+``save_pretrained`` names the stock class in ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -293,6 +296,12 @@ def enable_jit(pipe, jit: Any = "4x"):
     ``enable_jit(pipe, "4x")(prompt)`` runs the 4x preset; ``(..., jit=None)`` still runs the stock pipeline. ``pipe`` itself is
     not changed (unless it already is a JiT pipeline, whose default is then updated and which
     is returned).
+
+    The new pipeline holds ``pipe``'s very modules as they are (bf16 / fp16, fp8 layerwise
+    casting, torchao / quanto / GGUF / bitsandbytes quantization, devices, hooks, attention
+    processors) and carries its pipeline-level state (model offload hooks, progress bar config,
+    ...), so ``maybe_free_model_hooks`` at the end of a call works as on ``pipe``; see
+    :func:`_share`. Its ``save_pretrained`` writes a stock folder (``to_json_string``).
     """
     cfg = JiTConfig.coerce(jit)
     from . import _MODULES, _load_all  # every JiT pipeline module registers its class on import
