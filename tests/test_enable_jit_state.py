@@ -242,6 +242,16 @@ def test_saved_jit_pipeline_is_the_stock_folder_and_loads_both_ways(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # token_bucket and the attention backend.
 
+@pytest.fixture
+def restore_backend():
+    """set_attention_backend also sets diffusers' process-wide active backend: put the previous one back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
+
+
 def _forward_counter(transformer):
     calls = []
     handle = transformer.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -249,7 +259,7 @@ def _forward_counter(transformer):
 
 
 @pytest.mark.parametrize("how", ["set_attention_backend", "context"])
-def test_token_bucket_with_a_maskless_attention_backend_is_refused_before_any_work(how):
+def test_token_bucket_with_a_maskless_attention_backend_is_refused_before_any_work(how, restore_backend):
     import contextlib
 
     from diffusers.models.attention_dispatch import attention_backend
@@ -265,28 +275,45 @@ def test_token_bucket_with_a_maskless_attention_backend_is_refused_before_any_wo
         assert calls == []
     finally:
         handle.remove()
-        if how == "set_attention_backend":
-            pipe.transformer.set_attention_backend("native")  # also resets diffusers' global active backend
 
 
-def test_token_bucket_runs_with_a_backend_that_takes_a_mask():
+def test_token_bucket_runs_with_a_backend_that_takes_a_mask(restore_backend):
     pipe = enable_jit(build_pipe(), JiTConfig.preset("7x").replace(token_bucket=16))
     ref = pipe(**prompt_inputs(), height=128, width=128, output_type="latent",
                generator=torch.Generator().manual_seed(0)).images
-    try:
-        pipe.transformer.set_attention_backend("_native_math")
-        out = pipe(**prompt_inputs(), height=128, width=128, output_type="latent",
-                   generator=torch.Generator().manual_seed(0)).images
-    finally:
-        pipe.transformer.set_attention_backend("native")
+    pipe.transformer.set_attention_backend("_native_math")
+    out = pipe(**prompt_inputs(), height=128, width=128, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     # without token_bucket a maskless backend is not refused (it needs no mask)
     pipe2 = enable_jit(build_pipe(), "7x")
     from jit_sampler.pipelines.checks import check_token_bucket_backend
-    try:
-        pipe2.transformer.set_attention_backend("_native_flash")
-        check_token_bucket_backend(pipe2.transformer, 0)
-        with pytest.raises(ValueError, match="token_bucket"):
-            check_token_bucket_backend(pipe2.transformer, 64)
-    finally:
-        pipe2.transformer.set_attention_backend("native")
+    pipe2.transformer.set_attention_backend("_native_flash")
+    check_token_bucket_backend(pipe2.transformer, 0)
+    with pytest.raises(ValueError, match="token_bucket"):
+        check_token_bucket_backend(pipe2.transformer, 64)
+
+
+def test_token_bucket_with_a_varlen_backend_only_without_context_parallelism():
+    # The varlen kernels read a key mask as per-row key counts: right for trailing padding (one process),
+    # wrong for Ulysses' per-rank padding. The backends are set on the processors directly (setting them
+    # through diffusers checks that the flash-attn / sageattention packages are installed).
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from jit_sampler.pipelines.checks import check_token_bucket_backend
+
+    transformer = build_pipe().transformer
+    for proc in transformer.attn_processors.values():
+        proc._attention_backend = AttentionBackendName.FLASH_VARLEN
+    check_token_bucket_backend(transformer, 64)
+    transformer._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2,
+                                                                                           ring_degree=1))
+    with pytest.raises(ValueError, match="'flash_varlen' does not take under context parallelism"):
+        check_token_bucket_backend(transformer, 64)
+    for proc in transformer.attn_processors.values():
+        proc._attention_backend = AttentionBackendName.XFORMERS  # reads a boolean mask as a bias: refused
+    transformer._parallel_config = None
+    with pytest.raises(ValueError, match="'xformers'"):
+        check_token_bucket_backend(transformer, 64)
