@@ -146,6 +146,9 @@ def test_jit_call_keeps_bf16_and_frees_model_hooks_as_the_stock_call(family):
     for p in (stock, pipe):
         assert {t.dtype for t in p.transformer.parameters()} == {torch.bfloat16}
         assert {t.dtype for t in p.vae.parameters()} == {torch.bfloat16}
+    # and offload changes nothing in the result: the same run without it
+    plain = enable_jit(FAMILIES[family]().to(torch.bfloat16), "7x")
+    assert torch.equal(out, plain(**kw, generator=torch.Generator().manual_seed(0)).images)
 
 
 def test_fp16_pipeline_stays_fp16():
