@@ -8,3 +8,5 @@ It imports the library (``jit_kernels``, ``jit_sampler``); the library never imp
 except the ``jit-flux`` CLI, which reaches the embedded model lazily when no ``--model`` is
 given. It ships in the source tree, not in the wheel: run it from a checkout.
 """
+
+import jit_sampler  # noqa: F401,E402  (its import quiets known third-party notices before diffusers loads)

@@ -23,6 +23,10 @@ Building blocks (anchor lattices, FLOP counting, ...) stay importable from their
 :mod:`jit_sampler.anchors`, :mod:`jit_sampler.schedule`, :mod:`jit_sampler.report`.
 """
 
+from . import _notices
+
+_notices.install()  # before anything imports diffusers (docstring of _notices)
+
 from .config import PRESETS, JiTConfig, available_presets
 from .report import JiTReport
 from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan

@@ -30,7 +30,6 @@ sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` kno
 from __future__ import annotations
 
 import importlib
-import logging
 
 from .attention_processor import AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention, use_anchor_attention
 from .base import enable_jit
@@ -63,27 +62,6 @@ _CLASSES = {
     "disable_cache_dit": "cache_dit",
     "use_cache_dit": "cache_dit",
 }
-
-
-class _TorchvisionFallbackFilter(logging.Filter):
-    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
-    `XImageProcessorPil`" notice, which importing diffusers' pipelines triggers on machines without
-    torchvision. The PIL fallback is what these pipelines use anyway; every other message passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("requires torchvision (not installed)" in msg and "falling back to" in msg)
-
-
-def _install_filter() -> None:
-    log = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in log.filters):
-        log.addFilter(_TorchvisionFallbackFilter())
-
-
-# Installed when the package is imported, so every way into a pipeline module (``enable_jit``,
-# the lazy names below, or ``import jit_sampler.pipelines.flux``) is quiet.
-_install_filter()
 
 
 def _load_all() -> None:
