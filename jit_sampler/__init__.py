@@ -19,12 +19,17 @@ The public surface:
   :func:`use_anchor_attention`; cache-dit on a JiT pipeline: :func:`enable_cache_dit` /
   :func:`disable_cache_dit` (:func:`use_cache_dit` for a bare transformer).
 
+RAS (Region-Adaptive Sampling, ``docs/ras.md``) on the same kernels: :class:`RASConfig`,
+:func:`ras_sample`, :class:`RASKVCache`, :class:`RASReport`; :func:`enable_ras` for FLUX.1 and
+SD3 pipelines; :class:`JiTStableDiffusion3Pipeline` (SD3 / 3.5, ``jit=`` and ``ras=``).
+
 Building blocks (anchor lattices, FLOP counting, ...) stay importable from their modules:
 :mod:`jit_sampler.anchors`, :mod:`jit_sampler.schedule`, :mod:`jit_sampler.report`.
 """
 
 from .config import PRESETS, JiTConfig, available_presets
 from .report import JiTReport
+from .ras import RASConfig, RASKVCache, RASReport, ras_sample
 from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan
 from .schedule import beta_sigmas, linear_sigmas
 
@@ -41,7 +46,13 @@ _PIPELINE_NAMES = (
     "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
+    "JiTStableDiffusion3Pipeline",
     "QwenImageVelocity",
+    "RASFluxPipeline",
+    "FluxRASVelocity",
+    "SD3Velocity",
+    "enable_ras",
+    "use_ras_attention",
     "disable_cache_dit",
     "enable_cache_dit",
     "enable_jit",
@@ -67,6 +78,10 @@ __all__ = sorted(
         "JiTPlan",
         "JiTReport",
         "PRESETS",
+        "RASConfig",
+        "RASKVCache",
+        "RASReport",
+        "ras_sample",
         "VelocityFn",
         "available_presets",
         "beta_sigmas",
