@@ -36,7 +36,7 @@ import jit_kernels as jk
 from .report import JiTReport
 from .sampler import _check_sigmas, _grid_size
 
-__all__ = ["RASConfig", "RASKVCache", "RASReport", "ras_sample", "skip_counts"]
+__all__ = ["RASConfig", "RASKVCache", "RASReport", "RASFinalStage", "ras_sample", "skip_counts"]
 
 _METRICS = ("std", "l2norm")
 
@@ -289,6 +289,20 @@ def _score(diff: torch.Tensor, channels: int, patch: int, metric: str) -> torch.
     return per_pixel.mean(-1).mean(-1)
 
 
+def _select(diff: torch.Tensor, drops: torch.Tensor, skip: int, config: RASConfig, channels: int,
+            patch: int) -> torch.Tensor:
+    """The computed tokens ``[B, M]`` (sorted) of the next step from this step's update ``diff`` (``docs/ras.md``
+    section 4); the dropped tokens' counts in ``drops [B, N]`` grow by 1."""
+    n = diff.shape[1]
+    score = _score(diff, channels, patch, config.metric)
+    score = score * torch.exp(config.starvation_scale * drops)
+    order = torch.sort(score, dim=1, descending=False).indices
+    _, high, low = _split(skip, config.high_ratio)
+    dropped = torch.cat([order[:, :low], order[:, n - high:]], dim=1)
+    drops.scatter_add_(1, dropped, torch.ones_like(dropped, dtype=drops.dtype))
+    return order[:, low:n - high].sort(dim=1).values.contiguous()
+
+
 @torch.no_grad()
 def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigmas: Sequence[float],
                config: RASConfig | None = None, *, step_callback=None, interrupt=None):
@@ -362,14 +376,7 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
         diff = (sig32[i + 1] - sig32[i]) * v
         y = y + diff
         if config.selects_after(i):
-            score = _score(diff, channels, patch, config.metric)
-            score = score * torch.exp(config.starvation_scale * drops)
-            order = torch.sort(score, dim=1, descending=False).indices
-            _, high, low = _split(skips[i + 1], config.high_ratio)
-            dropped = torch.cat([order[:, :low], order[:, n - high:]], dim=1)
-            computed = order[:, low:n - high]
-            drops.scatter_add_(1, dropped, torch.ones_like(dropped, dtype=drops.dtype))
-            idx = computed.sort(dim=1).values.contiguous()
+            idx = _select(diff, drops, skips[i + 1], config, channels, patch)
             v_cache = v
         if step_callback is not None:
             new = step_callback(i, sig[i], y)
@@ -388,3 +395,92 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
     report.model_calls = (calls - calls0 if isinstance(calls, int) and isinstance(calls0, int)
                           else len(report.active_tokens))
     return y.to(latents.dtype), report
+
+
+class RASFinalStage:
+    """RAS inside JiT's final (dense) stage: a ``velocity_fn`` wrapper for :func:`~jit_sampler.jit_sample`.
+
+    ``RASFinalStage(velocity_fn, ras, jit_config, sigmas, height, width)`` passes every step of
+    JiT's sparse stages through to ``velocity_fn`` unchanged. On the final stage's ``S`` steps it
+    runs RAS as :func:`ras_sample` does, with ``ras``'s selection settings (``sample_ratio``,
+    ``metric``, ``starvation_scale``, ``high_ratio``, ``kv_cache``, ``pixels_per_token``) and a
+    schedule re-based on the stage: its first step dense (it stores every layer's keys and values),
+    every later step a RAS step (``scheduler_start_step=1``, ``error_reset_steps`` those of ``ras``
+    that are stage-relative step numbers below ``S``). The JiT loop keeps the Euler update; the
+    wrapper returns the full velocity with the dropped tokens' cached values. ``active_tokens``:
+    the tokens actually computed per step of the run (use it for FLOPs; the JiT report counts
+    every final-stage step as dense). ``velocity_fn`` takes ``kv=`` when ``ras.kv_cache``.
+    """
+
+    def __init__(self, velocity_fn, ras: RASConfig, jit_config, sigmas: Sequence[float], height: int, width: int):
+        from .sampler import make_plan
+
+        if not isinstance(ras, RASConfig):
+            raise TypeError(f"ras must be a RASConfig, got {type(ras).__name__}")
+        plan = make_plan(jit_config, height, width, sigmas)
+        last = plan.stage_of_step[-1]
+        self.first = plan.stage_of_step.index(last)
+        stage_steps = plan.steps - self.first
+        if plan.token_counts[last] != plan.num_tokens:
+            raise ValueError("the JiT config's final stage is not dense")
+        if stage_steps < 2:
+            raise ValueError(f"RAS in JiT's final stage needs at least 2 steps in it, the config has {stage_steps}")
+        resets = tuple(s for s in ras.error_reset_steps if 0 < s < stage_steps)
+        self.config = ras.replace(num_steps=stage_steps, scheduler_start_step=1, scheduler_end_step=None,
+                                  error_reset_steps=resets)
+        self.velocity_fn = velocity_fn
+        self.n = plan.num_tokens
+        self.height, self.width = plan.height, plan.width
+        self.sig32 = torch.tensor(plan.sigmas, dtype=torch.float32)
+        self.skips = skip_counts(self.config, self.n, (self.height, self.width))
+        self.active_tokens: list[int] = []
+        self.kv = RASKVCache(self.n, ras.backend) if ras.kv_cache else None
+        self._drops = self._idx = self._v_cache = None
+        self.calls0 = getattr(velocity_fn, "calls", None)
+
+    @property
+    def calls(self):
+        return getattr(self.velocity_fn, "calls", None)
+
+    def _call(self, x, idx, sigma, step):
+        if self.kv is None:
+            return self.velocity_fn(x, idx, sigma, step)
+        return self.velocity_fn(x, idx, sigma, step, kv=self.kv)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, active_idx: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        if step < self.first or x.shape[1] != self.n:
+            self.active_tokens.append(int(active_idx.shape[-1]))
+            return self.velocity_fn(x, active_idx, sigma, step)
+        cfg, k = self.config, step - self.first
+        pp = cfg.pixels_per_token
+        patch = math.isqrt(pp)
+        if patch * patch != pp or x.shape[2] % pp:
+            raise ValueError(f"pixels_per_token ({pp}) must be a square dividing the token width {x.shape[2]}")
+        y = x.to(torch.float32)
+        if k == 0:
+            self._drops = torch.full((x.shape[0], self.n), -float(cfg.num_steps + 1), device=x.device)
+            self._idx = self._v_cache = None
+        sparse = cfg.is_ras_step(k) and self._idx is not None and self._idx.shape[1] < self.n
+        if sparse:
+            if self.kv is not None:
+                self.kv.sparse(self._idx)
+            part = self._call(jk.gather_tokens(y, self._idx, backend=cfg.backend), self._idx, sigma, step)
+            v = jk.scatter_tokens(self._v_cache, self._idx, part.to(torch.float32), backend=cfg.backend)
+            self.active_tokens.append(int(self._idx.shape[1]))
+        else:
+            later = any(cfg.is_ras_step(t) for t in range(k + 1, cfg.num_steps))
+            if self.kv is not None:
+                self.kv.refresh() if later else self.kv.off()
+                if not later:
+                    self.kv.clear()
+            v = self._call(x, active_idx, sigma, step).to(torch.float32)
+            self.active_tokens.append(self.n)
+        if cfg.selects_after(k):
+            diff = (self.sig32[step + 1] - self.sig32[step]) * v
+            self._idx = _select(diff, self._drops, self.skips[k + 1], cfg, x.shape[2] // pp, patch)
+            self._v_cache = v
+        if k == cfg.num_steps - 1 and self.kv is not None:
+            self.kv.off()
+            self.kv.clear()
+        return v.to(x.dtype)

@@ -255,8 +255,8 @@ def test_bad_arguments_raise_before_any_model_call():
     pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
     with pytest.raises(ValueError, match="error_reset_steps"):
         _run_sd3(pipe, 1, RASConfig(), num_inference_steps=10)
-    with pytest.raises(ValueError, match="either"):
-        _run_sd3(pipe, 1, RASConfig(), jit="4x")
+    with pytest.raises(ValueError, match="at least 2 steps"):  # RAS in JiT's final stage of one step
+        _run_sd3(pipe, 1, RASConfig(), jit="7x", num_inference_steps=3)
     with pytest.raises(TypeError):
         _run_sd3(pipe, 1, "fast")
     with pytest.raises(NotImplementedError):
@@ -281,3 +281,46 @@ def test_sampler_counts_and_cache_use_on_a_plain_function():
     y, rep = ras_sample(vel, x, 8, 8, [1 - i / 6 for i in range(7)], cfg)
     assert [m for _, m in seen] == cfg.token_counts(64) == rep.active_tokens == [64, 64, 32, 32, 64, 32]
     assert rep.model_calls == 6 and rep.ras_steps == [False, False, True, True, False, True]
+
+
+def test_ras_inside_jit_final_stage_sd3():
+    from jit_sampler import JiTConfig
+
+    pipe = _sd3()
+    kw = dict(height=SIZE, width=SIZE, latents=_latents(2), output_type="latent", **sd3_inputs(batch=2))
+    def gen():
+        return torch.Generator().manual_seed(7)
+
+    jit_only = pipe(jit="7x", generator=gen(), **kw).images
+    jit_tokens = pipe.last_jit_report.active_tokens
+    same = pipe(jit="7x", ras=RASConfig(sample_ratio=1.0), generator=gen(), **kw).images
+    assert torch.equal(same, jit_only)  # nothing dropped: JiT alone, bit for bit
+    both = pipe(jit="7x", ras=RASConfig(), generator=gen(), **kw).images
+    rep = pipe.last_jit_report
+    last = JiTConfig.preset("7x").stage_steps[-1]
+    assert rep.active_tokens == jit_tokens[:-last] + [64] + [32] * (last - 1)
+    assert torch.isfinite(both).all() and (both - jit_only).abs().max().item() > 1e-4
+    assert rep.flops["speedup_vs_same_steps"]["image_linear"] > 1.9
+
+
+def test_ras_final_stage_wrapper_on_a_plain_function():
+    """The wrapper passes JiT's sparse stages through and computes ratio * N tokens on the later final-stage steps."""
+    from jit_sampler import JiTConfig, beta_sigmas, jit_sample
+    from jit_sampler.ras import RASFinalStage
+
+    seen = []
+
+    def vel(x, idx, sigma, step):
+        seen.append(idx.shape[-1])
+        return torch.sin(x * (1 + step))
+
+    cfg = JiTConfig.preset("4x")
+    sig = beta_sigmas(cfg.total_steps)
+    stage = RASFinalStage(vel, RASConfig(sample_ratio=0.25, kv_cache=False), cfg, sig, 8, 8)
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
+    y, rep = jit_sample(stage, x, 8, 8, sig, cfg, torch.Generator().manual_seed(1))
+    last = cfg.stage_steps[-1]
+    assert seen == stage.active_tokens and stage.active_tokens[-last:] == [64] + [16] * (last - 1)
+    assert rep.active_tokens[:-last] == stage.active_tokens[:-last] and torch.isfinite(y).all()
+    with pytest.raises(TypeError):
+        RASFinalStage(vel, {"sample_ratio": 0.5}, cfg, sig, 8, 8)

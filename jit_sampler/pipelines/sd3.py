@@ -180,8 +180,10 @@ class SD3Velocity:
 class JiTStableDiffusion3Pipeline(JiTPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` with ``jit=`` (JiT) and ``ras=`` (RAS) arguments (module docstring).
 
-    ``jit=None`` and ``ras=None`` call the stock ``__call__`` unchanged. Only one of them may be
-    set in a call. Steps: the config's (``JiTConfig.total_steps`` / ``RASConfig.num_steps``) unless
+    ``jit=None`` and ``ras=None`` call the stock ``__call__`` unchanged. With both set, RAS runs
+    inside JiT's final dense stage (:class:`~jit_sampler.ras.RASFinalStage`: the ``ras`` config's
+    selection settings, its schedule re-based on the stage; ``last_jit_report.active_tokens`` are
+    then the tokens actually computed). Steps: the config's (``JiTConfig.total_steps`` / ``RASConfig.num_steps``) unless
     ``num_inference_steps`` or ``sigmas`` is passed explicitly. After a call
     ``pipe.last_jit_report`` holds the :class:`~jit_sampler.JiTReport` (a
     :class:`~jit_sampler.ras.RASReport` under ``ras``), FLOPs per sample.
@@ -190,13 +192,18 @@ class JiTStableDiffusion3Pipeline(JiTPipelineMixin, StableDiffusion3Pipeline):
     _stock_class = StableDiffusion3Pipeline
     _stock_call = inspect.signature(StableDiffusion3Pipeline.__call__)
     _default_ras = None
+    _stage_ras = None  # set for the duration of a jit= + ras= call
 
     def __call__(self, *args, jit=UNSET, ras=UNSET, **kwargs):
         ras = self._default_ras if ras is UNSET else RASConfig.coerce(ras)
         if ras is None:
             return self._dispatch(super().__call__, args, kwargs, jit)
-        if jit is not UNSET and jit is not None:
-            raise ValueError("pass either jit= or ras=, not both")
+        if jit is not UNSET and jit is not None:  # RAS inside JiT's final dense stage
+            self._stage_ras = ras
+            try:
+                return self._dispatch(super().__call__, args, kwargs, jit)
+            finally:
+                self._stage_ras = None
         bound = self._stock_call.bind(self, *args, **kwargs)
         explicit = set(bound.arguments)
         bound.apply_defaults()
@@ -321,8 +328,18 @@ class JiTStableDiffusion3Pipeline(JiTPipelineMixin, StableDiffusion3Pipeline):
                                                 interrupt=lambda: self.interrupt)
             else:
                 from ..sampler import jit_sample
-                tokens, report = jit_sample(velocity, tokens, grid_h, grid_w, sig, cfg, generator,
-                                            step_callback=on_step, interrupt=lambda: self.interrupt)
+                stage = None
+                fn = velocity
+                if self._stage_ras is not None:
+                    from ..ras import RASFinalStage
+                    stage = fn = RASFinalStage(velocity, self._stage_ras, cfg, sig, grid_h, grid_w)
+                ctx = (use_ras_attention(self.transformer) if stage is not None and self._stage_ras.kv_cache
+                       else contextlib.nullcontext())
+                with ctx:
+                    tokens, report = jit_sample(fn, tokens, grid_h, grid_w, sig, cfg, generator,
+                                                step_callback=on_step, interrupt=lambda: self.interrupt)
+                if stage is not None:
+                    report.active_tokens = list(stage.active_tokens)
         self._current_timestep = None
         t_sampled = time.perf_counter()
         latents = unpack_latents(tokens, grid_h, grid_w, patch).to(prompt_embeds.dtype)
