@@ -324,3 +324,28 @@ def test_ras_final_stage_wrapper_on_a_plain_function():
     assert rep.active_tokens[:-last] == stage.active_tokens[:-last] and torch.isfinite(y).all()
     with pytest.raises(TypeError):
         RASFinalStage(vel, {"sample_ratio": 0.5}, cfg, sig, 8, 8)
+
+
+def test_ras_inside_jit_final_stage_flux():
+    from _flux_fixtures import build_pipe as build_flux, prompt_inputs as flux_inputs
+    from jit_sampler import JiTConfig
+    from jit_sampler.pipelines.ras_pipelines import enable_ras
+
+    pipe = enable_ras(build_flux(), None)
+    lat = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(4))
+    kw = dict(height=SIZE, width=SIZE, latents=lat, output_type="latent", **flux_inputs(batch=2))
+
+    def gen():
+        return torch.Generator().manual_seed(7)
+
+    jit_only = pipe(jit="4x", ras=None, generator=gen(), **kw).images
+    jit_tokens = pipe.last_jit_report.active_tokens
+    same = pipe(jit="4x", ras=RASConfig(sample_ratio=1.0), generator=gen(), **kw).images
+    assert torch.equal(same, jit_only)
+    seen = []
+    both = pipe(jit="4x", ras=RASConfig(), generator=gen(), callback_on_step_end=lambda p, i, t, k: seen.append(i) or {},
+                **kw).images
+    last = JiTConfig.preset("4x").stage_steps[-1]
+    assert pipe.last_jit_report.active_tokens == jit_tokens[:-last] + [64] + [32] * (last - 1)
+    assert seen == list(range(len(jit_tokens)))
+    assert torch.isfinite(both).all() and (both - jit_only).abs().max().item() > 1e-4

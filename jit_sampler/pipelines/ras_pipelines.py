@@ -71,6 +71,10 @@ class FluxRASVelocity(RASVelocityMixin, FluxVelocity):
 class RASFluxPipeline(JiTFluxPipeline):
     """``FluxPipeline`` with ``ras=`` (RAS) besides ``jit=`` (JiT); ``ras=None`` is :class:`~jit_sampler.JiTFluxPipeline`.
 
+    With both ``jit=`` and ``ras=``, RAS runs inside JiT's final dense stage
+    (:class:`~jit_sampler.ras.RASFinalStage`); ``last_jit_report.active_tokens`` are then the tokens
+    actually computed per step.
+
     Under ``ras`` every FluxPipeline argument keeps its meaning; the steps are
     ``RASConfig.num_steps`` unless ``num_inference_steps`` / ``sigmas`` is passed, and the sigmas
     are the pipeline's own (resolution-shifted) schedule. ``token_bucket``-style padding and the
@@ -80,15 +84,24 @@ class RASFluxPipeline(JiTFluxPipeline):
 
     _default_ras = None
     _active_ras = None
+    _stage_ras = None  # set for the duration of a jit= + ras= call
 
     def __call__(self, *args, jit=UNSET, ras=UNSET, anchor_attention: bool = False, **kwargs):
         ras = self._default_ras if ras is UNSET else RASConfig.coerce(ras)
         if ras is None:
             return super().__call__(*args, jit=jit, anchor_attention=anchor_attention, **kwargs)
-        if jit is not UNSET and jit is not None:
-            raise ValueError("pass either jit= or ras=, not both")
         if anchor_attention:
             raise ValueError("anchor_attention=True is not combined with ras= (RAS installs its own processors)")
+        if jit is not UNSET and jit is not None:  # RAS inside JiT's final dense stage
+            if "ras_kv" in (kwargs.get("joint_attention_kwargs") or {}):
+                raise ValueError("joint_attention_kwargs must not contain 'ras_kv' (the RAS call sets it)")
+            self._stage_ras = ras
+            try:
+                ctx = use_ras_attention(self.transformer) if ras.kv_cache else contextlib.nullcontext()
+                with ctx:
+                    return super().__call__(*args, jit=jit, **kwargs)
+            finally:
+                self._stage_ras = None
         bound = self._stock_call.bind(self, *args, **kwargs)
         explicit = set(bound.arguments)
         bound.apply_defaults()
@@ -116,6 +129,16 @@ class RASFluxPipeline(JiTFluxPipeline):
     def _denoise(self, velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps, callback_on_step_end,
                  callback_on_step_end_tensor_inputs, post_step=None):
         ras = self._active_ras
+        if ras is None and self._stage_ras is not None:  # jit= + ras=: RAS in JiT's final stage
+            from ..ras import RASFinalStage
+
+            velocity.__class__ = _ras_class(type(velocity))
+            stage = RASFinalStage(velocity, self._stage_ras, cfg, sig, grid_h, grid_w)
+            latents, report = super()._denoise(_StageProxy(velocity, stage), latents, grid_h, grid_w, sig, cfg,
+                                               generator, timesteps, callback_on_step_end,
+                                               callback_on_step_end_tensor_inputs, post_step=post_step)
+            report.active_tokens = list(stage.active_tokens)
+            return latents, report
         if ras is None:
             return super()._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
                                     callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=post_step)
@@ -135,6 +158,25 @@ class RASFluxPipeline(JiTFluxPipeline):
                                          interrupt=lambda: self.interrupt)
         self._current_timestep = None
         return latents, report
+
+
+class _StageProxy:
+    """The velocity as the JiT loop sees it with RAS in its final stage: calls go to the
+    :class:`~jit_sampler.ras.RASFinalStage`, attribute reads and writes (``prompt_embeds`` replaced by a
+    callback, ``calls``, ...) to the velocity itself."""
+
+    def __init__(self, velocity, stage):
+        object.__setattr__(self, "_velocity", velocity)
+        object.__setattr__(self, "_stage", stage)
+
+    def __call__(self, *args, **kwargs):
+        return self._stage(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._velocity, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._velocity, name, value)
 
 
 _RAS_CLASSES: dict = {}
