@@ -6,6 +6,7 @@
   step after the warm-up is one of its dense ``error_reset_steps``. A FLUX velocity
   (:class:`~jit_sampler.FluxVelocity` or a subclass, e.g. the tiny model's) gets RAS's per-layer
   key/value cache; any other callable runs without it.
+- :func:`jit_ras_sample`: JiT with RAS inside its final dense stage.
 - :class:`BlockWorkCounter`: counts which transformer blocks actually ran (cache hooks skip
   blocks or whole attention modules) and turns that into FLOPs with the model's dimensions,
   so every method, cached or not, is costed by the same rule.
@@ -28,11 +29,12 @@ import torch
 from jit_sampler.pipelines.ras_attention import use_ras_attention
 from jit_sampler.pipelines.ras_pipelines import _ras_class
 from jit_sampler.pipelines.velocity import FluxVelocity
-from jit_sampler.ras import RASConfig, RASReport
+from jit_sampler import jit_sample
+from jit_sampler.ras import RASConfig, RASFinalStage, RASReport
 from jit_sampler.ras import ras_sample as _ras
 from jit_sampler.report import flux_transformer_flops
 
-__all__ = ["ras_sample", "ras_config", "RASReport", "BlockWorkCounter", "cache_hook"]
+__all__ = ["ras_sample", "ras_config", "jit_ras_sample", "RASReport", "BlockWorkCounter", "cache_hook"]
 
 
 def ras_config(steps: int, ratio: float, warmup: int = 2, refresh_every: int = 5, backend: str = "auto",
@@ -69,6 +71,28 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
     fn.__class__ = _ras_class(type(velocity_fn))  # the same velocity with RAS's kv= keyword
     with use_ras_attention(fn.transformer):
         return _ras(fn, latents, height, width, sigmas, cfg)
+
+
+@torch.no_grad()
+def jit_ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigmas: Sequence[float], jit_config,
+                   generator=None, *, ratio: float = 0.5):
+    """JiT with RAS inside its final dense stage (:class:`jit_sampler.ras.RASFinalStage`, ``sample_ratio=ratio``).
+
+    ``velocity_fn`` as for :func:`ras_sample` (a FLUX velocity gets the K/V cache). Returns
+    ``(y, report)``: :func:`jit_sampler.jit_sample`'s report with ``active_tokens`` the tokens
+    actually computed per step.
+    """
+    flux = isinstance(velocity_fn, FluxVelocity)
+    cfg = RASConfig(sample_ratio=float(ratio), kv_cache=flux, pixels_per_token=1, backend=jit_config.backend)
+    fn = velocity_fn
+    if flux:
+        fn = copy.copy(velocity_fn)
+        fn.__class__ = _ras_class(type(velocity_fn))
+    stage = RASFinalStage(fn, cfg, jit_config, sigmas, height, width)
+    with use_ras_attention(fn.transformer) if flux else contextlib.nullcontext():
+        y, report = jit_sample(stage, latents, height, width, sigmas, jit_config, generator)
+    report.active_tokens = list(stage.active_tokens)
+    return y, report
 
 
 class BlockWorkCounter:

@@ -122,6 +122,20 @@ def test_ras_on_the_tiny_model_uses_the_kv_cache(model):
     assert all(type(m.processor) is FluxAttnProcessor for m in model.transformer.modules() if hasattr(m, "processor"))
 
 
+def test_jit_with_ras_in_the_final_stage_on_the_tiny_model(model):
+    from jit_eval.rivals import jit_ras_sample
+
+    labels, noise = torch.tensor([2, 3]), _noise(2)
+    cfg = JiTConfig.preset("7x")
+    sig = linear_sigmas(cfg.total_steps)
+    y, rep = jit_ras_sample(TinyVelocity(model, labels, cfg_scale=2.0), noise, 16, 16, sig, cfg,
+                            torch.Generator().manual_seed(0), ratio=0.5)
+    y0, rep0 = sample_tiny(model, labels, noise, cfg, sigmas=sig, seed=0, cfg_scale=2.0)
+    last = cfg.stage_steps[-1]
+    assert rep.active_tokens == rep0.active_tokens[:-last] + [256] + [128] * (last - 1)
+    assert torch.isfinite(y).all() and (y - y0).abs().max().item() > 1e-4
+
+
 @pytest.mark.parametrize("kw, msg", [(dict(ratio=0.0), "ratio"), (dict(ratio=1.5), "ratio"),
                                      (dict(ratio=0.5, warmup=0), "warmup"),
                                      (dict(ratio=0.5, refresh_every=-1), "refresh_every")])
