@@ -349,3 +349,27 @@ def test_ras_inside_jit_final_stage_flux():
     assert pipe.last_jit_report.active_tokens == jit_tokens[:-last] + [64] + [32] * (last - 1)
     assert seen == list(range(len(jit_tokens)))
     assert torch.isfinite(both).all() and (both - jit_only).abs().max().item() > 1e-4
+
+
+def test_processors_restored_after_an_error_and_inputs_untouched():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    pipe = _sd3()
+    lat = _latents()
+    keep = lat.clone()
+
+    def boom(p, i, t, k):
+        if i == 3:
+            raise RuntimeError("stop")
+        return {}
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _run_sd3(pipe, 1, RASConfig(num_steps=6, scheduler_start_step=2, error_reset_steps=()), num_inference_steps=6,
+                 callback_on_step_end=boom)
+    assert all(type(b.attn.processor) is JointAttnProcessor2_0 for b in pipe.transformer.transformer_blocks)
+    assert not hasattr(pipe.transformer, "_ras_attention_installed")
+    e = sd3_inputs()
+    copies = {k: v.clone() for k, v in e.items()}
+    pipe(ras=RASConfig(num_steps=6, scheduler_start_step=2, error_reset_steps=()), num_inference_steps=6, height=SIZE,
+         width=SIZE, latents=lat, output_type="latent", **e)
+    assert torch.equal(lat, keep) and all(torch.equal(e[k], copies[k]) for k in e)
