@@ -168,6 +168,8 @@ def test_flux_ras_batch_equals_single_runs_and_ras_none_is_stock():
     a = stock(latents=lat, **kw, **e).images
     b = pipe(latents=lat, ras=None, **kw, **e).images
     assert torch.equal(a, b)
+    dense = pipe(latents=lat, ras=cfg.replace(sample_ratio=1.0), **kw, **e).images  # RAS off: the stock Euler loop
+    assert (dense - a).abs().max().item() < 1e-5
     both = pipe(latents=lat, **kw, **e).images
     rep = pipe.last_jit_report
     assert rep.active_tokens == cfg.token_counts(64) and rep.flops["speedup_vs_same_steps"]["total"] > 1
@@ -191,6 +193,8 @@ def test_sd3_ras_none_and_jit_none_are_stock():
     a = stock(latents=_latents(), **kw).images
     assert torch.equal(a, pipe(latents=_latents(), ras=None, **kw).images)
     assert torch.equal(a, pipe(latents=_latents(), ras=None, jit=None, **kw).images)
+    dense = pipe(latents=_latents(), ras=RASConfig(num_steps=6, sample_ratio=1.0, error_reset_steps=()), **kw).images
+    assert (dense - a).abs().max().item() < 1e-5
     assert type(stock) is StableDiffusion3Pipeline
 
 
