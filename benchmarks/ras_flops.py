@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     write_results(args.out, "RAS, JiT and RAS in JiT's final stage: FLOP ratios at 1024^2 (64 x 64 tokens)", env,
                   rows(), cols,
                   "Tokens per step chosen by ras_sample / jit_sample on the 64 x 64 grid; FLOPs from flop_summary at "
-                  "the real dimensions (per image; CFG counted for SD3.5 Large). `total` includes attention, with RAS's "
+                  "the real dimensions (per image; CFG counted for SD3.5 Large). `total` includes attention, with "
+                  "RAS's "
                   "K/V cache (computed tokens attend to all tokens). `vs dense50`: 50 dense steps of the same model. "
                   "`+ RAS in the final stage`: jit_sample with RASFinalStage. Quality is not measured here.")
     return 0

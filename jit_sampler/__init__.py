@@ -20,7 +20,8 @@ The public surface:
   :func:`disable_cache_dit` (:func:`use_cache_dit` for a bare transformer).
 
 RAS (Region-Adaptive Sampling, ``docs/ras.md``) on the same kernels: :class:`RASConfig`,
-:func:`ras_sample`, :class:`RASKVCache`, :class:`RASReport`; :func:`enable_ras` for FLUX.1 and
+:func:`ras_sample`, :class:`RASKVCache`, :class:`RASReport`, :class:`RASFinalStage` (RAS in
+JiT's final dense stage); :func:`enable_ras` for FLUX.1 and
 SD3 pipelines; :class:`JiTStableDiffusion3Pipeline` (SD3 / 3.5, ``jit=`` and ``ras=``).
 
 Building blocks (anchor lattices, FLOP counting, ...) stay importable from their modules:
@@ -29,7 +30,7 @@ Building blocks (anchor lattices, FLOP counting, ...) stay importable from their
 
 from .config import PRESETS, JiTConfig, available_presets
 from .report import JiTReport
-from .ras import RASConfig, RASKVCache, RASReport, ras_sample
+from .ras import RASConfig, RASFinalStage, RASKVCache, RASReport, ras_sample
 from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan
 from .schedule import beta_sigmas, linear_sigmas
 
@@ -79,6 +80,7 @@ __all__ = sorted(
         "JiTReport",
         "PRESETS",
         "RASConfig",
+        "RASFinalStage",
         "RASKVCache",
         "RASReport",
         "ras_sample",

@@ -244,13 +244,15 @@ class RASKVCache:
         key = (id(layer), name, self.branch)
         cache = self._caches.get(key)
         total_rows = self.total_rows
-        if cache is None or cache.shape[0] != total_rows or cache.shape[2] != full.shape[2] or cache.dtype != full.dtype:
+        if (cache is None or cache.shape[0] != total_rows or cache.shape[2] != full.shape[2]
+                or cache.dtype != full.dtype):
             cache = full.new_zeros(total_rows, full.shape[1], full.shape[2])
             self._caches[key] = cache
         cache[self.rows] = full
 
     def fill(self, layer, name: str, computed: torch.Tensor) -> torch.Tensor:
-        """A sparse forward: write ``computed [b, M, D]`` into rows ``idx`` of the cache; returns the full ``[b, N, D]``."""
+        """A sparse forward: write ``computed [b, M, D]`` into rows ``idx`` of the cache; returns the full
+        ``[b, N, D]``."""
         key = (id(layer), name, self.branch)
         cache = self._caches.get(key)
         if cache is None:

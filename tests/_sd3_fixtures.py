@@ -20,7 +20,8 @@ TXT_TOKENS = 6
 
 
 def build_pipe(cls=None, seed: int = 0, qk_norm=None, dual_attention_layers=(), shift: float = 3.0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
 
     cls = cls or StableDiffusion3Pipeline
     with torch.random.fork_rng(devices=[]):

@@ -242,8 +242,10 @@ def test_bad_arguments_raise_before_any_model_call():
 
     cfg = RASConfig(num_steps=6, scheduler_start_step=2, error_reset_steps=())
     sig = [1 - i / 6 for i in range(7)]
-    for args, err in [((torch.zeros(1, 63, 16), 8, 8, sig), ValueError), ((torch.zeros(1, 64, 16), 8, 8, sig[:-1]), ValueError),
-                      ((torch.zeros(1, 64, 6), 8, 8, sig), ValueError), ((torch.zeros(1, 64, 16, dtype=torch.long), 8, 8, sig), TypeError)]:
+    cases = [((torch.zeros(1, 63, 16), 8, 8, sig), ValueError), ((torch.zeros(1, 64, 16), 8, 8, sig[:-1]), ValueError),
+             ((torch.zeros(1, 64, 6), 8, 8, sig), ValueError),
+             ((torch.zeros(1, 64, 16, dtype=torch.long), 8, 8, sig), TypeError)]
+    for args, err in cases:
         with pytest.raises(err):
             ras_sample(spy, *args, cfg)
     with pytest.raises(ValueError, match="drop counts"):  # 256 per step on a 64-token grid
@@ -347,8 +349,8 @@ def test_ras_inside_jit_final_stage_flux():
     same = pipe(jit="4x", ras=RASConfig(sample_ratio=1.0), generator=gen(), **kw).images
     assert torch.equal(same, jit_only)
     seen = []
-    both = pipe(jit="4x", ras=RASConfig(), generator=gen(), callback_on_step_end=lambda p, i, t, k: seen.append(i) or {},
-                **kw).images
+    both = pipe(jit="4x", ras=RASConfig(), generator=gen(),
+                callback_on_step_end=lambda p, i, t, k: seen.append(i) or {}, **kw).images
     last = JiTConfig.preset("4x").stage_steps[-1]
     assert pipe.last_jit_report.active_tokens == jit_tokens[:-last] + [64] + [32] * (last - 1)
     assert seen == list(range(len(jit_tokens)))

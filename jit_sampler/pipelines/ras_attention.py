@@ -84,8 +84,8 @@ class RASFluxAttnProcessor:
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
-            enc_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
-                                                dim=1)
+            text = encoder_hidden_states.shape[1]
+            enc_out, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             return out, attn.to_add_out(enc_out.contiguous())
         return out

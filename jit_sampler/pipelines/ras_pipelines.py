@@ -69,7 +69,7 @@ class FluxRASVelocity(RASVelocityMixin, FluxVelocity):
 
 
 class RASFluxPipeline(JiTFluxPipeline):
-    """``FluxPipeline`` with ``ras=`` (RAS) besides ``jit=`` (JiT); ``ras=None`` is :class:`~jit_sampler.JiTFluxPipeline`.
+    """``FluxPipeline`` with ``ras=`` (RAS) besides ``jit=`` (JiT); ``ras=None``: :class:`~jit_sampler.JiTFluxPipeline`.
 
     With both ``jit=`` and ``ras=``, RAS runs inside JiT's final dense stage
     (:class:`~jit_sampler.ras.RASFinalStage`); ``last_jit_report.active_tokens`` are then the tokens

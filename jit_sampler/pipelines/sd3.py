@@ -41,7 +41,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 import jit_kernels as jk
 
 from ..config import JiTConfig
-from ..ras import RASConfig, RASReport, ras_sample
+from ..ras import RASConfig, ras_sample
 from ..report import flop_summary
 from ..schedule import beta_sigmas
 from .base import UNSET, JiTPipelineMixin
@@ -111,7 +111,7 @@ def _subset_forward(tr, latent, idx, timestep, prompt_embeds, pooled, joint_atte
 
 
 class SD3Velocity:
-    """``velocity_fn`` of :func:`~jit_sampler.jit_sample` / :func:`~jit_sampler.ras.ras_sample` for an ``SD3Transformer2DModel``.
+    """``velocity_fn`` of :func:`~jit_sampler.jit_sample` / :func:`~jit_sampler.ras.ras_sample` for SD3 transformers.
 
     Args:
         transformer: the model.
