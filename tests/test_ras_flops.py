@@ -27,3 +27,14 @@ def test_tokens_are_the_samplers():
     assert ras_flops.ras_tokens(cfg) == cfg.token_counts(ras_flops.N)
     p7 = JiTConfig.preset("7x")
     assert ras_flops.composed_tokens(p7)[:-p7.stage_steps[-1]] == ras_flops.jit_tokens(p7)[:-p7.stage_steps[-1]]
+
+
+def test_ras_quality_method_list():
+    from benchmarks import quality, ras_quality
+
+    ms = ras_quality.methods()
+    names = [m.name for m in ms]
+    assert names[0] == quality.REF and len(set(names)) == len(names)
+    assert {m.family for m in ms} == {"dense", "jit", "ras", "jit+ras"}
+    # the suite's verdicts compare JiT rows of these names with the nearest-FLOP "ras" row
+    assert "JiT 4x assign/independent" in names and "JiT 7x assign/independent" in names
