@@ -71,3 +71,18 @@ def test_sparse_velocity_is_the_model_on_the_active_tokens():
     v1 = vel(x[:, sub], sub, 0.5, 0)
     v2 = vel(x[:, sub], torch.tensor([4, 10, 40]), 0.5, 0)
     assert (v1[:, 0] - v2[:, 0]).abs().max().item() > 1e-4 and v1.shape == (2, 3, 16)
+
+
+def test_per_sample_anchors_and_refused_options():
+    pipe = enable_jit(build_pipe(), None)
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", **prompt_inputs(batch=2))
+    out = pipe(jit=JiTConfig.preset("4x", anchor_policy="per_sample"), latents=_lat(2),
+               generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.isfinite(out).all()
+    forwards = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with pytest.raises(NotImplementedError, match="token_bucket"):
+        pipe(jit=JiTConfig.preset("4x", token_bucket=64), latents=_lat(2), **kw)
+    with pytest.raises(NotImplementedError, match="skip_guidance_layers"):
+        pipe(jit="4x", latents=_lat(2), skip_guidance_layers=[0], **kw)
+    assert forwards == []

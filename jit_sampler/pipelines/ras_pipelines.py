@@ -95,6 +95,8 @@ class RASFluxPipeline(JiTFluxPipeline):
         if jit is not UNSET and jit is not None:  # RAS inside JiT's final dense stage
             if "ras_kv" in (kwargs.get("joint_attention_kwargs") or {}):
                 raise ValueError("joint_attention_kwargs must not contain 'ras_kv' (the RAS call sets it)")
+            if JiTConfig.coerce(jit).token_bucket and ras.kv_cache:
+                raise ValueError("RAS's K/V cache does not take token_bucket padding; use token_bucket=0")
             self._stage_ras = ras
             try:
                 ctx = use_ras_attention(self.transformer) if ras.kv_cache else contextlib.nullcontext()

@@ -250,6 +250,8 @@ class JiTStableDiffusion3Pipeline(JiTPipelineMixin, StableDiffusion3Pipeline):
             raise NotImplementedError("skip_guidance_layers is not supported with jit= / ras=; use jit=None")
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise NotImplementedError("IP-Adapter inputs are not supported with jit= / ras=; use jit=None")
+        if not ras and cfg.token_bucket:
+            raise NotImplementedError("JiTConfig.token_bucket (padding with an attention mask) is not supported on SD3")
         if ras and "ras_kv" in (joint_attention_kwargs or {}):
             raise ValueError("joint_attention_kwargs must not contain 'ras_kv' (the RAS call sets it)")
         t0 = time.perf_counter()
