@@ -1,101 +1,98 @@
 """The methods JiT is compared against, on the same velocity callables (docs/evaluation.md section 3).
 
-- :func:`ras_sample`: a region-adaptive sampler in the spirit of RAS (Liu et al., 2025),
-  rebuilt on :mod:`jit_kernels`' gather/scatter ops. Each sparse step recomputes only the
-  tokens whose cached velocity is most likely stale and reuses the cache for the rest; the
-  first ``warmup`` steps and every ``refresh_every``-th step after them run every token.
+- :func:`ras_sample`: RAS (Liu et al., 2025) as published, :func:`jit_sampler.ras.ras_sample`
+  (``docs/ras.md``), behind the bench's older call signature: ``ratio`` is RAS's
+  ``sample_ratio``, ``warmup`` its ``scheduler_start_step``, and every ``refresh_every``-th
+  step after the warm-up is one of its dense ``error_reset_steps``. A FLUX velocity
+  (:class:`~jit_sampler.FluxVelocity` or a subclass, e.g. the tiny model's) gets RAS's per-layer
+  key/value cache; any other callable runs without it.
+- :func:`jit_ras_sample`: JiT with RAS inside its final dense stage.
 - :class:`BlockWorkCounter`: counts which transformer blocks actually ran (cache hooks skip
   blocks or whole attention modules) and turns that into FLOPs with the model's dimensions,
   so every method, cached or not, is costed by the same rule.
 - :func:`cache_hook`: a context manager around ``transformer.enable_cache(...)`` that
   always leaves the model without hooks and with clean state.
 
-The staleness score of the RAS-style sampler is ours (the RAS paper scores regions by the
-model's output): token ``n`` carries a rate ``r_n = |v_new - v_cached| / age`` measured the
-last time it was recomputed, and its expected error if reused again is ``r_n * (age_n + 1)``;
-the top ``ratio * N`` tokens by that score (batch mean) are recomputed. Tokens that are not
-recomputed are also absent from attention (no key/value cache), exactly as JiT's inactive
-tokens are.
+The tiny model's token is a 2 x 2 patch of a one-channel image, so RAS's per-pixel spread
+over latent channels would be empty there; the score is taken over the token's four values
+(``RASConfig.pixels_per_token=1``). On FLUX.1 / SD3 latents the published per-pixel score applies.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import copy
 from typing import Sequence
 
 import torch
 
-import jit_kernels as jk
-
+from jit_sampler.pipelines.ras_attention import use_ras_attention
+from jit_sampler.pipelines.ras_pipelines import _ras_class
+from jit_sampler.pipelines.velocity import FluxVelocity
+from jit_sampler import jit_sample
+from jit_sampler.ras import RASConfig, RASFinalStage, RASReport
+from jit_sampler.ras import ras_sample as _ras
 from jit_sampler.report import flux_transformer_flops
 
-__all__ = ["ras_sample", "RASReport", "BlockWorkCounter", "cache_hook"]
+__all__ = ["ras_sample", "ras_config", "jit_ras_sample", "RASReport", "BlockWorkCounter", "cache_hook"]
 
 
-@dataclass
-class RASReport:
-    """What :func:`ras_sample` did: tokens computed per step (of ``num_tokens``) and model calls."""
-
-    num_tokens: int
-    active_tokens: list[int] = field(default_factory=list)
-    model_calls: int = 0
-
-    @property
-    def full_step_equivalents(self) -> float:
-        return sum(self.active_tokens) / self.num_tokens
+def ras_config(steps: int, ratio: float, warmup: int = 2, refresh_every: int = 5, backend: str = "auto",
+               kv_cache: bool = True, pixels_per_token: int = 1) -> RASConfig:
+    """The :class:`~jit_sampler.ras.RASConfig` of the bench's ``(ratio, warmup, refresh_every)`` arguments."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup must be an int >= 1 (dense steps before RAS starts), got {warmup}")
+    if not isinstance(refresh_every, int) or refresh_every < 0:
+        raise ValueError(f"refresh_every must be >= 0 (0: never), got {refresh_every}")
+    resets = tuple(i for i in range(warmup, steps)
+                   if refresh_every > 0 and (i - warmup) % refresh_every == refresh_every - 1)
+    return RASConfig(num_steps=steps, sample_ratio=float(ratio), scheduler_start_step=warmup,
+                     scheduler_end_step=max(steps, warmup + 1), error_reset_steps=resets,
+                     kv_cache=kv_cache, pixels_per_token=pixels_per_token, backend=backend)
 
 
 @torch.no_grad()
 def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigmas: Sequence[float], *,
                ratio: float, warmup: int = 2, refresh_every: int = 5, backend: str = "auto"):
-    """Euler integration of ``latents [B, N, C]`` where sparse steps recompute ``int(ratio * N)`` tokens.
+    """RAS (:func:`jit_sampler.ras.ras_sample`) on ``latents [B, N, C]`` with the bench's arguments (module docstring).
 
-    ``velocity_fn`` has :func:`jit_sampler.jit_sample`'s signature. Returns ``(y, RASReport)``.
+    Returns ``(y, RASReport)``; ``report.active_tokens`` are the tokens computed per step.
     """
     if latents.dim() != 3 or latents.shape[1] != height * width:
         raise ValueError(f"latents must be [B, {height * width}, C], got {tuple(latents.shape)}")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if warmup < 2:
-        raise ValueError(f"warmup must be >= 2 dense steps (the staleness rates need two), got {warmup}")
-    if refresh_every < 0:
-        raise ValueError(f"refresh_every must be >= 0 (0: never), got {refresh_every}")
-    b, n, c = latents.shape
-    sig = [float(s) for s in sigmas]
-    m = max(1, int(n * ratio))
-    y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    device = y.device
-    all_idx = torch.arange(n, device=device)
-    v_cache = torch.zeros_like(y)
-    rate = torch.zeros(n, device=device)
-    age = torch.zeros(n, device=device)
-    report = RASReport(n)
-    calls0 = getattr(velocity_fn, "calls", None)
-    for i in range(len(sig) - 1):
-        dense = m >= n or i < warmup or (refresh_every > 0 and (i - warmup) % refresh_every == refresh_every - 1)
-        if dense:
-            idx = all_idx
-        else:
-            score = rate * (age + 1.0)
-            idx = torch.topk(score, m, sorted=False).indices.sort().values
-        x_act = y if dense else jk.gather_tokens(y, idx, backend=backend)
-        v = velocity_fn(x_act, idx, sig[i], i).to(torch.float32)
-        old = v_cache if dense else jk.gather_tokens(v_cache, idx, backend=backend)
-        if i > 0:  # rate of change of the recomputed tokens since they were last computed
-            a = age[idx] + 1.0
-            rate[idx] = (v - old).abs().mean(dim=(0, 2)) / a
-        if dense:
-            v_cache.copy_(v)
-        else:
-            jk.scatter_tokens_(v_cache, idx, v, backend=backend)
-        age += 1.0
-        age[idx] = 0.0
-        y.add_(v_cache, alpha=sig[i + 1] - sig[i])
-        report.active_tokens.append(int(idx.numel()))
-    calls = getattr(velocity_fn, "calls", None)
-    report.model_calls = calls - calls0 if isinstance(calls, int) and isinstance(calls0, int) else len(report.active_tokens)
-    return y.to(latents.dtype), report
+    steps = len(sigmas) - 1
+    flux = isinstance(velocity_fn, FluxVelocity)
+    cfg = ras_config(steps, ratio, warmup, refresh_every, backend, kv_cache=flux)
+    if not flux:
+        return _ras(velocity_fn, latents, height, width, sigmas, cfg)
+    fn = copy.copy(velocity_fn)
+    fn.__class__ = _ras_class(type(velocity_fn))  # the same velocity with RAS's kv= keyword
+    with use_ras_attention(fn.transformer):
+        return _ras(fn, latents, height, width, sigmas, cfg)
+
+
+@torch.no_grad()
+def jit_ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigmas: Sequence[float], jit_config,
+                   generator=None, *, ratio: float = 0.5):
+    """JiT with RAS inside its final dense stage (:class:`jit_sampler.ras.RASFinalStage`, ``sample_ratio=ratio``).
+
+    ``velocity_fn`` as for :func:`ras_sample` (a FLUX velocity gets the K/V cache). Returns
+    ``(y, report)``: :func:`jit_sampler.jit_sample`'s report with ``active_tokens`` the tokens
+    actually computed per step.
+    """
+    flux = isinstance(velocity_fn, FluxVelocity)
+    cfg = RASConfig(sample_ratio=float(ratio), kv_cache=flux, pixels_per_token=1, backend=jit_config.backend)
+    fn = velocity_fn
+    if flux:
+        fn = copy.copy(velocity_fn)
+        fn.__class__ = _ras_class(type(velocity_fn))
+    stage = RASFinalStage(fn, cfg, jit_config, sigmas, height, width)
+    with use_ras_attention(fn.transformer) if flux else contextlib.nullcontext():
+        y, report = jit_sample(stage, latents, height, width, sigmas, jit_config, generator)
+    report.active_tokens = list(stage.active_tokens)
+    return y, report
 
 
 class BlockWorkCounter:

@@ -19,6 +19,11 @@ The public surface:
   :func:`use_anchor_attention`; cache-dit on a JiT pipeline: :func:`enable_cache_dit` /
   :func:`disable_cache_dit` (:func:`use_cache_dit` for a bare transformer).
 
+RAS (Region-Adaptive Sampling, ``docs/ras.md``) on the same kernels: :class:`RASConfig`,
+:func:`ras_sample`, :class:`RASKVCache`, :class:`RASReport`, :class:`RASFinalStage` (RAS in
+JiT's final dense stage); :func:`enable_ras` for FLUX.1 and
+SD3 pipelines; :class:`JiTStableDiffusion3Pipeline` (SD3 / 3.5, ``jit=`` and ``ras=``).
+
 Building blocks (anchor lattices, FLOP counting, ...) stay importable from their modules:
 :mod:`jit_sampler.anchors`, :mod:`jit_sampler.schedule`, :mod:`jit_sampler.report`.
 """
@@ -29,6 +34,7 @@ _notices.install()  # before anything imports diffusers (docstring of _notices)
 
 from .config import PRESETS, JiTConfig, available_presets
 from .report import JiTReport
+from .ras import RASConfig, RASFinalStage, RASKVCache, RASReport, ras_sample
 from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan
 from .schedule import beta_sigmas, linear_sigmas
 
@@ -45,7 +51,13 @@ _PIPELINE_NAMES = (
     "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
+    "JiTStableDiffusion3Pipeline",
     "QwenImageVelocity",
+    "RASFluxPipeline",
+    "FluxRASVelocity",
+    "SD3Velocity",
+    "enable_ras",
+    "use_ras_attention",
     "disable_cache_dit",
     "enable_cache_dit",
     "enable_jit",
@@ -71,6 +83,11 @@ __all__ = sorted(
         "JiTPlan",
         "JiTReport",
         "PRESETS",
+        "RASConfig",
+        "RASFinalStage",
+        "RASKVCache",
+        "RASReport",
+        "ras_sample",
         "VelocityFn",
         "available_presets",
         "beta_sigmas",

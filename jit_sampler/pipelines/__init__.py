@@ -18,6 +18,11 @@
 - :mod:`.qwen_image`: :class:`JiTQwenImagePipeline` (Qwen-Image) and its :class:`QwenImageVelocity`;
 - :mod:`.attention_processor`: :class:`AnchorAttnProcessor`, the fused rotary + attention
   processor for FLUX transformers.
+- :mod:`.sd3`: :class:`JiTStableDiffusion3Pipeline` (Stable Diffusion 3 / 3.5, ``jit=`` and ``ras=``)
+  and its :class:`SD3Velocity`;
+- :mod:`.ras_pipelines`: :func:`enable_ras`, :class:`RASFluxPipeline` (FLUX.1 with ``ras=``);
+  :mod:`.ras_attention`: RAS's per-layer key/value cache as attention processors
+  (:func:`use_ras_attention`; ``docs/ras.md``).
 - :mod:`.parallel`: JiT under diffusers' context parallelism (Ulysses): the split checks and
   the padding-mask layout (``docs/parallelism.md``).
 - :mod:`.cache_dit`: :func:`enable_cache_dit` / :func:`disable_cache_dit` / :func:`use_cache_dit`,
@@ -44,6 +49,7 @@ _MODULES = (
     "flux_img2img",
     "flux_fill",
     "flux_controlnet",
+    "sd3",
 )
 _CLASSES = {
     "JiTFluxPipeline": "flux",
@@ -57,6 +63,12 @@ _CLASSES = {
     "JiTFluxFillPipeline": "flux_fill",
     "JiTFluxControlNetPipeline": "flux_controlnet",
     "FluxControlNetVelocity": "flux_controlnet",
+    "JiTStableDiffusion3Pipeline": "sd3",
+    "SD3Velocity": "sd3",
+    "RASFluxPipeline": "ras_pipelines",
+    "FluxRASVelocity": "ras_pipelines",
+    "enable_ras": "ras_pipelines",
+    "use_ras_attention": "ras_attention",
     # cache-dit integration (the cache-dit package itself is imported on first use)
     "enable_cache_dit": "cache_dit",
     "disable_cache_dit": "cache_dit",
@@ -88,7 +100,13 @@ __all__ = [
     "JiTFluxControlNetPipeline",
     "JiTFluxPipeline",
     "JiTQwenImagePipeline",
+    "JiTStableDiffusion3Pipeline",
     "QwenImageVelocity",
+    "RASFluxPipeline",
+    "FluxRASVelocity",
+    "SD3Velocity",
+    "enable_ras",
+    "use_ras_attention",
     "disable_cache_dit",
     "enable_cache_dit",
     "enable_jit",
