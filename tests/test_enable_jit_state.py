@@ -1,7 +1,7 @@
 """enable_jit keeps the caller's pipeline as it was and carries its pipeline-level state (issue 21).
 
 For every stock pipeline ``enable_jit`` handles (FLUX.1 text-to-image, Img2Img, Inpaint, Fill,
-Kontext, ControlNet; FLUX.2-klein and its KV variant; Qwen-Image): in bf16, with model offload and
+Kontext, ControlNet; FLUX.2-klein and its KV variant; Qwen-Image; Stable Diffusion 3): in bf16, with model offload and
 a progress bar config, the caller's pipeline is unchanged (dtypes, devices, hooks, attention
 processors, config, progress bar config, every attribute) and the returned one shares its
 modules and carries the offload hooks and progress bar config. Then: a JiT call keeps bf16,
@@ -21,6 +21,7 @@ import torch
 
 import _flux2_fixtures
 import _qwen_fixtures
+import _sd3_fixtures
 from _flux_fixtures import build_pipe, prompt_inputs
 from jit_sampler import JiTConfig, JiTFluxPipeline, enable_jit
 
@@ -52,6 +53,7 @@ def _builders():
         "Flux2KleinPipeline": _flux2_fixtures.build_klein,
         "Flux2KleinKVPipeline": lambda: _flux2_fixtures.build_klein(d.Flux2KleinKVPipeline),
         "QwenImagePipeline": _qwen_fixtures.build_qwen,
+        "StableDiffusion3Pipeline": _sd3_fixtures.build_pipe,
     }
 
 
