@@ -17,6 +17,8 @@ Every argument is checked before a model is loaded: a bad one prints the usage a
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import io
 import json
 import math
@@ -90,15 +92,49 @@ def _tiny_image(tokens: torch.Tensor, unpack, scale: int = 4):
     return pil.resize((32 * scale, 32 * scale), Image.NEAREST)
 
 
+def _checkout_jit_eval():
+    """``jit_eval`` from the source checkout this package lives in, or ``None`` outside a checkout.
+
+    An editable install (README's) maps only the library packages, and a console script does
+    not put the working directory on ``sys.path``; the checkout is the folder above this
+    package. Imported from its exact location (nothing is added to ``sys.path``).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = os.path.join(root, "jit_eval", "__init__.py")
+    if not os.path.isfile(init):
+        return None
+    spec = importlib.util.spec_from_file_location("jit_eval", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jit_eval"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["jit_eval"]
+        raise
+    return module
+
+
+def _tiny_flux_module():
+    """:mod:`jit_eval.tiny_flux`: importable (run from a checkout) or found beside this package."""
+    try:
+        return importlib.import_module("jit_eval.tiny_flux")
+    except ModuleNotFoundError as exc:
+        if exc.name != "jit_eval" or _checkout_jit_eval() is None:
+            raise
+        return importlib.import_module("jit_eval.tiny_flux")
+
+
 def _run_tiny(args, device, dtype) -> dict:
     # The embedded model belongs to the evaluation bench (jit_eval), which ships in the source
     # tree, not in the wheel: the one place the library reaches it, lazily.
     try:
-        from jit_eval.tiny_flux import TinyVelocity, build_tiny_flux, config_sigmas, load_tiny_flux, pack_images, unpack_tokens
+        tf = _tiny_flux_module()
     except ImportError as exc:
         raise SystemExit(f"jit-flux: the embedded default model lives in the evaluation bench (jit_eval/ in a "
-                         f"source checkout), which is not installed here ({exc}); run from a checkout of "
-                         f"jit-diffusion or pass --model <FLUX.1 folder or hub id>")
+                         f"source checkout), which is not installed here ({exc}); install jit-diffusion from a "
+                         f"checkout (pip install -e .) or pass --model <FLUX.1 folder or hub id>")
+    TinyVelocity, build_tiny_flux, config_sigmas = tf.TinyVelocity, tf.build_tiny_flux, tf.config_sigmas
+    load_tiny_flux, pack_images, unpack_tokens = tf.load_tiny_flux, tf.pack_images, tf.unpack_tokens
     if args.model == "tiny:random":
         m = build_tiny_flux().to(device=device, dtype=dtype).eval().requires_grad_(False)
     else:
