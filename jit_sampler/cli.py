@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLUX: load the transformer from a GGUF file (Q8_0, Q4_0, ...; needs the gguf package), "
                         "its config and every other component from --model")
     p.add_argument("--transformer", default=None, metavar="PATH",
-                   help="FLUX: load the transformer from this diffusers folder or hub id instead of --model's, e.g. "
-                        "a pre-quantized checkpoint (nf4, torchao, quanto: its quantization_config is applied)")
+                   help="FLUX: load the transformer from this diffusers transformer folder or hub id (or a local "
+                        "pipeline folder's transformer/) instead of --model's, e.g. a pre-quantized checkpoint "
+                        "(nf4, torchao, quanto: its quantization_config is applied)")
     p.add_argument("--out", default="jit.png", help="output image path (a .json report is written beside it)")
     p.add_argument("--compare", action="store_true", help="also run the dense sampler and write both side by side")
     p.add_argument("--dense-steps", type=int, default=50, help="steps of the dense run for --compare (default 50)")
