@@ -15,7 +15,7 @@ Per row:
   importance-guided activation picks), which can make it jump.
 - ``set differs``: share of JiT runs whose token set after the first transition differs
   between the two precisions (a near-tie at the top-k boundary decided by rounding).
-- ``rel L2 | same set``: the median over the runs whose sets agree.
+- ``rel L2 if same set``: the median over the runs whose sets agree.
 - ``same digit``: share of images the digit classifier reads as the same digit in both.
 - ``digit ok (fp32)``: share of fp32 images read as the requested digit (a quality sanity
   check, not the quality suite: ``benchmarks.quality`` measures fidelity).
@@ -110,7 +110,7 @@ def run(seeds: int, checkpoints=CHECKPOINTS, log=print) -> list[dict]:
                    "rel L2 median": f"{statistics.median(rel):.4f}", "rel L2 p90": f"{_pct(rel, 0.9):.4f}",
                    "rel L2 max": f"{max(rel):.4f}",
                    "set differs": "-" if cfg.num_stages == 1 else f"{flips / n:.0%}",
-                   "rel L2 | same set": f"{statistics.median(rel_same):.4f}" if rel_same else "-",
+                   "rel L2 if same set": f"{statistics.median(rel_same):.4f}" if rel_same else "-",
                    "same digit": f"{same_digit / n:.0%}", "digit ok (fp32)": f"{ok / n:.0%}"}
             rows.append(row)
             log(f"{ck:13s} {name:9s} median {row['rel L2 median']} p90 {row['rel L2 p90']} max {row['rel L2 max']} "
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if args.seeds > 0:
         rows = run(args.seeds, args.checkpoints)
         cols = ["checkpoint", "method", "images", "rel L2 median", "rel L2 p90", "rel L2 max", "set differs",
-                "rel L2 | same set", "same digit", "digit ok (fp32)"]
+                "rel L2 if same set", "same digit", "digit ok (fp32)"]
         caption = ("Same noise and seed, model weights fp32 vs bf16 (CFG 3, batch 1, working latent fp32): relative "
                    "L2 difference of the final latent. 'set differs': JiT runs whose token set after the first "
                    "transition differs between the two precisions. See the module docstring.")
