@@ -6,6 +6,16 @@ it runs the embedded tiny class-conditional FLUX (:mod:`jit_eval.tiny_flux`, 32 
 MNIST digits, a 16 x 16 token grid) through the same sampler core; ``--prompt`` is then a
 digit 0-9. ``--model tiny:random`` uses a randomly initialised tiny model (smoke tests).
 
+The embedded model lives in the evaluation bench (``jit_eval/``, source tree only): the
+console script finds it in the checkout an editable install (README's) points at, or on
+``sys.path`` when run from a checkout; a wheel install needs ``--model``.
+
+FLUX memory options: ``--offload model|sequential|group`` (diffusers' offload hooks, for an
+accelerator ``--device``), ``--gguf FILE`` (the transformer from a GGUF file, e.g. Q8_0 /
+Q4_0) or ``--transformer PATH`` (from another diffusers folder or hub id, e.g. a
+pre-quantized nf4 / torchao / quanto checkpoint). A ``--model`` folder without the text
+encoders or tokenizers is refused before loading.
+
 ``--compare`` also runs the dense sampler (``--dense-steps``, default 50) with the same seed
 and writes both images side by side with both timings; a JSON report is written next to
 ``--out``.
@@ -17,6 +27,8 @@ Every argument is checked before a model is loaded: a bad one prints the usage a
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import io
 import json
 import math
@@ -32,6 +44,9 @@ __all__ = ["main", "build_parser"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+_OFFLOADS = ("none", "model", "sequential", "group")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG scale (> 1 enables two passes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--offload", default="none", choices=_OFFLOADS,
+                   help="FLUX: where the weights wait between uses (needs an accelerator --device): none = the whole "
+                        "pipeline on --device (default); model = each model moved to --device while it runs; "
+                        "sequential = each submodule (least memory, slowest); group = the models' layers streamed "
+                        "to --device (diffusers' enable_*_offload)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="FLUX: load the transformer from a GGUF file (Q8_0, Q4_0, ...; needs the gguf package), "
+                        "its config and every other component from --model")
+    p.add_argument("--transformer", default=None, metavar="PATH",
+                   help="FLUX: load the transformer from this diffusers transformer folder or hub id (or a local "
+                        "pipeline folder's transformer/) instead of --model's, e.g. a pre-quantized checkpoint "
+                        "(nf4, torchao, quanto: its quantization_config is applied)")
     p.add_argument("--out", default="jit.png", help="output image path (a .json report is written beside it)")
     p.add_argument("--compare", action="store_true", help="also run the dense sampler and write both side by side")
     p.add_argument("--dense-steps", type=int, default=50, help="steps of the dense run for --compare (default 50)")
@@ -90,15 +117,49 @@ def _tiny_image(tokens: torch.Tensor, unpack, scale: int = 4):
     return pil.resize((32 * scale, 32 * scale), Image.NEAREST)
 
 
+def _checkout_jit_eval():
+    """``jit_eval`` from the source checkout this package lives in, or ``None`` outside a checkout.
+
+    An editable install (README's) maps only the library packages, and a console script does
+    not put the working directory on ``sys.path``; the checkout is the folder above this
+    package. Imported from its exact location (nothing is added to ``sys.path``).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = os.path.join(root, "jit_eval", "__init__.py")
+    if not os.path.isfile(init):
+        return None
+    spec = importlib.util.spec_from_file_location("jit_eval", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["jit_eval"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["jit_eval"]
+        raise
+    return module
+
+
+def _tiny_flux_module():
+    """:mod:`jit_eval.tiny_flux`: importable (run from a checkout) or found beside this package."""
+    try:
+        return importlib.import_module("jit_eval.tiny_flux")
+    except ModuleNotFoundError as exc:
+        if exc.name != "jit_eval" or _checkout_jit_eval() is None:
+            raise
+        return importlib.import_module("jit_eval.tiny_flux")
+
+
 def _run_tiny(args, device, dtype) -> dict:
     # The embedded model belongs to the evaluation bench (jit_eval), which ships in the source
     # tree, not in the wheel: the one place the library reaches it, lazily.
     try:
-        from jit_eval.tiny_flux import TinyVelocity, build_tiny_flux, config_sigmas, load_tiny_flux, pack_images, unpack_tokens
+        tf = _tiny_flux_module()
     except ImportError as exc:
         raise SystemExit(f"jit-flux: the embedded default model lives in the evaluation bench (jit_eval/ in a "
-                         f"source checkout), which is not installed here ({exc}); run from a checkout of "
-                         f"jit-diffusion or pass --model <FLUX.1 folder or hub id>")
+                         f"source checkout), which is not installed here ({exc}); install jit-diffusion from a "
+                         f"checkout (pip install -e .) or pass --model <FLUX.1 folder or hub id>")
+    TinyVelocity, build_tiny_flux, config_sigmas = tf.TinyVelocity, tf.build_tiny_flux, tf.config_sigmas
+    load_tiny_flux, pack_images, unpack_tokens = tf.load_tiny_flux, tf.pack_images, tf.unpack_tokens
     if args.model == "tiny:random":
         m = build_tiny_flux().to(device=device, dtype=dtype).eval().requires_grad_(False)
     else:
@@ -153,11 +214,69 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype}
 
 
-def _run_flux(args, device, dtype) -> dict:
+def _load_transformer(args, dtype):
+    """The ``--gguf`` / ``--transformer`` transformer (``None``: the one in ``--model``)."""
+    from diffusers import FluxTransformer2DModel
+
+    if args.gguf is not None:
+        from diffusers import GGUFQuantizationConfig
+
+        return FluxTransformer2DModel.from_single_file(
+            args.gguf, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=args.model,
+            subfolder="transformer", **_dtype_kwarg(dtype))
+    if args.transformer is not None:
+        sub = {"subfolder": "transformer"} if os.path.isdir(os.path.join(args.transformer, "transformer")) else {}
+        return FluxTransformer2DModel.from_pretrained(args.transformer, **sub, **_dtype_kwarg(dtype))
+    return None
+
+
+def _place(pipe, offload: str, device) -> None:
+    """Put ``pipe`` on ``device`` (``offload="none"``) or install diffusers' offload hooks onto it."""
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:  # group: leaf level, with a side stream to prefetch on CUDA
+        dev = torch.device(device)
+        pipe.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                                  use_stream=dev.type == "cuda")
+
+
+def _load_flux(args, device, dtype):
+    """The JiT FLUX pipeline of ``--model`` (with ``--gguf`` / ``--transformer``), placed per ``--offload``.
+
+    A failure to load (a hub id not reachable, a file that is not a checkpoint, a missing
+    package) is a one-line ``jit-flux: error: ...`` (SystemExit), not a traceback."""
     from .pipelines import JiTFluxPipeline
 
+    what = args.gguf or args.transformer or args.model
+    try:
+        transformer = _load_transformer(args, dtype)
+        extra = {} if transformer is None else {"transformer": transformer}
+        what = args.model
+        pipe = JiTFluxPipeline.from_pretrained(args.model, **extra, **_dtype_kwarg(dtype))
+    except (OSError, ValueError, ImportError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SystemExit(f"jit-flux: error: cannot load {what!r}: {first}") from exc
+    _place(pipe, args.offload, device)
+    return pipe
+
+
+def _quantization(model) -> str | None:
+    """The quantization method of a loaded diffusers model (``"gguf"``, ``"torchao"``, ...), or ``None``."""
+    q = getattr(model.config, "quantization_config", None) or getattr(getattr(model, "hf_quantizer", None),
+                                                                      "quantization_config", None)
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method))
+
+
+def _run_flux(args, device, dtype) -> dict:
     height, width = args.height or 1024, args.width or 1024  # checked by _check_args
-    pipe = JiTFluxPipeline.from_pretrained(args.model, **_dtype_kwarg(dtype)).to(device)
+    pipe = _load_flux(args, device, dtype)
     common = dict(prompt=args.prompt, height=height, width=width, guidance_scale=args.guidance)
     if args.negative_prompt is not None:
         common.update(negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg_scale)
@@ -175,7 +294,10 @@ def _run_flux(args, device, dtype) -> dict:
     img, secs = run(jit=cfg)
     rep = pipe.last_jit_report
     print(rep.summary())
-    result = {"model": args.model, "prompt": args.prompt, "jit": {"seconds": secs, "report": rep.as_dict()}}
+    result = {"model": args.model, "prompt": args.prompt, "offload": args.offload,
+              "transformer": {"from": args.gguf or args.transformer or args.model,
+                              "quantization": _quantization(pipe.transformer)},
+              "jit": {"seconds": secs, "report": rep.as_dict()}}
     if args.compare:
         dimg, dsecs = run(jit=None, num_inference_steps=args.dense_steps)
         result["dense"] = {"seconds": dsecs, "steps": args.dense_steps}
@@ -244,6 +366,45 @@ def _check_out(out: str, mode: str) -> str | None:
     return None
 
 
+# What FluxPipeline needs to turn --prompt into embeddings, and the transformer unless given apart.
+_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _check_flux_sources(args) -> str | None:
+    """Why the FLUX ``--model`` / ``--gguf`` / ``--transformer`` / ``--offload`` cannot work (``None``
+    if they may): checked from the files alone, before anything is loaded."""
+    if args.gguf is not None and args.transformer is not None:
+        return "give one of --gguf and --transformer (both replace the transformer)"
+    if args.gguf is not None:
+        if not os.path.isfile(args.gguf):
+            return f"--gguf {args.gguf!r}: no such file"
+        if importlib.util.find_spec("gguf") is None:
+            return "--gguf needs the gguf package (pip install gguf)"
+    if args.offload != "none" and torch.device(args.device).type == "cpu":
+        return (f"--offload {args.offload} moves weights between the CPU and an accelerator; with --device "
+                f"{args.device} everything already is on the CPU: use --offload none (the default)")
+    if not os.path.isdir(args.model):
+        return None  # a hub id: diffusers resolves it (errors while loading are one line too)
+    index = os.path.join(args.model, "model_index.json")
+    try:
+        with open(index) as f:
+            parts = json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"--model {args.model!r} is not a diffusers pipeline folder (model_index.json: {exc})"
+    def missing(name):
+        entry = parts.get(name)
+        return not (isinstance(entry, list) and entry and entry[0] is not None) or \
+            not os.path.isdir(os.path.join(args.model, name))
+    lacking = [name for name in _TEXT_PARTS if missing(name)]
+    if lacking:
+        return (f"--model {args.model!r} has no {' / '.join(lacking)}: jit-flux encodes --prompt with FLUX's CLIP "
+                f"and T5 text encoders; use a complete FLUX.1 folder (or, in Python, pass prompt_embeds to "
+                f"JiTFluxPipeline)")
+    if args.gguf is None and args.transformer is None and missing("transformer"):
+        return f"--model {args.model!r} has no transformer: add one, or give --gguf FILE or --transformer PATH"
+    return None
+
+
 def _check_args(args) -> str | None:
     """Every argument check that needs no model: the first problem found, or ``None``."""
     try:
@@ -260,7 +421,11 @@ def _check_args(args) -> str | None:
     bad_device = _check_device(args.device)
     if bad_device:
         return bad_device
+    flux_only = [flag for flag, given in (("--offload", args.offload != "none"), ("--gguf", args.gguf is not None),
+                                          ("--transformer", args.transformer is not None)) if given]
     if _is_tiny(args):
+        if flux_only:
+            return f"{' / '.join(flux_only)} apply to a FLUX.1 --model, not to the embedded tiny model"
         if args.prompt is not None and args.prompt not in _DIGITS:
             return f"the tiny model's --prompt is a digit 0-9, got {args.prompt!r}"
         if args.height not in (None, 32) or args.width not in (None, 32):
@@ -275,6 +440,9 @@ def _check_args(args) -> str | None:
         for flag, v in (("--height", args.height), ("--width", args.width)):
             if v is not None and (v <= 0 or v % 16):
                 return f"{flag} must be a positive multiple of 16, got {v}"
+        problem = _check_flux_sources(args)
+        if problem:
+            return problem
     mode = "L" if _is_tiny(args) and not args.compare else "RGB"
     return _check_out(args.out, mode)
 
@@ -291,8 +459,10 @@ def main(argv=None) -> int:
 
     Bad arguments (those argparse itself rejects, and the checks of :func:`_check_args`: preset
     overrides, non-finite or negative numbers, ``--dense-steps``, the seed range, the device,
-    the prompt, the image size and the output path) print argparse's usage and a one-line
-    ``jit-flux: error: ...`` and give exit status 2 before any model is loaded.
+    the prompt, the image size, the output path, the FLUX folder's parts, ``--gguf`` /
+    ``--transformer`` / ``--offload``) print argparse's usage and a one-line ``jit-flux: error: ...``
+    and give exit status 2 before any model is loaded; a model that fails to load gives a
+    one-line ``jit-flux: error: cannot load ...`` and status 2.
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -125,7 +125,8 @@ class JiTConfig:
             or ``"pipeline"`` (the wrapped pipeline's own schedule).
         dmf_mode: ``"assign"`` | ``"blend"`` (weight ``1 / relax_steps``) | ``"substeps"``
             (``dmf_substeps`` blends with weights ``1/n, 1/(n-1), ..., 1``).
-        dmf_noise: ``"independent"`` (seeded draw per transition), ``"initial"`` (the initial
+        dmf_noise: ``"independent"`` (one seeded ``[B, N, C]`` draw per run, each new token reading
+            its position's row), ``"initial"`` (the initial
             latent noise of the new tokens) or a ``[B, N, C]`` tensor whose rows are used.
         blur_scale: the lift's blur scale (``sigma_blur = clip(scale / sqrt(rho), 1, 10)``).
         anchor_policy: ``"shared"`` (one token set for the batch, batch-mean importance) or

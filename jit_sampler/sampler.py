@@ -245,15 +245,21 @@ def _check_callback_result(out, y: torch.Tensor, step: int) -> None:
         raise ValueError(f"step_callback returned a tensor on {out.device} at step {step}; the latent is on {y.device}")
 
 
-def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, init_noise, generator) -> torch.Tensor:
-    """``eps [B, R, C]`` of the newly activated tokens ``new`` (``[R]`` or ``[B, R]``)."""
-    b, _, c = y.shape
+def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, fields: dict, generator) -> torch.Tensor:
+    """``eps [B, R, C]`` of the newly activated tokens ``new`` (``[R]`` or ``[B, R]``): their rows of a
+    ``[B, N, C]`` noise field, so a token's noise depends on its position only, never on its rank in
+    the importance order or on which other tokens join with it (docs/method.md section 9).
+
+    ``fields`` holds the run's fields: ``"initial"`` (the initial latent noise) when that mode is
+    on, and the ``"independent"`` field, drawn from ``generator`` at the first transition that
+    needs it and read again by later transitions (as the reference reads its one draw)."""
+    b, n, c = y.shape
     if isinstance(config.dmf_noise, torch.Tensor):  # shape checked by _check_dmf_noise before the loop
         src = config.dmf_noise.to(device=y.device, dtype=y.dtype).expand(b, -1, -1)
         return jk.gather_tokens(src, new, backend=config.backend)
-    if config.dmf_noise == "initial":
-        return jk.gather_tokens(init_noise, new, backend=config.backend)
-    return draw_normal((b, new.shape[-1], c), generator, y.device, y.dtype)
+    if config.dmf_noise not in fields:  # "independent": one draw per run, every position
+        fields[config.dmf_noise] = draw_normal((b, n, c), generator, y.device, y.dtype)
+    return jk.gather_tokens(fields[config.dmf_noise], new, backend=config.backend)
 
 
 def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device) -> torch.Tensor:
@@ -368,7 +374,8 @@ def jit_sample(
     t_start = time.perf_counter()
 
     y = latents.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # inputs may be strided views
-    init_noise = y.clone() if isinstance(config.dmf_noise, str) and config.dmf_noise == "initial" else None
+    initial = isinstance(config.dmf_noise, str) and config.dmf_noise == "initial"
+    noise_fields = {"initial": y.clone()} if initial else {}  # DMF noise per position (_dmf_noise)
 
     with jk._checks.versioned():  # index tensors whose value checks the kernels can remember
         active = _initial_active(config, plan, b, generator, device)
@@ -388,7 +395,7 @@ def jit_sample(
                     new = activate_tokens(v_prev, active, count, height, width, ita=config.ita, nearest=nearest,
                                           backend=be)
                 # DMF: target from y_prev, v_prev and the OLD anchors (their nearest map).
-                eps = _dmf_noise(config, new, y, init_noise, generator)
+                eps = _dmf_noise(config, new, y, noise_fields, generator)
                 target = jk.microflow_target(y_prev, v_prev, active, new, eps, sig[i - 1], sig[i], height, width,
                                              nearest=nearest, blur_scale=config.blur_scale, backend=be)
                 for w in config.dmf_weights:

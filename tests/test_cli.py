@@ -184,3 +184,121 @@ def test_valid_edge_arguments_still_run(tmp_path):
     assert cli.main(["--model", "tiny:random", "--preset", "7x", "--seed", "-1", "--cfg-scale", "0",
                      "--out", str(tmp_path / "x.PNG")]) == 0
     assert Image.open(tmp_path / "x.PNG").size == (128, 128)
+
+
+# ----------------------------------------------------------------------------- FLUX sources and offload
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """A complete tiny FLUX.1 pipeline folder (text encoders and tokenizers included), written offline."""
+    from jit_eval.tiny_pipeline import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(str(tmp_path_factory.mktemp("flux") / "pipe"))
+
+
+def _write_gguf(folder, path):
+    """The folder's transformer as a GGUF file: 2-D weights whose rows are a multiple of 32 in Q8_0, the
+    rest F32, under diffusers' own key names (which from_single_file loads without conversion)."""
+    import gguf
+    import numpy as np
+    from diffusers import FluxTransformer2DModel
+
+    tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    q8 = 0
+    for name, t in tr.state_dict().items():
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and a.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            q8 += 1
+        else:
+            writer.add_tensor(name, a.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert q8 > 0
+    return str(path)
+
+
+FLUX_ARGS = ["--prompt", "a red fox", "--height", "64", "--width", "64", "--preset", "7x"]
+
+
+def test_folder_without_text_encoders_is_a_usage_error(tmp_path, capsys, no_work):
+    """Before: a traceback from inside the pipeline (encode_prompt on a None text encoder)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "text_encoder=None cannot be saved", to a stream capsys may have closed
+    try:
+        build_pipe().save_pretrained(tmp_path / "no-text")
+    finally:
+        diffusers_logging.set_verbosity(level)
+    capsys.readouterr()
+    last = _usage_error(capsys, ["--model", str(tmp_path / "no-text"), *FLUX_ARGS, "--out", str(tmp_path / "x.png")],
+                        "has no text_encoder / tokenizer / text_encoder_2 / tokenizer_2")
+    assert "prompt_embeds" in last
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--offload", "model"], "--offload model moves weights between the CPU and an accelerator"),
+    (["--offload", "group", "--device", "cpu"], "use --offload none"),
+    (["--gguf", "missing.gguf"], "no such file"),
+    (["--gguf", __file__, "--transformer", "x"], "give one of --gguf and --transformer"),
+])
+def test_flux_source_and_offload_errors(tmp_path, capsys, no_work, flux_folder, extra, phrase):
+    _usage_error(capsys, ["--model", flux_folder, *FLUX_ARGS, *extra, "--out", str(tmp_path / "x.png")], phrase)
+
+
+@pytest.mark.parametrize("flag", [["--offload", "group"], ["--gguf", "x.gguf"], ["--transformer", "t"]])
+def test_flux_only_options_refused_for_the_tiny_model(tmp_path, capsys, no_work, flag):
+    _usage_error(capsys, ["--model", "tiny:random", *flag, "--out", str(tmp_path / "x.png")],
+                 "apply to a FLUX.1 --model")
+
+
+def test_unloadable_file_is_one_line(tmp_path, capsys, flux_folder):
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a GGUF file")
+    assert cli.main(["--model", flux_folder, "--gguf", str(bad), *FLUX_ARGS, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("jit-flux: error: cannot load")
+
+
+def test_gguf_transformer(tmp_path, flux_folder):
+    """``--gguf``: the transformer from a Q8_0 GGUF file written here, the rest from --model."""
+    path = _write_gguf(flux_folder, tmp_path / "flux-q8_0.gguf")
+    assert cli.main(["--model", flux_folder, "--gguf", path, *FLUX_ARGS, "--out", str(tmp_path / "g.png")]) == 0
+    rep = json.loads((tmp_path / "g.json").read_text())
+    assert rep["transformer"] == {"from": path, "quantization": "gguf"}
+    assert rep["jit"]["report"]["model_calls"] == 11
+
+
+def test_transformer_from_another_folder(tmp_path, flux_folder):
+    assert cli.main(["--model", flux_folder, "--transformer", flux_folder, *FLUX_ARGS, "--out",
+                     str(tmp_path / "t.png")]) == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert rep["transformer"] == {"from": flux_folder, "quantization": None}
+
+
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_offload_hooks_keep_the_result(flux_folder, offload):
+    """``--offload`` installs diffusers' hooks (here with the CPU as the 'accelerator', which the CLI
+    refuses as pointless but diffusers runs) and the JiT result is the same as without."""
+    import torch
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    def run(mode):
+        args = cli.build_parser().parse_args(["--model", flux_folder, "--offload", mode, "--device", "cpu"])
+        pipe = cli._load_flux(args, "cpu", torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a red fox", height=64, width=64, jit="7x", generator=torch.Generator().manual_seed(0),
+                   output_type="latent").images
+        return pipe, out
+
+    _, ref = run("none")
+    pipe, out = run(offload)
+    if offload == "model":
+        assert len(pipe._all_hooks) > 0
+    else:
+        assert _is_group_offload_enabled(pipe.transformer)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

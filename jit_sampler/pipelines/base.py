@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ from ..config import JiTConfig
 from ..report import JiTReport, flop_summary
 from ..sampler import jit_sample
 from ..schedule import beta_sigmas
-from .checks import check_call_arguments, check_token_bucket_backend
+from .checks import check_call_arguments, check_scheduler, check_token_bucket_backend, ignored_sigma_options
 from .parallel import check_context_parallel, context_parallel_degree
 from .velocity import FluxVelocity
 
@@ -130,6 +131,7 @@ class JiTPipelineMixin:
         bound.apply_defaults()
         a = dict(bound.arguments)
         a.pop("self")
+        check_scheduler(self.scheduler)
         check_call_arguments(self, a, "num_inference_steps" in explicit)
         check_token_bucket_backend(self.transformer, cfg.token_bucket)
         return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
@@ -176,13 +178,28 @@ class JiTPipelineMixin:
         ``sigmas``, unless ``beta=False``: a pipeline that always keeps its own) or the scheduler's
         own (:meth:`_scheduler_sigmas`). Sets ``_num_timesteps``."""
         cfg = self._steps_config(cfg, sigmas, explicit_steps, num_inference_steps)
-        steps = cfg.total_steps
-        if beta and cfg.sigma_schedule == "beta" and sigmas is None:
-            sig = beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
-        else:
-            sig = self._scheduler_sigmas(steps, sigmas, image_seq_len, device)
-        self._num_timesteps = steps
+        sig = self._run_sigmas(cfg, cfg.total_steps, sigmas, image_seq_len, device, beta=beta)
+        self._num_timesteps = cfg.total_steps
         return cfg, sig
+
+    def _run_sigmas(self, cfg: JiTConfig, steps: int, sigmas, image_seq_len: int, device, *,
+                    beta: bool = True) -> list[float]:
+        """The ``steps + 1`` sigmas of a run from pure noise: the config's Beta table
+        (``sigma_schedule="beta"``, no explicit ``sigmas``, ``beta`` allowed), else the scheduler's
+        own (:meth:`_scheduler_sigmas`, every sigma option of the scheduler honoured).
+
+        The Beta table replaces the scheduler's spacing: a scheduler configured with one
+        (``use_karras_sigmas``, ...; :func:`~.checks.ignored_sigma_options`) gets a warning that
+        names it and the way to keep it (``sigma_schedule="pipeline"``)."""
+        if beta and cfg.sigma_schedule == "beta" and sigmas is None:
+            ignored = ignored_sigma_options(self.scheduler)
+            if ignored:
+                warnings.warn(f"{type(self).__name__}: the JiT config's Beta sigma schedule (sigma_schedule='beta', "
+                              f"the presets' default) replaces the scheduler's {', '.join(ignored)}; pass "
+                              f"JiTConfig.preset(..., sigma_schedule='pipeline') to integrate on the scheduler's "
+                              f"sigmas instead", UserWarning, stacklevel=2)
+            return beta_sigmas(steps, cfg.beta_alpha, cfg.beta_beta)
+        return self._scheduler_sigmas(steps, sigmas, image_seq_len, device)
 
     def _check_context_parallel(self, cfg: JiTConfig, height, width, *embeds, extra: int = 0) -> None:
         """Refuse, before any model runs, a run a context-parallel transformer cannot split (:mod:`.parallel`).
@@ -199,11 +216,15 @@ class JiTPipelineMixin:
                                [e.shape[1] for e in embeds if e is not None], token_bucket=cfg.token_bucket)
 
     def _scheduler_sigmas(self, steps: int, sigmas, image_seq_len: int, device) -> list[float]:
-        """The sigmas the stock pipeline would integrate (its scheduler, shifted by ``_shift_mu``):
-        ``steps + 1`` floats ending at 0."""
+        """The sigmas the stock pipeline would integrate: ``steps + 1`` floats ending at 0.
+
+        As the stock pipelines call it: ``set_timesteps`` with ``linspace(1, 1/steps, steps)`` (or the
+        caller's ``sigmas``) and ``mu`` from ``_shift_mu``, so every sigma option of the scheduler
+        (shift, dynamic shifting, Karras / exponential / Beta spacing, ``shift_terminal``) applies;
+        a scheduler with ``use_flow_sigmas`` makes its own from the step count."""
         s = np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
         mu = self._shift_mu(image_seq_len, steps)
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):  # the scheduler makes its own sigmas
+        if self.scheduler.config.get("use_flow_sigmas", False):  # the scheduler makes its own sigmas
             self.scheduler.set_timesteps(steps, device=device, mu=mu)
         else:  # as diffusers' retrieve_timesteps(scheduler, sigmas=s, mu=mu)
             self.scheduler.set_timesteps(sigmas=s, device=device, mu=mu)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 __all__ = ["check_call_arguments", "check_image_input", "check_latents_shape", "check_preprocessed",
-           "check_int", "check_token_bucket_backend", "effective_batch"]
+           "check_int", "check_scheduler", "check_token_bucket_backend", "effective_batch",
+           "ignored_sigma_options"]
 
 
 def check_int(name: str, value, minimum: int = 1) -> None:
@@ -173,6 +174,52 @@ def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
     if isinstance(gen, list) and total is not None and len(gen) != total:
         raise ValueError(f"You have passed a list of generators of length {len(gen)}, but requested an effective "
                          f"batch size of {total}. Make sure the batch size matches the length of the generators.")
+
+
+# The scheduler options that re-space FlowMatchEulerDiscreteScheduler's sigmas, which no FLUX / Qwen
+# checkpoint sets (unlike shift, dynamic shifting and Qwen-Image's shift_terminal, part of a model's
+# native schedule): honoured from ``set_timesteps`` when the run takes the scheduler's sigmas, replaced
+# by the Beta table of ``sigma_schedule="beta"`` otherwise, with a warning (``ignored_sigma_options``).
+_SPACING_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_JIT_INTEGRATOR = ("JiT integrates its own Euler steps (lift + micro-flow) on the scheduler's sigmas and never calls "
+                   "scheduler.step()")
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse, before any work, a scheduler whose *update rule* a JiT run would silently replace.
+
+    JiT takes only the sigmas from the scheduler (``set_timesteps``, with every sigma option:
+    shift, dynamic shifting, Karras / exponential / Beta spacing, ``shift_terminal``); the step
+    itself is its own Euler update with lift and micro-flow (docs/method.md, "Schedulers"). That
+    is ``FlowMatchEulerDiscreteScheduler``'s rule, so it is accepted (a subclass too, unless it
+    overrides ``step``); a second-order, multistep, consistency or re-noising rule (Heun, LCM,
+    DPM-Solver++, UniPC, Euler with ``stochastic_sampling``) raises ``ValueError``, and so do
+    ``invert_sigmas`` (increasing sigmas: JiT integrates from noise) and any other scheduler.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler as Euler
+
+    name = type(scheduler).__name__
+    use = ("use FlowMatchEulerDiscreteScheduler (e.g. pipe.scheduler = "
+           "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)) or jit=None")
+    if not isinstance(scheduler, Euler) or type(scheduler).step is not Euler.step:
+        raise ValueError(f"{name} is not supported with jit=...: {_JIT_INTEGRATOR}, so {name}'s own update rule "
+                         f"would be silently replaced by Euler; {use}")
+    config = scheduler.config
+    if config.get("stochastic_sampling", False):
+        raise ValueError(f"{name}(stochastic_sampling=True) is not supported with jit=...: {_JIT_INTEGRATOR}, so "
+                         f"the stochastic re-noising would be silently dropped; set stochastic_sampling=False "
+                         f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                         f"stochastic_sampling=False)) or use jit=None")
+    if config.get("invert_sigmas", False):
+        raise ValueError(f"{name}(invert_sigmas=True) is not supported with jit=...: {_JIT_INTEGRATOR}, "
+                         f"from noise (sigma 1) to data (sigma 0); set invert_sigmas=False or use jit=None")
+
+
+def ignored_sigma_options(scheduler) -> list[str]:
+    """The scheduler's spacing options (``use_karras_sigmas=True``, ...) that a run on the config's
+    own Beta schedule does not use, as ``name=value`` strings."""
+    config = getattr(scheduler, "config", {})
+    return [f"{k}={config[k]!r}" for k in _SPACING_OPTIONS if config.get(k)]
 
 
 _IMAGE_TYPES = (torch.Tensor, np.ndarray)

@@ -50,7 +50,6 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
-from ..schedule import beta_sigmas
 from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
@@ -127,10 +126,7 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
             cfg_run = cfg.replace(total_steps=run)
         except ValueError as exc:
             raise ValueError(f"strength={strength} leaves {run} of {n} steps for the JiT stages: {exc}") from exc
-        if cfg.sigma_schedule == "beta" and sigmas is None:
-            full = beta_sigmas(n, cfg.beta_alpha, cfg.beta_beta)
-        else:
-            full = self._scheduler_sigmas(n, sigmas, image_seq_len, device)
+        full = self._run_sigmas(cfg, n, sigmas, image_seq_len, device)
         return cfg_run, full[t_start:]
 
     def _image_latents(self, init_image: torch.Tensor, total: int, dtype, device, generator) -> torch.Tensor:
