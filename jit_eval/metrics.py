@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "frechet_distance", "feature_stats", "kid", "mmd2", "poly_kernel", "pair_weights",
+__all__ = ["psnr", "ssim", "frechet_distance", "feature_stats", "kid", "mmd2", "mmd2_test", "poly_kernel",
+           "pair_weights",
            "frechet_interval", "precision_recall", "ink"]
 
 
@@ -143,8 +144,75 @@ def mmd2(features_a: torch.Tensor, features_b: torch.Tensor, labels_a=None, labe
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature widths differ: {a.shape[1]} and {b.shape[1]}")
     la, lb = _check_labels("labels_a", labels_a, a.shape[0]), _check_labels("labels_b", labels_b, b.shape[0])
-    return float((pair_weights(la, a.shape[0]) * poly_kernel(a, a)).sum()
-                 + (pair_weights(lb, b.shape[0]) * poly_kernel(b, b)).sum() - 2 * poly_kernel(a, b).mean())
+    return _mmd2_gram(poly_kernel(a, a), poly_kernel(b, b), poly_kernel(a, b), la, lb)
+
+
+def _mmd2_gram(k_aa, k_bb, k_ab, la=None, lb=None, origin_a=None, origin_b=None) -> float:
+    return float((pair_weights(la, k_aa.shape[0], origin_a) * k_aa).sum()
+                 + (pair_weights(lb, k_bb.shape[0], origin_b) * k_bb).sum() - 2 * k_ab.mean())
+
+
+def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.nonzero(groups == v)[:, 0] for v in groups.unique()]
+
+
+def mmd2_test(features_a: torch.Tensor, features_b: torch.Tensor, groups_a, groups_b, labels_a=None, labels_b=None,
+              rounds: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+    """:func:`mmd2` between two independent sets, with the sampling noise of whole groups of rows.
+
+    ``groups_a`` / ``groups_b`` ``[n]`` name each row's group (the seed batch it came from: the
+    unit that was drawn at random). Returns ``estimate``; ``ci``: the central ``level`` interval
+    of ``rounds`` bootstrap estimates, each resampling the groups of both sets with replacement
+    (copies of one row are left out of the within-set pairs); ``p_value`` and ``null_q95``: the
+    permutation test of "one distribution", which re-deals the pooled groups into sets of the
+    original sizes ``rounds`` times (``p = (1 + #{null >= estimate}) / (1 + rounds)``; ``null_q95``
+    is the null's 95th percentile, the size of a difference that noise alone reaches).
+    Labels (strata) travel with their rows; each group should hold whole strata (a seed batch
+    of every digit) so that resampled sets stay stratified.
+    """
+    a, b = _features("features_a", features_a), _features("features_b", features_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} and {b.shape[1]}")
+    la, lb = _check_labels("labels_a", labels_a, a.shape[0]), _check_labels("labels_b", labels_b, b.shape[0])
+    ga, gb = groups_a, groups_b
+    if ga is None or gb is None:
+        raise ValueError("groups_a and groups_b are required (the seed batch of each row)")
+    ga, gb = torch.as_tensor(ga).cpu(), torch.as_tensor(gb).cpu()
+    for name, v, n in (("groups_a", ga, a.shape[0]), ("groups_b", gb, b.shape[0])):
+        if v.shape != (n,) or v.is_floating_point():
+            raise ValueError(f"{name} must be an integer [{n}] tensor, got {v.dtype} {tuple(v.shape)}")
+        if v.unique().numel() < 2:
+            raise ValueError(f"{name}: need at least 2 groups to resample")
+    if rounds < 2 or not 0.0 < level < 1.0:
+        raise ValueError(f"need rounds >= 2 and level in (0, 1), got {rounds}, {level}")
+    f = torch.cat([a, b])
+    lab = None if la is None and lb is None else torch.cat([
+        la if la is not None else torch.zeros(a.shape[0], dtype=torch.int64),
+        lb if lb is not None else torch.zeros(b.shape[0], dtype=torch.int64)])
+    k = poly_kernel(f, f)
+    units = _group_rows(ga) + [r + a.shape[0] for r in _group_rows(gb)]
+    n_a = len(_group_rows(ga))
+
+    def est(ia, ib, oa=None, ob=None):
+        return _mmd2_gram(k[ia][:, ia], k[ib][:, ib], k[ia][:, ib], None if lab is None else lab[ia],
+                          None if lab is None else lab[ib], oa, ob)
+
+    ia0, ib0 = torch.cat(units[:n_a]), torch.cat(units[n_a:])
+    estimate = est(ia0, ib0)
+    g = torch.Generator().manual_seed(seed)
+    boot, null = [], []
+    for _ in range(rounds):
+        pa = torch.randint(0, n_a, (n_a,), generator=g)
+        pb = n_a + torch.randint(0, len(units) - n_a, (len(units) - n_a,), generator=g)
+        ia, ib = torch.cat([units[i] for i in pa]), torch.cat([units[i] for i in pb])
+        boot.append(est(ia, ib, ia, ib))  # a row's index is its origin
+        perm = torch.randperm(len(units), generator=g)
+        null.append(est(torch.cat([units[i] for i in perm[:n_a]]), torch.cat([units[i] for i in perm[n_a:]])))
+    boot_t, null_t = torch.tensor(boot, dtype=torch.float64), torch.tensor(null, dtype=torch.float64)
+    lo, hi = torch.quantile(boot_t, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return dict(estimate=estimate, ci=(float(lo), float(hi)),
+                p_value=(1 + int((null_t >= estimate).sum())) / (1 + rounds),
+                null_q95=float(torch.quantile(null_t, 0.95)), rounds=rounds)
 
 
 def _stratified_pick(labels: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:

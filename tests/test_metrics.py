@@ -165,3 +165,22 @@ def test_kid_with_labels_draws_stratified_subsets():
     assert s > 0 and math.isfinite(m)
     with pytest.raises(ValueError, match="labels_b"):
         kid(a, b, labels_b=lb[:-1])
+
+
+def test_mmd2_test_interval_and_permutation_null():
+    from jit_eval.metrics import mmd2, mmd2_test
+
+    a, la = _balanced_mixture(6, 10)
+    b, lb = _balanced_mixture(6, 11)
+    ga, gb = torch.arange(6).repeat_interleave(10), torch.arange(6).repeat_interleave(10)  # 6 seed batches of 10
+    same = mmd2_test(a, b, ga, gb, la, lb, rounds=100)
+    assert same["estimate"] == pytest.approx(mmd2(a, b, la, lb))
+    assert same["ci"][0] <= same["estimate"] <= same["ci"][1] and same["p_value"] > 0.05
+    assert same["null_q95"] > 0
+    far = mmd2_test(a, b + 0.8, ga, gb, la, lb, rounds=100)
+    assert far["p_value"] < 0.05 and far["estimate"] > far["null_q95"] and far["ci"][0] > 0
+    assert mmd2_test(a, b, ga, gb, la, lb, rounds=20, seed=4) == mmd2_test(a, b, ga, gb, la, lb, rounds=20, seed=4)
+    with pytest.raises(ValueError, match="groups"):
+        mmd2_test(a, b, None, gb)
+    with pytest.raises(ValueError, match="rounds"):
+        mmd2_test(a, b, ga, gb, rounds=1)
