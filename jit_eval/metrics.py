@@ -156,6 +156,15 @@ def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(groups == v)[:, 0] for v in groups.unique()]
 
 
+def _resample_groups(n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` of ``n`` groups with replacement, redrawn until at least two differ (a resample of
+    one group repeated has no within-set pairs)."""
+    while True:
+        pick = torch.randint(0, n, (n,), generator=g)
+        if pick.unique().numel() >= 2:
+            return pick
+
+
 def mmd2_test(features_a: torch.Tensor, features_b: torch.Tensor, groups_a, groups_b, labels_a=None, labels_b=None,
               rounds: int = 200, level: float = 0.95, seed: int = 0) -> dict:
     """:func:`mmd2` between two independent sets, with the sampling noise of whole groups of rows.
@@ -163,7 +172,8 @@ def mmd2_test(features_a: torch.Tensor, features_b: torch.Tensor, groups_a, grou
     ``groups_a`` / ``groups_b`` ``[n]`` name each row's group (the seed batch it came from: the
     unit that was drawn at random). Returns ``estimate``; ``ci``: the central ``level`` interval
     of ``rounds`` bootstrap estimates, each resampling the groups of both sets with replacement
-    (copies of one row are left out of the within-set pairs); ``p_value`` and ``null_q95``: the
+    (copies of one row are left out of the within-set pairs; a resample of a single group is
+    redrawn); ``p_value`` and ``null_q95``: the
     permutation test of "one distribution", which re-deals the pooled groups into sets of the
     original sizes ``rounds`` times (``p = (1 + #{null >= estimate}) / (1 + rounds)``; ``null_q95``
     is the null's 95th percentile, the size of a difference that noise alone reaches).
@@ -202,8 +212,7 @@ def mmd2_test(features_a: torch.Tensor, features_b: torch.Tensor, groups_a, grou
     g = torch.Generator().manual_seed(seed)
     boot, null = [], []
     for _ in range(rounds):
-        pa = torch.randint(0, n_a, (n_a,), generator=g)
-        pb = n_a + torch.randint(0, len(units) - n_a, (len(units) - n_a,), generator=g)
+        pa, pb = (lo + _resample_groups(n, g) for lo, n in ((0, n_a), (n_a, len(units) - n_a)))
         ia, ib = torch.cat([units[i] for i in pa]), torch.cat([units[i] for i in pb])
         boot.append(est(ia, ib, ia, ib))  # a row's index is its origin
         perm = torch.randperm(len(units), generator=g)

@@ -226,3 +226,19 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
         train(str(tmp_path / "c"), steps=1, dataset="scenes", config=build_tiny_flux(seed=0).config)
     with pytest.raises(ValueError, match="stop_after"):
         train(str(tmp_path / "c"), steps=2, stop_after=3)
+
+
+def test_scenes_checkpoint_round_trip_and_missing_name(tmp_path, monkeypatch):
+    from jit_eval.tiny_flux import model as tm
+    from jit_eval.tiny_flux.model import SCENES_CONFIG, save_tiny_flux
+
+    m = build_tiny_flux(SCENES_CONFIG, seed=2)
+    save_tiny_flux(m, str(tmp_path / "s"))
+    monkeypatch.setitem(tm.CHECKPOINTS, "tiny-scenes", str(tmp_path / "s"))
+    back = load_tiny_flux("tiny-scenes")
+    assert back.slots == 4 and back.image_size == 64 and back.null_label == 11
+    for (k, a), b in zip(m.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    monkeypatch.setitem(tm.CHECKPOINTS, "tiny-scenes", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="README"):
+        load_tiny_flux("tiny-scenes")

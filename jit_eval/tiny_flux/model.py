@@ -200,10 +200,12 @@ def save_tiny_flux(model: TinyFlux, path: str) -> None:
 def load_tiny_flux(path: str | None = None, device="cpu", dtype=torch.float32) -> TinyFlux:
     """Load a committed checkpoint by name (:data:`CHECKPOINTS`; default ``"tiny"``) or a folder
     saved by the training script."""
+    name = path
     path = CHECKPOINTS.get(path, path) if path else WEIGHTS_DIR
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"no tiny FLUX checkpoint at {path} (config.json missing)")
+        hint = f"; its recipe and command are in {os.path.join(WEIGHTS_DIR, 'README.md')}" if name in CHECKPOINTS else ""
+        raise FileNotFoundError(f"no tiny FLUX checkpoint at {path} (config.json missing){hint}")
     with open(cfg_file) as f:
         config = json.load(f)
     model = TinyFlux(config)
