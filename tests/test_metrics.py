@@ -184,3 +184,12 @@ def test_mmd2_test_interval_and_permutation_null():
         mmd2_test(a, b, None, gb)
     with pytest.raises(ValueError, match="rounds"):
         mmd2_test(a, b, ga, gb, rounds=1)
+
+
+def test_kid_bias_script_rejects_bad_arguments():
+    from benchmarks.kid_bias import run
+
+    with pytest.raises(ValueError, match="even"):
+        run(seeds=5)
+    with pytest.raises(ValueError, match="splits"):
+        run(seeds=4, splits=1)
