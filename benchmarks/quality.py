@@ -67,11 +67,11 @@ REF = "dense-50"
 #: (disjoint from the seeds 0, 1, ... that every method, dense-50 included, runs on).
 REF_SEED0 = 1_000_000
 J4, J7 = "JiT 4x assign/independent", "JiT 7x assign/independent"
-#: The controls of each JiT preset: dense at (about) the same cost, dense on JiT's own schedule with
-#: every token, and JiT with the model seeing every token (the error split: schedule / sparse
-#: context / lift + micro-flow).
-CONTROLS = {J4: dict(cost="dense-12", schedule="dense-18 beta", oracle=f"{J4}, full-context oracle"),
-            J7: dict(cost="dense-7", schedule="dense-11 beta", oracle=f"{J7}, full-context oracle")}
+#: The controls of each JiT preset besides dense at the same cost (the dense row nearest in FLOPs:
+#: dense-12 for 4x, dense-7 for 7x): dense on JiT's own schedule with every token, and JiT with the
+#: model seeing every token (the error split: schedule / sparse context / lift + micro-flow).
+CONTROLS = {J4: dict(schedule="dense-18 beta", oracle=f"{J4}, full-context oracle"),
+            J7: dict(schedule="dense-11 beta", oracle=f"{J7}, full-context oracle")}
 
 #: Rows run at the headline sample size (plus every "jit+cache" row).
 HEADLINE = ("dense-50", "dense-7", "dense-11", "dense-12", J4, J7, "JiT 4x-reference", "JiT 7x-reference",
@@ -215,16 +215,6 @@ def _noise(seed: int, labels: int, tokens: int = 256, device="cpu") -> torch.Ten
     return torch.randn(labels, tokens, 4, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def prompts_of(model, labels: int) -> torch.Tensor:
-    """One seed batch's prompts: digits ``0 .. labels-1``, or for a scenes model ``labels`` scene
-    prompts (:func:`jit_eval.tiny_flux.scenes.scene_prompts`); prompt ``j`` is stratum ``j``."""
-    if getattr(model, "slots", None):
-        from jit_eval.tiny_flux.scenes import scene_prompts
-
-        return scene_prompts(labels, model.slots)
-    return torch.arange(labels)
-
-
 def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool = False, model=None,
                 classifier=None, methods: list[Method] | None = None, cfg_scale: float = 3.0, log=None,
                 headline_seeds: int | None = None, rounds: int = 200) -> dict:
@@ -234,7 +224,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
     (``kid_ref`` etc., with ``rounds`` bootstrap and permutation rounds over whole seed batches)."""
     from jit_eval.tiny_flux import load_mnist, load_tiny_flux, unpack_tokens
     from jit_eval.tiny_flux.classifier import load_classifier
-    from jit_eval.tiny_flux.scenes import Scorer, real_scenes
+    from jit_eval.tiny_flux.scenes import Scorer, prompts_for, real_scenes
 
     if not 2 <= labels <= 10:
         raise ValueError(f"labels must be in [2, 10] (prompts per seed batch), got {labels}")
@@ -253,7 +243,7 @@ def run_quality(seeds: int = 10, labels: int = 10, repeats: int = 3, quick: bool
         raise ValueError(f"the first method must be the reference {REF!r}")
     scenes = bool(getattr(model, "slots", None))
     scorer = Scorer(classifier, model.config.get("layout") if scenes else None)
-    lab = prompts_of(model, labels)
+    lab = prompts_for(model, labels)
     tokens = model.height * model.width
     tr = model.transformer
 

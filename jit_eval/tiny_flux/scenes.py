@@ -15,7 +15,7 @@ import torch
 
 from .data import compose_scenes, load_mnist, slot_origins
 
-__all__ = ["scene_prompts", "slot_crops", "real_scenes", "Scorer"]
+__all__ = ["scene_prompts", "prompts_for", "slot_crops", "real_scenes", "Scorer"]
 
 #: Where a padded MNIST digit's ink centre of mass sits in its 32 x 32 image (row and column;
 #: the held-out digits' mean is (15.99, 16.00), spread 0.3 px): the crops put it there.
@@ -28,6 +28,16 @@ def scene_prompts(n: int = 10, slots: int = 4) -> torch.Tensor:
     if not 1 <= n <= 10 or slots < 1:
         raise ValueError(f"need 1 <= n <= 10 prompts and slots >= 1, got {n}, {slots}")
     return (torch.arange(n)[:, None] + 3 * torch.arange(slots)[None, :]) % 10
+
+
+def prompts_for(model, n: int = 10) -> torch.Tensor:
+    """One batch of ``n`` prompts for a tiny FLUX: digits ``0 .. n-1``, or for a scenes model
+    :func:`scene_prompts` (``[n, slots]``); prompt ``j`` is stratum ``j`` of a balanced set."""
+    if getattr(model, "slots", None):
+        return scene_prompts(n, model.slots)
+    if not 1 <= n <= 10:
+        raise ValueError(f"need 1 <= n <= 10 prompts, got {n}")
+    return torch.arange(n)
 
 
 def slot_crops(images: torch.Tensor, layout=(2, 2), max_shift: int = 6) -> torch.Tensor:
