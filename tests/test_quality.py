@@ -260,6 +260,8 @@ def test_fidelity_verdicts_regime_goal_and_error_split():
     assert "NOT met" in goal and "2.00x dense-7's" in goal
     rows[4] = _row(q.J7, 50.0, flop_ratio=7.43, family="jit")
     assert "MET" in next(x for x in q.fidelity_verdicts(rows) if x.startswith("goal"))
+    rows[4] = _row(q.J7, 8.0, flop_ratio=7.43, family="jit")  # within noise (null 95th percentile 10): no split
+    assert "no error split" in next(x for x in q.fidelity_verdicts(rows) if x.startswith(q.J7 + " (FLOP"))
 
 
 @needs_mnist
