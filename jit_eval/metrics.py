@@ -195,10 +195,10 @@ def mmd2_test(features_a: torch.Tensor, features_b: torch.Tensor, groups_a, grou
             raise ValueError(f"{name}: need at least 2 groups to resample")
     if rounds < 2 or not 0.0 < level < 1.0:
         raise ValueError(f"need rounds >= 2 and level in (0, 1), got {rounds}, {level}")
+    if (la is None) != (lb is None):
+        raise ValueError("give labels for both sets or for neither (the permutation pools their rows)")
     f = torch.cat([a, b])
-    lab = None if la is None and lb is None else torch.cat([
-        la if la is not None else torch.zeros(a.shape[0], dtype=torch.int64),
-        lb if lb is not None else torch.zeros(b.shape[0], dtype=torch.int64)])
+    lab = None if la is None else torch.cat([la, lb])
     k = poly_kernel(f, f)
     units = _group_rows(ga) + [r + a.shape[0] for r in _group_rows(gb)]
     n_a = len(_group_rows(ga))

@@ -184,6 +184,8 @@ def test_mmd2_test_interval_and_permutation_null():
         mmd2_test(a, b, None, gb)
     with pytest.raises(ValueError, match="rounds"):
         mmd2_test(a, b, ga, gb, rounds=1)
+    with pytest.raises(ValueError, match="both sets"):
+        mmd2_test(a, b, ga, gb, la, None)
 
 
 def test_kid_bias_script_rejects_bad_arguments():

@@ -72,6 +72,9 @@ def real_scenes(prompts: torch.Tensor, per_prompt: int, split: str = "heldout", 
                 max_jitter: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes of real digits for ``prompts [P, S]`` (each slot a random digit of its label from
     ``split``, jittered as in training), ``per_prompt`` of each prompt; returns ``(scenes, prompt index)``."""
+    if prompts.dim() != 2 or prompts.shape[1] != layout[0] * layout[1] or per_prompt < 1:
+        raise ValueError(f"need prompts [P, {layout[0] * layout[1]}] and per_prompt >= 1, got "
+                         f"{tuple(prompts.shape)}, {per_prompt}")
     x, y = load_mnist(split)
     g = torch.Generator().manual_seed(seed)
     by_class = [torch.nonzero(y == c)[:, 0] for c in range(10)]
