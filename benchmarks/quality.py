@@ -70,8 +70,8 @@ J4, J7 = "JiT 4x assign/independent", "JiT 7x assign/independent"
 #: The controls of each JiT preset besides dense at the same cost (the dense row nearest in FLOPs:
 #: dense-12 for 4x, dense-7 for 7x): dense on JiT's own schedule with every token, and JiT with the
 #: model seeing every token (the error split: schedule / sparse context / lift + micro-flow).
-CONTROLS = {J4: dict(schedule="dense-18 beta", oracle=f"{J4}, full-context oracle"),
-            J7: dict(schedule="dense-11 beta", oracle=f"{J7}, full-context oracle")}
+CONTROLS = {j: dict(schedule=f"dense-{JiTConfig.preset(p).total_steps} beta", oracle=f"{j}, full-context oracle")
+            for p, j in (("4x", J4), ("7x", J7))}
 
 #: Rows run at the headline sample size (plus every "jit+cache" row).
 HEADLINE = ("dense-50", "dense-7", "dense-11", "dense-12", J4, J7, "JiT 4x-reference", "JiT 7x-reference",

@@ -322,3 +322,13 @@ def test_scene_slots_are_read_by_the_classifier(clf):
     # digits model: scoring is the classifier itself
     single = Scorer(clf)
     assert torch.equal(single.features(x[:3]), clf.features(x[:3]))
+
+
+def test_every_headline_row_and_control_is_a_method():
+    from benchmarks import quality as q
+
+    names = {m.name for m in q.build_methods()}
+    assert set(q.HEADLINE) <= names
+    assert {v for c in q.CONTROLS.values() for v in c.values()} <= names
+    quick = {m.name for m in q.build_methods(quick=True)}
+    assert set(q.CONTROLS[q.J7].values()) <= quick  # the smoke run has 7x's controls
