@@ -28,6 +28,7 @@ from jit_sampler.report import flux_run_flops
 
 from .metrics import psnr, ssim
 from .tiny_flux import CHECKPOINTS, load_tiny_flux, sample_tiny, unpack_tokens
+from .tiny_flux.scenes import prompts_for
 
 __all__ = ["run_demo", "main"]
 
@@ -37,8 +38,10 @@ def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 
     os.makedirs(out_dir, exist_ok=True)
     model_name = checkpoint if model is None else "custom"
     model = model or load_tiny_flux(checkpoint, device=device)
-    labels = torch.arange(10, device=device).repeat(seeds)  # digit-major within each seed
-    noise = torch.cat([torch.randn(10, 256, 4, generator=torch.Generator().manual_seed(s)) for s in range(seeds)])
+    prompts = prompts_for(model, 10).to(device)  # digits 0-9, or ten scene prompts (tiny-scenes)
+    labels = prompts.repeat(seeds, *([1] * (prompts.dim() - 1)))  # prompt-major within each seed
+    tokens = model.height * model.width
+    noise = torch.cat([torch.randn(10, tokens, 4, generator=torch.Generator().manual_seed(s)) for s in range(seeds)])
     noise = noise.to(device)
     runs = {f"dense-{dense_steps}": (JiTConfig.dense(dense_steps), linear_sigmas(dense_steps))}
     for p in presets:
@@ -54,20 +57,22 @@ def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 
             outputs[name], reports[name] = y, rep
         log(f"round {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     ref_name = f"dense-{dense_steps}"
-    ref_img = unpack_tokens(outputs[ref_name]).clamp(-1, 1)
+    size = model.image_size
+    ref_img = unpack_tokens(outputs[ref_name], size, size).clamp(-1, 1)
     tcfg = model.transformer.config
-    dense_flops = flux_run_flops(tcfg, [256] * dense_steps, model.config["cond_tokens"]).total
+    cond_tokens = model.config["cond_tokens"] * (model.slots or 1)
+    dense_flops = flux_run_flops(tcfg, [tokens] * dense_steps, cond_tokens).total
     rows = []
     for name in runs:
-        img = unpack_tokens(outputs[name]).clamp(-1, 1)
+        img = unpack_tokens(outputs[name], size, size).clamp(-1, 1)
         rep = reports[name]
         med = statistics.median(times[name])
-        fl = flux_run_flops(tcfg, rep.active_tokens, model.config["cond_tokens"]).total
+        fl = flux_run_flops(tcfg, rep.active_tokens, cond_tokens).total
         row = {
             "method": name,
             "steps": len(rep.active_tokens),
             "model_calls": rep.model_calls,
-            "full_step_equivalents": round(sum(rep.active_tokens) / 256, 2),
+            "full_step_equivalents": round(sum(rep.active_tokens) / tokens, 2),
             "time_s": round(med, 3),
             "speedup_vs_dense50": round(statistics.median(times[ref_name]) / med, 2),
             "flop_ratio_vs_dense50": round(dense_flops / fl, 2),
@@ -77,10 +82,10 @@ def run_demo(out_dir: str, presets=("4x", "7x"), seeds: int = 2, repeats: int = 
             row["psnr_db"] = round(float(psnr(img, ref_img).mean()), 2)
             row["ssim"] = round(float(ssim(img, ref_img).mean()), 4)
         rows.append(row)
-    _save_grid(os.path.join(out_dir, "jit_demo.png"), [unpack_tokens(outputs[k]) for k in runs], list(runs))
+    _save_grid(os.path.join(out_dir, "jit_demo.png"), [unpack_tokens(outputs[k], size, size) for k in runs], list(runs))
     result = {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "images": f"{len(labels)} (digits 0-9 x {seeds} seeds)",
+        "images": f"{len(labels)} ({'scene prompts' if model.slots else 'digits 0-9'} x {seeds} seeds)",
         "model": model_name,
         "cfg_scale": cfg_scale,
         "repeats": repeats,
@@ -138,7 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cfg-scale", type=float, default=3.0, help="true CFG scale (null label as negative; 1 = off)")
     p.add_argument("--model", default="tiny", choices=sorted(CHECKPOINTS),
-                   help="committed checkpoint: 'tiny' (full grids only) or 'tiny-subsets' (also token subsets)")
+                   help="committed checkpoint: 'tiny' (full grids only), 'tiny-subsets' (also token subsets) or "
+                        "'tiny-scenes' (64 x 64 scenes of four digits, 1,024 tokens)")
     args = p.parse_args(argv)
     run_demo(args.out, tuple(args.presets), args.seeds, args.repeats, args.cfg_scale, checkpoint=args.model)
     return 0

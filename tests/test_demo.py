@@ -24,3 +24,21 @@ def test_demo_end_to_end(tmp_path):
 
     w, h = Image.open(tmp_path / "jit_demo.png").size
     assert (w, h) == (84 + 2 * (10 * 34 + 2), 2 * (2 * 34 + 2))
+
+
+def test_demo_runs_a_scenes_model(tmp_path):
+    """A (random, one block of each kind) 32 x 32-token scenes model: ten scene prompts, 1,024 tokens."""
+    import copy
+
+    from jit_eval.tiny_flux import build_tiny_flux
+    from jit_eval.tiny_flux.model import SCENES_CONFIG
+
+    cfg = copy.deepcopy(SCENES_CONFIG)
+    cfg["transformer"].update(num_layers=1, num_single_layers=1)
+    model = build_tiny_flux(cfg, seed=0).eval().requires_grad_(False)
+    res = run_demo(str(tmp_path), presets=("7x",), seeds=1, repeats=1, dense_steps=3, model=model,
+                   log=lambda *_: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"dense-3", "JiT 7x"} and rows["dense-3"]["full_step_equivalents"] == 3.0
+    assert rows["JiT 7x"]["full_step_equivalents"] < rows["JiT 7x"]["steps"]  # sparse stages on 1,024 tokens
+    assert "scene prompts" in res["images"] and (tmp_path / "jit_demo.png").stat().st_size > 0

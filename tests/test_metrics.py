@@ -104,3 +104,94 @@ def test_ink_is_mean_intensity():
     img = -torch.ones(2, 1, 4, 4)
     img[0, 0, :2] = 1.0  # half the first image white
     assert ink(img) == pytest.approx(0.25)
+
+
+def _balanced_mixture(per_class, seed, classes=10, dim=6, spread=3.0):
+    """A digit-balanced set: ``per_class`` rows of each of ``classes`` Gaussian clusters (fixed centres)."""
+    centres = spread * torch.randn(classes, dim, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.arange(classes).repeat(per_class)
+    return centres[lab] + torch.randn(lab.numel(), dim, generator=g, dtype=torch.float64), lab
+
+
+def test_mmd2_matches_the_loop_and_pair_weights_sum_to_one():
+    from jit_eval.metrics import mmd2, pair_weights
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    assert mmd2(x[:9], y) == pytest.approx(_kid_loop(x[:9], y), rel=1e-12)
+    lab = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 1, 0, 2])
+    for w in (pair_weights(None, 12), pair_weights(lab, 12), pair_weights(lab, 12, origin=torch.tensor(
+            [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9]))):
+        assert float(w.sum()) == pytest.approx(1.0) and (w.diagonal() == 0).all()
+    # one stratum = the plain i != j estimator
+    assert mmd2(x, y, torch.zeros(12, dtype=torch.int64), torch.zeros(9, dtype=torch.int64)) == pytest.approx(mmd2(x, y))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        mmd2(x, y, torch.arange(12), None)
+    with pytest.raises(ValueError, match="integer"):
+        mmd2(x, y, torch.zeros(12), None)
+
+
+def test_stratified_estimator_centres_on_zero_for_two_balanced_sets():
+    """Two disjoint digit-balanced sets from one generator: the stratified estimate averages to 0;
+    the i != j estimator (what kid() did) reads low by about 9 / (10 (n - 1)) of the same-class excess."""
+    from jit_eval.metrics import mmd2, poly_kernel
+
+    new, old, excess = [], [], []
+    for r in range(150):
+        a, la = _balanced_mixture(3, 2 * r)
+        b, lb = _balanced_mixture(3, 2 * r + 1)
+        new.append(mmd2(a, b, la, lb))
+        old.append(mmd2(a, b))
+        k = poly_kernel(a, b)
+        same = la[:, None] == lb[None, :]
+        excess.append(float(k[same].mean() - k[~same].mean()))
+    new, old = torch.tensor(new), torch.tensor(old)
+    se_new, se_old = float(new.std() / len(new) ** 0.5), float(old.std() / len(old) ** 0.5)
+    assert abs(float(new.mean())) < 3 * se_new, (float(new.mean()), se_new)
+    assert float(old.mean()) < -5 * se_old  # the old estimator fails the same check
+    n, delta = 30, sum(excess) / len(excess)
+    assert float(old.mean() - new.mean()) == pytest.approx(-2 * 9 * delta / (10 * (n - 1)), rel=0.2)
+
+
+def test_kid_with_labels_draws_stratified_subsets():
+    from jit_eval.metrics import kid, mmd2
+
+    a, la = _balanced_mixture(4, 0)
+    b, lb = _balanced_mixture(4, 1)
+    full = kid(a, b, subsets=3, subset_size=40, labels_a=la, labels_b=lb)
+    assert full == (pytest.approx(mmd2(a, b, la, lb)), pytest.approx(0.0, abs=1e-12))  # every subset is the whole set
+    m, s = kid(a, b, subsets=10, subset_size=20, labels_a=la, labels_b=lb)
+    assert s > 0 and math.isfinite(m)
+    with pytest.raises(ValueError, match="labels_b"):
+        kid(a, b, labels_b=lb[:-1])
+
+
+def test_mmd2_test_interval_and_permutation_null():
+    from jit_eval.metrics import mmd2, mmd2_test
+
+    a, la = _balanced_mixture(6, 10)
+    b, lb = _balanced_mixture(6, 11)
+    ga, gb = torch.arange(6).repeat_interleave(10), torch.arange(6).repeat_interleave(10)  # 6 seed batches of 10
+    same = mmd2_test(a, b, ga, gb, la, lb, rounds=100)
+    assert same["estimate"] == pytest.approx(mmd2(a, b, la, lb))
+    assert same["ci"][0] <= same["estimate"] <= same["ci"][1] and same["p_value"] > 0.05
+    assert same["null_q95"] > 0
+    far = mmd2_test(a, b + 0.8, ga, gb, la, lb, rounds=100)
+    assert far["p_value"] < 0.05 and far["estimate"] > far["null_q95"] and far["ci"][0] > 0
+    assert mmd2_test(a, b, ga, gb, la, lb, rounds=20, seed=4) == mmd2_test(a, b, ga, gb, la, lb, rounds=20, seed=4)
+    with pytest.raises(ValueError, match="groups"):
+        mmd2_test(a, b, None, gb)
+    with pytest.raises(ValueError, match="rounds"):
+        mmd2_test(a, b, ga, gb, rounds=1)
+    with pytest.raises(ValueError, match="both sets"):
+        mmd2_test(a, b, ga, gb, la, None)
+
+
+def test_kid_bias_script_rejects_bad_arguments():
+    from benchmarks.kid_bias import run
+
+    with pytest.raises(ValueError, match="even"):
+        run(seeds=5)
+    with pytest.raises(ValueError, match="splits"):
+        run(seeds=4, splits=1)

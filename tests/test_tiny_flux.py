@@ -143,3 +143,102 @@ def test_sample_dense_deterministic_and_in_range(committed):
     assert ((a.abs() <= 1.2).float().mean() > 0.95).item()
     g = sample_dense(committed, labels, steps=4, generator=torch.Generator().manual_seed(5), cfg_scale=2.0)
     assert g.shape == (2, 1, 32, 32) and torch.isfinite(g).all()
+
+
+# ---- the scenes testbed (train.py --dataset scenes) ----
+
+def test_compose_scenes_places_each_slot():
+    from jit_eval.tiny_flux.data import compose_scenes
+
+    digits = torch.full((1, 4, 1, 32, 32), -1.0)
+    for k in range(4):
+        digits[0, k, 0, 16, 16] = 0.25 * k  # one bright pixel in the middle of each digit
+    present = torch.tensor([[True, True, False, True]])
+    offsets = torch.tensor([[[0, 0], [-4, 3], [0, 0], [4, -4]]])
+    sc = compose_scenes(digits, present, offsets)
+    assert sc.shape == (1, 1, 64, 64)
+    assert sc[0, 0, 16, 16] == 0.0 and sc[0, 0, 12, 48 + 3] == 0.25 and sc[0, 0, 48 + 4, 48 - 4] == 0.75
+    assert (sc > -1).sum() == 3  # slots 0, 1 and 3; slot 2 is empty
+    with pytest.raises(ValueError, match="within"):
+        compose_scenes(digits, present, offsets * 2)
+    with pytest.raises(ValueError, match="do not match"):
+        compose_scenes(digits[:, :3], present, offsets)
+
+
+@needs_mnist
+def test_draw_scenes_labels_and_determinism():
+    from jit_eval.tiny_flux.data import draw_scenes
+
+    x, y = load_mnist("train")
+    a, la = draw_scenes(x, y, 16, torch.Generator().manual_seed(0))
+    b, lb = draw_scenes(x, y, 16, torch.Generator().manual_seed(0))
+    assert a.shape == (16, 1, 64, 64) and la.shape == (16, 4) and torch.equal(a, b) and torch.equal(la, lb)
+    assert 0 < (la == 10).sum() < la.numel()  # some slots empty (p = 0.2), most not
+    for i in range(16):  # an empty slot's cell (inner 24 x 24: jitter cannot reach it from a neighbour) is blank
+        for k, (r0, c0) in enumerate([(0, 0), (0, 32), (32, 0), (32, 32)]):
+            ink = (a[i, 0, r0 + 4:r0 + 28, c0 + 4:c0 + 28] > 0).any()
+            assert bool(ink) == (int(la[i, k]) != 10)
+
+
+def test_scenes_model_takes_one_label_per_slot():
+    from jit_eval.tiny_flux.model import SCENES_CONFIG
+
+    m = build_tiny_flux(SCENES_CONFIG, seed=0).eval()
+    assert (m.height, m.width, m.slots, m.empty_label, m.null_label) == (32, 32, 4, 10, 11)
+    enc, pooled = m.encode(torch.tensor([[1, 2, 10, 11]]))
+    assert enc.shape == (1, 4 * SCENES_CONFIG["cond_tokens"], 64) and pooled.shape == (1, 64)
+    # the slot matters: the same label in another slot gives other tokens
+    enc2, _ = m.encode(torch.tensor([[2, 1, 10, 11]]))
+    assert not torch.equal(enc, enc2)
+    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+        m.encode(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="in \\[0, 11\\]"):
+        m.encode(torch.tensor([[1, 2, 3, 12]]))
+    img = sample_dense(m, torch.tensor([[1, 2, 3, 4]]), steps=2, generator=torch.Generator().manual_seed(0),
+                       cfg_scale=2.0)
+    assert img.shape == (1, 1, 64, 64) and torch.isfinite(img).all()
+
+
+@needs_mnist
+def test_training_resumes_to_the_uninterrupted_result(tmp_path):
+    from jit_eval.tiny_flux.train import train
+
+    kw = dict(steps=6, seed=1, batch=2, save_every=2, subset_share=0.5, dataset="scenes", log=lambda *_: None)
+    r1 = train(str(tmp_path / "a"), **kw)
+    part = train(str(tmp_path / "b"), stop_after=3, **kw)  # stops between two saves: state at step 3
+    assert part["steps"] == 3
+    r2 = train(str(tmp_path / "b"), resume=True, **kw)
+    assert r1["final_loss"] == r2["final_loss"] and r2["steps"] == 6
+    a, b = load_tiny_flux(str(tmp_path / "a")), load_tiny_flux(str(tmp_path / "b"))
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), k
+
+    def rows(d):  # step, loss, lr (elapsed seconds differ)
+        return [r.split(",")[:3] for r in (tmp_path / d / "train_log.csv").read_text().splitlines()]
+    assert rows("a") == rows("b") and rows("a")[-1][0] == "6"
+    st_a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    st_b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert torch.equal(st_a["generator"], st_b["generator"]) and st_a["step"] == st_b["step"] == 6
+    # a resume with another recipe is refused before any step
+    with pytest.raises(ValueError, match="another recipe.*batch"):
+        train(str(tmp_path / "b"), resume=True, **{**kw, "batch": 3})
+    with pytest.raises(ValueError, match="needs a config with 'slots'"):
+        train(str(tmp_path / "c"), steps=1, dataset="scenes", config=build_tiny_flux(seed=0).config)
+    with pytest.raises(ValueError, match="stop_after"):
+        train(str(tmp_path / "c"), steps=2, stop_after=3)
+
+
+def test_scenes_checkpoint_round_trip_and_missing_name(tmp_path, monkeypatch):
+    from jit_eval.tiny_flux import model as tm
+    from jit_eval.tiny_flux.model import SCENES_CONFIG, save_tiny_flux
+
+    m = build_tiny_flux(SCENES_CONFIG, seed=2)
+    save_tiny_flux(m, str(tmp_path / "s"))
+    monkeypatch.setitem(tm.CHECKPOINTS, "tiny-scenes", str(tmp_path / "s"))
+    back = load_tiny_flux("tiny-scenes")
+    assert back.slots == 4 and back.image_size == 64 and back.null_label == 11
+    for (k, a), b in zip(m.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    monkeypatch.setitem(tm.CHECKPOINTS, "tiny-scenes", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="README"):
+        load_tiny_flux("tiny-scenes")

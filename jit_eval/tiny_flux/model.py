@@ -20,6 +20,8 @@ from torch import nn
 __all__ = [
     "DEFAULT_CONFIG",
     "LabelConditioner",
+    "SlotConditioner",
+    "SCENES_CONFIG",
     "TinyFlux",
     "build_tiny_flux",
     "load_tiny_flux",
@@ -37,7 +39,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS_DIR = os.path.join(_HERE, "weights")
 # The committed checkpoints by name: "tiny" trained on full 16 x 16 grids only; "tiny-subsets"
 # also on random token subsets with their own position ids (train.py --subset-share).
-CHECKPOINTS = {"tiny": WEIGHTS_DIR, "tiny-subsets": os.path.join(_HERE, "weights_subsets")}
+# "tiny-scenes": 64 x 64 scenes of up to four digits (32 x 32 = 1,024 tokens), one label per slot.
+CHECKPOINTS = {"tiny": WEIGHTS_DIR, "tiny-subsets": os.path.join(_HERE, "weights_subsets"),
+               "tiny-scenes": os.path.join(_HERE, "weights_scenes")}
 
 DEFAULT_CONFIG = {
     "transformer": {
@@ -57,6 +61,20 @@ DEFAULT_CONFIG = {
     "image_size": 32,
 }
 
+# The scenes testbed (train.py --dataset scenes): a 64 x 64 canvas holding ``slots`` digits on a
+# ``layout`` grid of 32 x 32 cells, each jittered by up to ``jitter`` px; the prompt is one label
+# per slot (0-9, 10 = empty slot, 11 = null for CFG), ``cond_tokens`` tokens per slot.
+SCENES_CONFIG = {
+    "transformer": dict(DEFAULT_CONFIG["transformer"]),
+    "cond_tokens": 2,
+    "num_labels": 10,
+    "image_size": 64,
+    "slots": 4,
+    "layout": [2, 2],
+    "jitter": 4,
+    "empty_prob": 0.2,
+}
+
 
 class LabelConditioner(nn.Module):
     """Labels ``[B]`` (0-9, 10 = null) -> (``encoder_hidden_states [B, T, D]``, ``pooled [B, P]``)."""
@@ -73,6 +91,25 @@ class LabelConditioner(nn.Module):
         return self.text(labels).view(-1, self.tokens, self.joint_dim), self.pooled(labels)
 
 
+class SlotConditioner(nn.Module):
+    """Slot labels ``[B, S]`` (0-9, 10 = empty, 11 = null) -> (``encoder_hidden_states [B, S*T, D]``,
+    ``pooled [B, P]``): each (slot, label) pair has its own ``T`` tokens; the pooled vector is the
+    mean over slots of a per-(slot, label) vector."""
+
+    def __init__(self, slots: int, num_labels: int, tokens: int, joint_dim: int, pooled_dim: int):
+        super().__init__()
+        self.slots, self.vocab, self.tokens, self.joint_dim = slots, num_labels + 2, tokens, joint_dim
+        self.text = nn.Embedding(slots * self.vocab, tokens * joint_dim)
+        self.pooled = nn.Embedding(slots * self.vocab, pooled_dim)
+        nn.init.normal_(self.text.weight, std=0.5)
+        nn.init.normal_(self.pooled.weight, std=0.5)
+
+    def forward(self, labels: torch.Tensor):
+        key = labels + self.vocab * torch.arange(self.slots, device=labels.device)
+        b = labels.shape[0]
+        return self.text(key).view(b, self.slots * self.tokens, self.joint_dim), self.pooled(key).mean(1)
+
+
 class TinyFlux(nn.Module):
     """The tiny class-conditional FLUX: ``.transformer`` + ``.conditioner``."""
 
@@ -82,17 +119,25 @@ class TinyFlux(nn.Module):
         tcfg = dict(config["transformer"])
         tcfg["axes_dims_rope"] = tuple(tcfg["axes_dims_rope"])
         self.transformer = FluxTransformer2DModel(**tcfg)
-        self.conditioner = LabelConditioner(
-            config["num_labels"], config["cond_tokens"], tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"]
-        )
-        self.null_label = config["num_labels"]
+        self.slots = config.get("slots")
+        if self.slots:
+            self.conditioner = SlotConditioner(self.slots, config["num_labels"], config["cond_tokens"],
+                                               tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"])
+            self.empty_label, self.null_label = config["num_labels"], config["num_labels"] + 1
+        else:
+            self.conditioner = LabelConditioner(
+                config["num_labels"], config["cond_tokens"], tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"]
+            )
+            self.empty_label, self.null_label = None, config["num_labels"]
         self.image_size = config["image_size"]
         self.height = self.width = config["image_size"] // 2
 
     def encode(self, labels: torch.Tensor):
-        """``labels [B]`` int64 -> (``prompt_embeds [B, T, D]``, ``pooled [B, P]``)."""
-        if labels.dtype != torch.int64 or labels.dim() != 1:
-            raise ValueError(f"labels must be an int64 [B] tensor, got {labels.dtype} {tuple(labels.shape)}")
+        """``labels [B]`` (``[B, slots]`` for a scenes model) int64 -> (``prompt_embeds [B, T, D]``, ``pooled [B, P]``)."""
+        shape = "[B]" if not self.slots else f"[B, {self.slots}]"
+        if labels.dtype != torch.int64 or labels.dim() != (2 if self.slots else 1) or (
+                self.slots and labels.shape[1] != self.slots):
+            raise ValueError(f"labels must be an int64 {shape} tensor, got {labels.dtype} {tuple(labels.shape)}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
             raise ValueError(f"labels must be in [0, {self.null_label}] ({self.null_label} = null)")
         return self.conditioner(labels)
@@ -155,10 +200,12 @@ def save_tiny_flux(model: TinyFlux, path: str) -> None:
 def load_tiny_flux(path: str | None = None, device="cpu", dtype=torch.float32) -> TinyFlux:
     """Load a committed checkpoint by name (:data:`CHECKPOINTS`; default ``"tiny"``) or a folder
     saved by the training script."""
+    name = path
     path = CHECKPOINTS.get(path, path) if path else WEIGHTS_DIR
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"no tiny FLUX checkpoint at {path} (config.json missing)")
+        hint = f"; its recipe and command are in {os.path.join(WEIGHTS_DIR, 'README.md')}" if name in CHECKPOINTS else ""
+        raise FileNotFoundError(f"no tiny FLUX checkpoint at {path} (config.json missing){hint}")
     with open(cfg_file) as f:
         config = json.load(f)
     model = TinyFlux(config)

@@ -27,24 +27,47 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import load_mnist, random_shift
-from .model import DEFAULT_CONFIG, build_tiny_flux, image_ids, pack_images, save_tiny_flux
+from .data import draw_scenes, load_mnist, random_shift
+from .model import DEFAULT_CONFIG, SCENES_CONFIG, build_tiny_flux, image_ids, pack_images, save_tiny_flux
+
+
+DATASETS = ("digits", "scenes")
+STATE_FILE = "train_state.pt"
 
 
 def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3, warmup: int = 50,
           ema_decay: float = 0.995, save_every: int = 100, threads: int = 1, config: dict | None = None,
-          log=print, subset_share: float = 0.0, subset_min: float = 0.25) -> dict:
+          log=print, subset_share: float = 0.0, subset_min: float = 0.25, dataset: str = "digits",
+          resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train and save the EMA weights to ``out``; every ``save_every`` steps also the full training
+    state (``out/train_state.pt``: weights, EMA, optimiser, scheduler, generator, step, log).
+
+    ``resume=True`` continues from that state when it exists (the recipe must match; the result is
+    the same as an uninterrupted run). ``stop_after=k`` returns after step ``k`` (state saved), for
+    runs split over several sessions. ``dataset="scenes"`` trains the 64 x 64 multi-digit testbed
+    (:data:`~jit_eval.tiny_flux.model.SCENES_CONFIG` unless ``config`` is given).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     if not 0.0 <= subset_share <= 1.0:
         raise ValueError(f"subset_share must be in [0, 1], got {subset_share}")
     if not 0.0 < subset_min <= 1.0:
         raise ValueError(f"subset_min must be in (0, 1], got {subset_min}")
+    if steps < 1 or save_every < 1 or batch < 1:
+        raise ValueError(f"steps, save_every and batch must be >= 1, got {steps}, {save_every}, {batch}")
+    if stop_after is not None and not 1 <= stop_after <= steps:
+        raise ValueError(f"stop_after must be in [1, steps={steps}], got {stop_after}")
+    config = config or (SCENES_CONFIG if dataset == "scenes" else DEFAULT_CONFIG)
+    if bool(config.get("slots")) != (dataset == "scenes"):
+        raise ValueError(f"dataset {dataset!r} needs a config {'with' if dataset == 'scenes' else 'without'} 'slots'")
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    recipe = {"steps": steps, "seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+              "subset_share": subset_share, "subset_min": subset_min, "dataset": dataset, "config": config}
     try:
-        return _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config or DEFAULT_CONFIG, log,
-                      subset_share, subset_min)
+        return _train(out, recipe, save_every, log, resume, stop_after)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
@@ -74,8 +97,16 @@ def draw_token_subset(height: int, width: int, share: float, g: torch.Generator)
     return torch.cat([lattice, fill]).sort().values
 
 
-def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, log,
-           subset_share=0.0, subset_min=0.25) -> dict:
+def _save_state(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the save leaves the previous state intact
+
+
+def _train(out, recipe, save_every, log, resume=False, stop_after=None) -> dict:
+    steps, seed, batch, lr, warmup = (recipe[k] for k in ("steps", "seed", "batch", "lr", "warmup"))
+    ema_decay, subset_share, subset_min = recipe["ema_decay"], recipe["subset_share"], recipe["subset_min"]
+    config, scenes = recipe["config"], recipe["dataset"] == "scenes"
     g = torch.Generator().manual_seed(seed)
     images, labels = load_mnist("train")
     model = build_tiny_flux(config, seed=seed).train()
@@ -85,16 +116,40 @@ def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, l
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     os.makedirs(out, exist_ok=True)
+    state_path = os.path.join(out, STATE_FILE)
+    start, run, rows, elapsed0 = 0, 0.0, [], 0.0
+    if resume and os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=True)
+        if st["recipe"] != recipe:
+            diff = sorted(k for k in recipe if st["recipe"].get(k) != recipe[k])
+            raise ValueError(f"{state_path} was saved by another recipe (differs in {diff}); resume with the same arguments")
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        g.set_state(st["generator"])
+        start, run, rows, elapsed0 = st["step"], st["run"], st["rows"], st["elapsed_s"]
+        log(f"resumed {out} at step {start}/{steps}")
+    elif resume:
+        log(f"no {state_path}: starting from step 0")
+    layout, jitter = tuple(config.get("layout", (2, 2))), config.get("jitter", 0)
     log_path = os.path.join(out, "train_log.csv")
     t0 = time.time()
+    last = stop_after or steps
     with open(log_path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["step", "loss", "lr", "elapsed_s"])
-        run = 0.0
-        for step in range(1, steps + 1):
-            idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-            x0 = pack_images(random_shift(images[idx], g))
-            lab = labels[idx].clone()
+        wr.writerows(rows)
+        f.flush()
+        for step in range(start + 1, last + 1):
+            if scenes:
+                scene, lab = draw_scenes(images, labels, batch, g, layout, jitter, config["empty_prob"],
+                                         model.empty_label)
+                x0 = pack_images(scene)
+            else:
+                idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+                x0 = pack_images(random_shift(images[idx], g))
+                lab = labels[idx].clone()
             lab[torch.rand(batch, generator=g) < 0.1] = model.null_label
             sigma = torch.sigmoid(torch.randn(batch, generator=g))
             eps = torch.randn(x0.shape, generator=g)
@@ -117,13 +172,18 @@ def _train(out, steps, seed, batch, lr, warmup, ema_decay, save_every, config, l
                     pe.lerp_(pm, 1 - d)
             run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
             if step % 10 == 0 or step == steps:
-                wr.writerow([step, f"{run:.5f}", f"{sched.get_last_lr()[0]:.6f}", f"{time.time() - t0:.1f}"])
+                rows.append([step, f"{run:.5f}", f"{sched.get_last_lr()[0]:.6f}", f"{elapsed0 + time.time() - t0:.1f}"])
+                wr.writerow(rows[-1])
                 f.flush()
             if step % 100 == 0:
-                log(f"step {step}/{steps} loss {run:.4f} {time.time() - t0:.0f}s")
-            if step % save_every == 0 or step == steps:
+                log(f"step {step}/{steps} loss {run:.4f} {elapsed0 + time.time() - t0:.0f}s")
+            if step % save_every == 0 or step == last:
                 save_tiny_flux(ema, out)
-    return {"steps": steps, "final_loss": run, "seconds": time.time() - t0,
+                _save_state(state_path, {
+                    "recipe": recipe, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "generator": g.get_state(), "run": run,
+                    "rows": rows, "elapsed_s": elapsed0 + time.time() - t0})
+    return {"steps": last, "final_loss": run, "seconds": elapsed0 + time.time() - t0,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -158,9 +218,14 @@ def main(argv=None) -> int:
     p.add_argument("--subset-share", type=float, default=0.0,
                    help="probability that a batch keeps only a random subset of the image tokens (0: dense only)")
     p.add_argument("--subset-min", type=float, default=0.25, help="smallest kept share of the tokens in a subset batch")
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: one 32 x 32 digit (the first two checkpoints); scenes: 64 x 64 scenes of four slots")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt when it exists")
+    p.add_argument("--stop-after", type=int, default=None, help="return after this step (continue later with --resume)")
     args = p.parse_args(argv)
     res = train(args.out, args.steps, args.seed, args.batch, args.lr, args.warmup, args.ema, args.save_every,
-                threads=args.threads, subset_share=args.subset_share, subset_min=args.subset_min)
+                threads=args.threads, subset_share=args.subset_share, subset_min=args.subset_min,
+                dataset=args.dataset, resume=args.resume, stop_after=args.stop_after)
     print(res)
     return 0
 
