@@ -174,7 +174,7 @@ def build_methods(quick: bool = False) -> list[Method]:
                              note="model sees all tokens; isolates the sparse-context error"))
     ras = [(20, 0.35)] if quick else [(20, 0.5), (18, 0.35), (12, 0.35)]
     for steps, r in ras:
-        ms.append(Method(f"RAS-style {steps} steps r={r}", "ras", _ras_runner(steps, r),
+        ms.append(Method(f"RAS {steps} steps r={r}", "ras", _ras_runner(steps, r),
                          note="2 dense warm-up steps, dense refresh every 5th step"))
     caches = [("FBCache 0.2", fbc(0.2))] if quick else [("FBCache 0.1", fbc(0.1)), ("FBCache 0.2", fbc(0.2)),
                                                          ("FBCache 0.3", fbc(0.3)), ("TaylorSeer i=3", taylor(3)),
@@ -408,7 +408,7 @@ def fidelity_verdicts(rows: list[dict]) -> list[str]:
     dense-50's at other seeds; 95 % interval over resampled seed batches; permutation p-value of
     "same distribution as dense-50"), beside the dense-vs-dense floor and each JiT preset's
     controls (dense at the same cost, dense on JiT's schedule with every token, JiT with full
-    context), the error split, the regime check, JiT vs RAS-style at equal FLOPs, and the ink
+    context), the error split, the regime check, JiT vs RAS at equal FLOPs, and the ink
     bias. Stated as measured, win or lose."""
     by = {r["method"]: r for r in rows}
     ref = by.get(REF)
@@ -594,7 +594,7 @@ COLS = ["method", "images", "steps", "flop_ratio", "speedup", "kid_ref", "kid_re
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="JiT vs dense, RAS-style and cache hooks on the embedded tiny FLUX")
+    p = argparse.ArgumentParser(description="JiT vs dense, RAS and cache hooks on the embedded tiny FLUX")
     p.add_argument("--seeds", type=int, default=10, help="seeds (x 10 digits) of the non-headline rows")
     p.add_argument("--headline-seeds", type=int, default=100,
                    help=f"seeds (x 10 digits) of the headline rows {HEADLINE} and every JiT + cache row")

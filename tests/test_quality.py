@@ -1,4 +1,4 @@
-"""The quality suite's pieces: digit classifier, RAS-style sampler, block-work FLOP counter,
+"""The quality suite's pieces: digit classifier, RAS sampler, block-work FLOP counter,
 cache hooks under JiT, and a small end-to-end run of ``benchmarks.quality`` on the committed
 checkpoint (CI never trains the generator; it samples)."""
 
@@ -67,7 +67,7 @@ def test_load_classifier_missing(tmp_path):
         load_classifier(str(tmp_path))
 
 
-# --- RAS-style sampler ------------------------------------------------------------------
+# --- RAS sampler ------------------------------------------------------------------
 
 def test_ras_ratio_one_is_dense_euler(model):
     labels, noise, sig = torch.tensor([1, 4, 7]), _noise(), linear_sigmas(6)
@@ -211,7 +211,7 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     from benchmarks import quality as q
 
     methods = [m for m in q.build_methods(quick=True)
-               if m.name in ("dense-50", "dense-7", "JiT 7x assign/independent", "RAS-style 20 steps r=0.35",
+               if m.name in ("dense-50", "dense-7", "JiT 7x assign/independent", "RAS 20 steps r=0.35",
                              "dense-50 + FBCache 0.2")]
     res = q.run_quality(seeds=2, labels=5, repeats=2, model=model, classifier=clf, methods=methods,
                         log=lambda *_: None, headline_seeds=3, rounds=20)
@@ -240,11 +240,11 @@ def test_quality_suite_small_run(model, clf, tmp_path):
     assert rows["dense-50"]["ink_bias_pct"] == 0.0
     assert any("JiT 7x vs dense-7" in v for v in res["verdicts"])
     assert any(v.startswith("JiT 7x assign/independent: ink bias") for v in res["verdicts"])
-    assert any("vs RAS-style" in v for v in res["verdicts"])
+    assert any("vs RAS" in v for v in res["verdicts"])
     assert res["verdicts"][0].startswith("floor: dense-50 vs dense-50") and res["verdicts"][1].startswith("regime check")
     assert any(v.startswith("goal (JiT 7x") for v in res["verdicts"])
     # a non-headline row is compared with dense-50's first seeds only (PSNR), with the whole reference set (KID)
-    ras = rows["RAS-style 20 steps r=0.35"]
+    ras = rows["RAS 20 steps r=0.35"]
     assert ras["images"] == 10 and rows["dense-50"]["images"] == 15
     q.save_svg(str(tmp_path / "q.svg"), res["rows"])
     q.save_png(str(tmp_path / "q.png"), res["grid"])
