@@ -111,6 +111,22 @@ def test_enable_jit_leaves_the_callers_pipeline_as_it_was_and_carries_its_state(
     assert snapshot(stock) == before
 
 
+@pytest.mark.parametrize("name", ["FluxPipeline", "StableDiffusion3Pipeline"])
+def test_enable_ras_leaves_the_callers_pipeline_as_it_was_and_carries_its_state(name):
+    from jit_sampler import enable_ras
+
+    stock = _user_setup(_builders()[name]())
+    before = snapshot(stock)
+    pipe = enable_ras(stock)
+    assert snapshot(stock) == before
+    assert pipe is not stock and isinstance(pipe, type(stock))
+    for key, c in stock.components.items():
+        assert pipe.components[key] is c, key
+    assert {t.dtype for t in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert pipe._all_hooks == stock._all_hooks and len(pipe._all_hooks) >= 2
+    assert pipe._progress_bar_config == {"disable": True, "desc": "mine", "leave": False}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A JiT call on the three families in bf16 with model offload: dtypes kept, hooks re-installed at the end
 # (maybe_free_model_hooks) as the stock call does.

@@ -22,7 +22,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from ..config import JiTConfig
 from ..ras import RASConfig, ras_sample, skip_counts
-from .base import UNSET
+from .base import UNSET, _share
 from .checks import check_call_arguments
 from .flux import JiTFluxPipeline
 from .ras_attention import use_ras_attention
@@ -210,6 +210,6 @@ def enable_ras(pipe, ras=None):
         cls = RASFluxPipeline
     else:
         raise TypeError(f"enable_ras needs a FluxPipeline or a StableDiffusion3Pipeline, got {type(pipe).__name__}")
-    out = pipe if type(pipe) is cls else cls.from_pipe(pipe)
+    out = pipe if type(pipe) is cls else _share(cls, pipe)  # nothing cast, moved or re-hooked (as enable_jit)
     out._default_ras = cfg
     return out
