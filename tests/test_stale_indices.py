@@ -6,14 +6,14 @@ none of them bumps the version counter) and calls again with the same tensors. E
 route of calling runs in its own subprocess, so a segfault fails one test and names the case.
 
 Expected: 0 crashes, 0 writes outside an in-place target (canary margins intact), 0 changes to
-the inputs; the C++ CPU kernels (every index is checked where it is read) raise ``IndexError`` /
+the inputs; the public functions (every call checks the values: no cache) and the C++ CPU kernels
+(every index is checked where it is read, also on the trusted path) raise ``IndexError`` /
 ``ValueError``; the Triton kernels, which cannot raise from the device, mask the bad index and
 never read or write outside their tensors.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -49,15 +49,13 @@ def _run(backend: str, mode: str) -> list[dict]:
 def test_stale_indices_never_crash_nor_write_outside(backend, mode):
     if mode == "kernel" and backend == "reference":
         pytest.skip("the reference backend has no kernel of its own (plain torch indexing)")
-    if mode == "trusted" and "validate" not in inspect.signature(jk.gather_tokens).parameters:
-        pytest.skip("the public functions have no trusted path yet")
     results = _run(backend, mode)
     bad = [r for r in results if not (r["valid_call_ok"] and r["canary_ok"] and r["inputs_ok"])]
     assert not bad, bad[:5]
     raised = {r["outcome"] for r in results}
     assert raised <= {"IndexError", "ValueError", "RuntimeError", "returned"}, raised
-    if backend == "cpp":
-        # Checked where the kernel reads the index (C++): always a clear error.
+    if mode == "public" or backend == "cpp":
+        # Checked on the host (public: every call) or where the kernel reads the index (C++): a clear error.
         wrong = [r for r in results if r["outcome"] not in ("IndexError", "ValueError")]
         assert not wrong, wrong[:5]
 
