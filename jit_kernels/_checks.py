@@ -47,10 +47,6 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def kernel_validates(validate: bool = True) -> bool:
     """The ``validate`` argument a public function passes to a kernel: ``True`` only while
     ``torch.compile`` traces a call with ``validate=True`` (then no Python value check has run);
@@ -194,13 +190,13 @@ def reset_validation_passes() -> None:
 def _stats(*values: torch.Tensor) -> list:
     """Several 0-dim values as Python ints: one host transfer on a device, plain reads on the CPU."""
     if values[0].device.type == "cpu":
-        return [int(v) for v in values]
+        return list(map(int, values))
     return torch.stack([v.to(torch.int64) for v in values]).tolist()
 
 
 def validate_index(op: str, name: str, idx: torch.Tensor, upper: int, *, unique: bool = False) -> None:
     """Values of a (metadata-checked) index: in ``[0, upper)``, unique per row with ``unique``."""
-    if _tracing() or idx.numel() == 0:
+    if torch.compiler.is_compiling() or idx.numel() == 0:
         return
     _passes[op] += 1
     dup = unique and idx.shape[-1] > 1
@@ -222,7 +218,7 @@ def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n
     makes the anchors unique. Any map with these properties is accepted (the lift fills each cell
     from the anchor the map names); :func:`nearest_anchor_map` returns the Euclidean one.
     """
-    if _tracing() or anchor_idx.numel() == 0:
+    if torch.compiler.is_compiling() or anchor_idx.numel() == 0:
         return
     _passes[op] += 1
     m = anchor_idx.shape[-1]
@@ -242,7 +238,7 @@ def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n
 
 def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:
     """Key lengths (metadata checked): values in ``[1, n]``."""
-    if _tracing() or lengths.numel() == 0:
+    if torch.compiler.is_compiling() or lengths.numel() == 0:
         return
     _passes[op] += 1
     lo, hi = _stats(lengths.min(), lengths.max())

@@ -117,9 +117,9 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     that fixes the batch and the device; ``rows``, when given, is the number of anchor value
     rows (``values.shape[1]``) that must match ``anchor_idx``. Computes the nearest map if
     absent (:func:`nearest_anchor_map` then checks the anchors itself) and the blur taps;
-    returns ``(nearest, weights)``. Devices are the caller's to check first (``check_devices``).
+    returns ``(nearest, weights)``. Devices and the grid (``check_grid``) are the caller's to
+    check first.
     """
-    C.check_grid(op, height, width)
     n = height * width
     b = lead.shape[0]
     C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True)
@@ -165,6 +165,7 @@ def lift_field(
     C.check_devices(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
     C.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
+    C.check_grid(op, height, width)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
                            backend, be, rows=values.shape[1], validate=validate)
     if be == "reference":
