@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
+from . import _metadata as M
 from ._backends import backend_op, resolve
 from .reference import select_new_tokens_ref, token_importance_ref
 
@@ -18,10 +19,7 @@ def token_importance(field: torch.Tensor, height: int, width: int, *, backend: s
     over no channels is undefined); ``B = 0`` gives an empty ``[0, H*W]``.
     """
     op = "token_importance"
-    C.check_tokens(op, "field", field)
-    if field.shape[2] == 0:
-        raise ValueError(f"{op}: field has no channels (C = 0): the channel mean of the local variance is undefined")
-    C.check_grid(op, height, width, field.shape[1])
+    M.token_importance(field, height, width)  # the kernel's rule, the one every backend uses
     be = resolve(op, field.device, backend)
     if be == "reference":
         return token_importance_ref(field, height, width)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
+from . import _metadata as M
 from . import _values as V
 from ._backends import backend_op, resolve
 from .reference import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_ref_
@@ -24,8 +25,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
     op = "gather_tokens"
     C.check_devices(op, x=x, idx=idx)
     be = resolve(op, C.check_tensor(op, "x", x).device, backend)
-    C.check_tokens(op, "x", x)
-    C.check_index(op, "idx", idx, x.shape[0], x.shape[1])
+    M.gather_tokens(x, idx)  # the kernel's metadata rule (shapes, dtypes), the one every backend uses
     if validate:
         V.gather_tokens(x, idx)
     if be == "reference":
@@ -36,13 +36,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
 def _check_scatter(op: str, base, idx, src, backend, validate) -> str:
     C.check_devices(op, base=base, idx=idx, src=src)
     be = resolve(op, C.check_tensor(op, "base", base).device, backend)
-    C.check_tokens(op, "base", base)
-    C.check_tokens(op, "src", src, channels=base.shape[2])
-    C.check_index(op, "idx", idx, base.shape[0], base.shape[1])
-    if src.shape[:2] != (base.shape[0], idx.shape[-1]):
-        raise ValueError(f"{op}: src must be [B, M, C] = [{base.shape[0]}, {idx.shape[-1]}, C], got {tuple(src.shape)}")
-    if op == "scatter_tokens_":  # metadata, so before the value checks
-        C.check_inplace(op, "base", base, idx=idx, src=src)
+    # The kernel's metadata rule (shapes, dtypes; for scatter_tokens_ the in-place target's memory).
+    (M.scatter_tokens_ if op == "scatter_tokens_" else M.scatter_tokens)(base, idx, src)
     if validate:
         V.scatter_tokens(base, idx, src)
     return be
