@@ -42,18 +42,11 @@ def select_new_tokens(
     """
     op = "select_new_tokens"
     C.check_devices(op, importance=importance, active_idx=active_idx)
-    if not isinstance(importance, torch.Tensor):
-        raise TypeError(f"{op}: importance must be a torch.Tensor, got {type(importance).__name__}")
-    if importance.dim() != 2 or not importance.is_floating_point():
-        raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
-    b, n = importance.shape
-    C.check_num_tokens(op, "importance", n)
-    be = resolve(op, importance.device, backend)
-    C.check_index(op, "active_idx", active_idx, b, n)
+    be = resolve(op, C.check_tensor(op, "importance", importance).device, backend)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
-    if count < 0 or count > n - active_idx.shape[-1]:
-        raise ValueError(f"{op}: count must be in [0, {n - active_idx.shape[-1]}] (inactive tokens), got {count}")
+    M.select_new_tokens(importance, active_idx, count)  # the kernel's rule, the one every backend uses
+    n = importance.shape[1]
     if validate:
         C.validate_index(op, "active_idx", active_idx, n, unique=True)
     if be == "reference":
