@@ -86,36 +86,44 @@ def _size_cases(device, dt, side, batch, ratio, backend, gen) -> list[Case]:
     free = mask.logical_not().nonzero().squeeze(1)[:new_count]
     eps = torch.randn(batch, new_count, c, generator=gen).to(device=device, dtype=dt)
     grid = torch.stack([torch.arange(n, device=device) // w, torch.arange(n, device=device) % w], 1).float()
-    kb = dict(backend=backend)
+    kb = dict(backend=backend, validate=False)  # "ours": the kernels as the sampler calls them (trusted path)
+    kc = dict(backend=backend)  # "checked": the public default, index values checked on every call
     lift_bytes = batch * (m + n) * c * es + n * 8
     return [
         Case("gather_tokens", tag, dname, 2 * batch * m * c * es + m * 8, {
             "ours": lambda: jk.gather_tokens(x, anchors, **kb),
+            "checked": lambda: jk.gather_tokens(x, anchors, **kc),
             "torch": lambda: x.index_select(1, anchors),
         }),
         Case("scatter_tokens_", tag, dname, 2 * batch * m * c * es + m * 8, {
             "ours": lambda: jk.scatter_tokens_(y, anchors, vals, **kb),
+            "checked": lambda: jk.scatter_tokens_(y, anchors, vals, **kc),
             "torch": lambda: y.index_copy_(1, anchors, vals),
         }),
         Case("nearest_anchor_map", tag, "int64", n * 8 + m * 8, {
             "ours": lambda: jk.nearest_anchor_map(anchors, h, w, **kb),
+            "checked": lambda: jk.nearest_anchor_map(anchors, h, w, **kc),
             "published": lambda: torch.cdist(grid, grid[anchors]).argmin(1),
         }),
         Case("lift_field", tag, dname, lift_bytes, {
             "ours": lambda: jk.lift_field(vals, anchors, h, w, nearest=nearest, **kb),
+            "checked": lambda: jk.lift_field(vals, anchors, h, w, nearest=nearest, **kc),
             "torch": lambda: _torch_lift_cached(vals, anchors, nearest, w2, mask, h, w),
             "published": lambda: ref.lift_field_published(vals, anchors, weights, h, w),
         }),
         Case("lift_euler_", tag, dname, lift_bytes + batch * n * c * es, {
             "ours": lambda: jk.lift_euler_(y, vals, anchors, h, w, -0.01, nearest=nearest, **kb),
+            "checked": lambda: jk.lift_euler_(y, vals, anchors, h, w, -0.01, nearest=nearest, **kc),
             "torch": lambda: y.add_(_torch_lift_cached(vals, anchors, nearest, w2, mask, h, w), alpha=-0.01),
         }),
         Case("importance+select", tag, dname, batch * n * c * es + batch * n * 4, {
-            "ours": lambda: jk.select_new_tokens(jk.token_importance(x, h, w, **kb), anchors, new_count, **kb),
+            "ours": lambda: jk.select_new_tokens(jk.token_importance(x, h, w, backend=backend), anchors, new_count, **kb),
+            "checked": lambda: jk.select_new_tokens(jk.token_importance(x, h, w, backend=backend), anchors, new_count, **kc),
             "torch": lambda: _torch_importance_topk(x, anchors, new_count, h, w),
         }),
         Case("microflow_target", tag, dname, 2 * batch * n * c * es + 2 * batch * new_count * c * es, {
             "ours": lambda: jk.microflow_target(x, x, anchors, free, eps, 0.8, 0.7, h, w, nearest=nearest, **kb),
+            "checked": lambda: jk.microflow_target(x, x, anchors, free, eps, 0.8, 0.7, h, w, nearest=nearest, **kc),
             "torch": lambda: (0.3 * _torch_lift_cached((x - 0.8 * x).index_select(1, anchors), anchors, nearest, w2,
                                                        mask, h, w).index_select(1, free) + 0.7 * eps),
         }),

@@ -63,11 +63,13 @@ inline void check_index_meta(const char* op, const char* name, const at::Tensor&
                     idx.size(0), ", but the tokens have batch ", batch);
 }
 
-// Values of a CPU index tensor (contiguous): all in [0, upper); optionally
-// unique per row (an O(upper) byte map per row, no sort). The range test is a
-// branch-free reduction (one unsigned compare covers v < 0 too), so checking
-// costs a small fraction of the copy it guards; the slow path only runs to
-// name the offending value.
+// Values of a CPU index tensor (contiguous): all in [0, upper), always (whatever the
+// kernel's `validate`: memory safety does not depend on the caller); with `unique`
+// (the kernels pass their `validate`), also unique per row (an O(upper) byte map per
+// row, no sort). The range test is a branch-free reduction (one unsigned compare
+// covers v < 0 too), a small fraction of the work it guards; the slow path only runs
+// to name the offending value. Kernels that copy rows check each index where they
+// read it instead (checked_row).
 inline void check_index_values(const char* op, const char* name, const at::Tensor& idx, int64_t upper, bool unique) {
   const int64_t total = idx.numel();
   const int64_t m = idx.size(-1);
@@ -105,6 +107,14 @@ inline void check_nearest_consistent(const char* op, const at::Tensor& anchors, 
                     ": nearest is not a nearest-anchor map of anchor_idx: some anchor is not its own nearest anchor "
                     "(nearest[anchor_idx[j]] != j; duplicate anchors cause this too); compute it with "
                     "jit_kernels.nearest_anchor_map");
+}
+
+// One index read by a kernel: in [0, upper) or an IndexError (TORCH_CHECK_INDEX, as index_select's
+// CPU loop). An exception thrown inside at::parallel_for is rethrown by the calling thread.
+inline int64_t checked_row(const char* op, const char* name, int64_t v, int64_t upper) {
+  TORCH_CHECK_INDEX(static_cast<uint64_t>(v) < static_cast<uint64_t>(upper), op, ": ", name, " has value ", v,
+                    " outside [0, ", upper, ")");
+  return v;
 }
 
 // Per-thread fp32 scratch that only grows. The kernels need an [N, C] fp32

@@ -8,14 +8,12 @@ The public functions below validate their inputs, then dispatch to the
 backend chosen by ``backend=`` / :func:`use_backend` / ``JIT_KERNELS_BACKEND``;
 :data:`BACKENDS` is the tuple of accepted backend names.
 
-Validation and host syncs: shapes, dtypes and devices are checked on every call; index
-values (ranges, duplicates, nearest-map consistency, key lengths) once per index tensor,
-by one Python implementation for every backend, remembered by the tensor's identity and
-version counter (see :mod:`jit_kernels._checks`). Repeated calls on the same unmodified
-indices (a sampler's steps within a stage) therefore do no validation and no host sync;
-:func:`validation_passes` counts the checks that ran, :func:`clear_validation_cache`
-forgets them (needed only after writing an index tensor behind torch's back, e.g.
-through ``.numpy()``).
+Validation (docs/architecture.md, "Validation policy"): every public call checks shapes,
+dtypes, devices and index values (ranges, duplicates, nearest-map consistency, key lengths),
+by one Python implementation for every backend; a value check is a host sync on CUDA. A
+caller that built its indices itself passes ``validate=False`` (the sampler does, so its
+steps make no host sync); the kernels never read or write outside their tensors whatever
+the index values. :func:`validation_passes` counts the value checks that ran.
 """
 
 from ._backends import (
@@ -27,7 +25,7 @@ from ._backends import (
     set_backend,
     use_backend,
 )
-from ._checks import clear_validation_cache, reset_validation_passes, validation_passes
+from ._checks import reset_validation_passes, validate_index, validation_passes
 from .attention import anchor_attention
 from .blur import blur_params, gaussian_weights
 from .importance import select_new_tokens, token_importance
@@ -44,7 +42,6 @@ __all__ = [
     "anchor_attention",
     "available_backends",
     "blur_params",
-    "clear_validation_cache",
     "extension_error",
     "gather_tokens",
     "gaussian_weights",
@@ -63,5 +60,6 @@ __all__ = [
     "set_backend",
     "token_importance",
     "use_backend",
+    "validate_index",
     "validation_passes",
 ]

@@ -6,21 +6,23 @@ backend and device:
 - *metadata* (argument types, tensor ranks, shapes, dtypes, devices, scalar arguments) is
   checked by the public function before dispatch, on every call;
 - index *values* (ranges, duplicates, the consistency of a nearest-anchor map with its
-  anchors, attention key lengths) are checked once per tensor, in Python, by the
+  anchors, attention key lengths) are checked on every call too, in Python, by the
   functions of :mod:`jit_kernels._values`, for every backend alike: so every backend
-  reports an invalid call with the same exception type and message, and a value check
-  on CUDA costs one host sync.
-- A tensor whose values passed a check is remembered (weakly, by identity, shape and
-  autograd version counter): the next call with the same, unmodified tensor skips the
-  check, so the sampler's steps between two stage transitions run with no validation
-  and no host sync. Any in-place write through torch bumps the version counter and
-  forces a new check. Writes torch cannot see (through ``tensor.numpy()``, DLPack, or
-  a foreign kernel) are not detected: call :func:`clear_validation_cache` after those.
-  Inference-mode tensors have no version counter and are checked on every call.
+  reports an invalid call with the same exception type and message. On CUDA a value check
+  costs one host sync. There is no cache: an index written behind torch's back (``.data``,
+  ``.numpy()``, DLPack) is checked like any other.
+- A caller that built its indices itself and vouches for them (the sampler) passes
+  ``validate=False`` to the public function: metadata is still checked, values are not (no
+  host sync). The kernels stay memory safe whatever the values (docs/architecture.md,
+  "Validation policy"): the C++ CPU kernels check every index where they read it
+  (``IndexError``), the CUDA and Triton kernels mask an out-of-range index (and the CUDA C++
+  kernels trip a device-side assert); duplicates or an inconsistent nearest map then give an
+  unspecified result inside the output, never a write outside it.
 - The public function then calls the backend's kernel with ``validate=False``. Called
   directly (``torch.ops.jit_kernels.<op>``), the kernels validate values themselves
   (``validate=True``, the schema default): the C++ kernels with ``TORCH_CHECK_INDEX`` /
-  ``TORCH_CHECK_VALUE``, the Triton launchers with the same Python checks. Every kernel also
+  ``TORCH_CHECK_VALUE``, the Triton launchers with the same Python checks. With ``validate=False``
+  the C++ CPU kernels still check every index's range (memory safety is not optional). Every kernel also
   checks its arguments' metadata itself, whatever ``validate`` says: the C++ kernels with
   ``TORCH_CHECK``, the Triton launchers with the same conditions in Python
   (:mod:`jit_kernels._metadata`).
@@ -38,24 +40,18 @@ shape, device, value or overlap, ``IndexError`` for an index out of range.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def kernel_validates() -> bool:
-    """The ``validate`` argument the public functions pass to a kernel: ``True`` only while
-    ``torch.compile`` traces (then no Python value check has run)."""
-    return torch.compiler.is_compiling()
+def kernel_validates(validate: bool = True) -> bool:
+    """The ``validate`` argument a public function passes to a kernel: ``True`` only while
+    ``torch.compile`` traces a call with ``validate=True`` (then no Python value check has run);
+    ``False`` on the trusted path (``validate=False``)."""
+    return validate and torch.compiler.is_compiling()
 
 
 def check_tensor(op: str, name: str, t) -> torch.Tensor:
@@ -91,8 +87,8 @@ def check_index(
 ) -> None:
     """Metadata of an index: ``idx`` int64 ``[M]`` or ``[batch, M]``, non-empty if asked.
 
-    With ``values`` (default off: the ops check values through :func:`validate_index`,
-    which remembers what it checked), also the values: in ``[0, upper)`` (and unique).
+    With ``values`` (default off: the ops check values through :func:`validate_index`),
+    also the values: in ``[0, upper)`` (and unique).
     """
     check_tensor(op, name, idx)
     if idx.dtype != torch.int64:
@@ -173,88 +169,17 @@ def check_lengths(op: str, name: str, lengths, b: int, n: int) -> None:
         raise ValueError(f"{op}: {name} must be [B] = [{b}], got shape {tuple(lengths.shape)}")
 
 
-# ---------------------------------------------------------------- index values, checked once per tensor
+# ---------------------------------------------------------------- index values, checked on every call
 #
-# A *claim* is what a check established about one or two tensors, e.g. ("range", N):
-# "values in [0, N)" (with a flag: "and unique per row"). The cache maps (claim, identity
-# of each tensor) to weak references, version counters, shapes and the flag; a hit needs
-# every tensor alive, the same object, the same shape and unmodified since.
+# No cache: each public call with validate=True reads the values (one host transfer on CUDA).
+# validation_passes counts those reads, so a test can prove that a caller's trusted path (the
+# sampler's steps) runs none: on CUDA each would be a host sync.
 
-_CACHE_SIZE = 1024
-_cache: OrderedDict = OrderedDict()
-_lock = threading.Lock()
 _passes: Counter = Counter()
 
 
-def _version(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-def _lookup(key: tuple, tensors):
-    """The flag stored for ``key`` if it still describes ``tensors``, else ``None``."""
-    e = _cache.get(key)
-    if e is None:
-        return None
-    refs, versions, shapes, flag = e
-    for r, v, sh, t in zip(refs, versions, shapes, tensors):
-        if r() is not t or t._version != v or t.shape != sh:
-            return None
-    return flag
-
-
-def is_validated(claim: tuple, *tensors: torch.Tensor, flag: bool = False) -> bool:
-    """Whether ``claim`` was established for exactly these tensors, unmodified since (with
-    ``flag``: established with its flag set, e.g. "and unique")."""
-    got = _lookup(claim + tuple(map(id, tensors)), tensors)
-    return got is not None and (got or not flag)
-
-
-def remember(claim: tuple, *tensors: torch.Tensor, flag: bool = False) -> None:
-    """Record that ``claim`` (with ``flag``) holds for ``tensors`` as they are now."""
-    if _tracing():
-        return
-    versions = tuple(_version(t) for t in tensors)
-    if None in versions:
-        return
-    key = claim + tuple(map(id, tensors))
-    with _lock:
-        old = _lookup(key, tensors)
-        _cache[key] = (tuple(weakref.ref(t) for t in tensors), versions, tuple(t.shape for t in tensors),
-                       flag or bool(old))
-        _cache.move_to_end(key)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-
-
-def remember_index(idx: torch.Tensor, upper: int, *, unique: bool = False) -> None:
-    """Record that ``idx``'s values are in ``[0, upper)`` (with ``unique``: distinct per row), as
-    :func:`validate_index` does after checking them: for results that are valid by construction."""
-    remember(("range", upper), idx, flag=unique)
-
-
-@contextlib.contextmanager
-def versioned():
-    """Make tensors outside a caller's ``torch.inference_mode`` (gradients stay off).
-
-    Inference tensors have no version counter, so nothing here can remember that their values
-    were checked: index tensors made under inference mode would be re-checked (a host sync) at
-    every use. Wrap the code that makes long-lived index tensors (anchor lists, nearest maps,
-    masks, key lengths) in this."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
-def clear_validation_cache() -> None:
-    """Forget every validated tensor (after writing index tensors behind torch's back)."""
-    with _lock:
-        _cache.clear()
-
-
 def validation_passes() -> dict[str, int]:
-    """Value-check passes run so far, per op (a cache hit is not a pass)."""
+    """Value checks run so far, per op (each is a host sync on CUDA; the trusted path runs none)."""
     return dict(_passes)
 
 
@@ -262,25 +187,20 @@ def reset_validation_passes() -> None:
     _passes.clear()
 
 
-def _count(op: str) -> None:
-    _passes[op] += 1
-
-
 def _stats(*values: torch.Tensor) -> list:
-    """Read several 0-dim device values with one host transfer."""
+    """Several 0-dim values as Python ints: one host transfer on a device, plain reads on the CPU."""
+    if values[0].device.type == "cpu":
+        return list(map(int, values))
     return torch.stack([v.to(torch.int64) for v in values]).tolist()
 
 
 def validate_index(op: str, name: str, idx: torch.Tensor, upper: int, *, unique: bool = False) -> None:
     """Values of a (metadata-checked) index: in ``[0, upper)``, unique per row with ``unique``."""
-    if _tracing():
+    if torch.compiler.is_compiling() or idx.numel() == 0:
         return
-    got = _lookup(("range", upper, id(idx)), (idx,))
-    if (got is not None and (got or not unique)) or idx.numel() == 0:
-        return
-    _count(op)
+    _passes[op] += 1
     dup = unique and idx.shape[-1] > 1
-    parts = [idx.min(), idx.max()]
+    parts = list(torch.aminmax(idx))
     if dup:
         s = idx.sort(dim=-1).values
         parts.append((s[..., 1:] == s[..., :-1]).any())
@@ -290,7 +210,6 @@ def validate_index(op: str, name: str, idx: torch.Tensor, upper: int, *, unique:
         raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [0, {upper})")
     if dup and st[2]:
         raise ValueError(f"{op}: {name} contains duplicate indices")
-    remember_index(idx, upper, unique=unique)
 
 
 def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, num_tokens: int) -> None:
@@ -299,12 +218,9 @@ def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n
     makes the anchors unique. Any map with these properties is accepted (the lift fills each cell
     from the anchor the map names); :func:`nearest_anchor_map` returns the Euclidean one.
     """
-    if _tracing() or anchor_idx.numel() == 0:
+    if torch.compiler.is_compiling() or anchor_idx.numel() == 0:
         return
-    claim = ("nearest", num_tokens)
-    if is_validated(claim, nearest, anchor_idx):
-        return
-    _count(op)
+    _passes[op] += 1
     m = anchor_idx.shape[-1]
     safe = anchor_idx.clamp(0, num_tokens - 1)
     own = nearest.gather(-1, safe) if nearest.dim() == 2 else nearest[safe]
@@ -318,22 +234,16 @@ def validate_nearest(op: str, nearest: torch.Tensor, anchor_idx: torch.Tensor, n
         raise ValueError(f"{op}: nearest is not a nearest-anchor map of anchor_idx: some anchor is not its own "
                          "nearest anchor (nearest[anchor_idx[j]] != j; duplicate anchors cause this too); "
                          "compute it with jit_kernels.nearest_anchor_map")
-    remember(claim, nearest, anchor_idx)
-    remember_index(anchor_idx, num_tokens, unique=True)
 
 
 def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:
     """Key lengths (metadata checked): values in ``[1, n]``."""
-    if _tracing() or lengths.numel() == 0:
+    if torch.compiler.is_compiling() or lengths.numel() == 0:
         return
-    claim = ("lengths", n)
-    if is_validated(claim, lengths):
-        return
-    _count(op)
+    _passes[op] += 1
     lo, hi = _stats(lengths.min(), lengths.max())
     if lo < 1 or hi > n:
         raise IndexError(f"{op}: {name} has values in [{lo}, {hi}], outside [1, {n}]")
-    remember(claim, lengths)
 
 
 # ---------------------------------------------------------------- devices, memory overlap, size bounds

@@ -14,8 +14,8 @@ whether its CUDA kernel is the Triton launcher. From the table:
 - for rows that write an argument (``Tensor(a!)``: ``scatter_tokens_``, ``lift_euler_``,
   ``microflow_update_``), this module registers an ``ADInplaceOrView`` kernel that bumps the
   autograd version counter of that argument and redispatches to the backend kernel, so every
-  backend's in-place write is visible to autograd's saved-tensor check (and to the value-check
-  cache of :mod:`jit_kernels._checks`), as a torch in-place op's is.
+  backend's in-place write is visible to autograd's saved-tensor check (and to the sampler's check
+  that a velocity callable left its active-index tensor alone), as a torch in-place op's is.
 
 The schemas live in Python rather than in ``csrc/`` because the package must work
 without its compiled extension (reference and Triton paths). The compiled extension is
@@ -23,9 +23,11 @@ loaded after this module has defined the ops.
 
 Every schema ends in ``bool validate=True``: the kernel checks the index values (ranges,
 duplicates, nearest-map consistency, key lengths) before any work. The public functions
-check them once per tensor themselves (:mod:`jit_kernels._checks`) and pass ``False``; a
-caller of ``torch.ops.jit_kernels.<op>`` may pass ``False`` only for indices it knows are
-valid (an invalid index is then an out-of-bounds access).
+check them on every call themselves (:mod:`jit_kernels._checks`) and pass ``False``. With
+``False`` no kernel reads or writes outside its tensors either: the C++ CPU kernels still
+raise ``IndexError`` for an index out of range, the CUDA and Triton kernels mask it
+(docs/architecture.md, "Validation policy"); duplicates or an inconsistent nearest map then
+give an unspecified result.
 
 Conventions shared by all ops: token tensors are ``[B, N, C]`` (fp32, fp16 or bf16,
 arithmetic in fp32); index tensors are int64 ``[M]`` (shared by the batch) or ``[B, M]``

@@ -9,8 +9,8 @@ the metadata (types, shapes, devices) already passed, and raises ``IndexError`` 
 - the Triton launchers called directly as ``torch.ops.jit_kernels.<op>_triton`` (or as the
   CUDA kernel of an op without a CUDA C++ kernel) with ``validate=True``.
 
-Every check is remembered per tensor (see :mod:`jit_kernels._checks`), so repeated calls on
-the same index tensors cost a dictionary lookup and no host sync.
+They run on every call with ``validate=True`` (no cache); the trusted path
+(``validate=False``) skips them.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ def anchor_attention(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Rotary-embedded softmax attention: ``softmax(scale * rot(q) rot(k)^T) v``.
 
@@ -50,6 +51,8 @@ def anchor_attention(
             the output rows of those padded positions are zero.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``auto | cuda | triton | cpp | reference`` (see :mod:`jit_kernels`).
+        validate: ``False`` when the caller vouches for ``key_lengths`` (docs/architecture.md,
+            "Validation policy"): they are not read on the host (no host sync on CUDA).
 
     Returns ``[B, L, H, D]`` contiguous in ``q.dtype`` (empty when ``B``, ``L``, ``H`` or ``D``
     is 0); the arithmetic is fp32 (online softmax). Equals diffusers' ``FluxAttnProcessor`` math (rotary + SDPA) within the
@@ -81,8 +84,9 @@ def anchor_attention(
     be = resolve(op, q.device, backend)
     if key_lengths is not None:
         C.check_lengths(op, "key_lengths", key_lengths, b, n)
-        C.validate_lengths(op, "key_lengths", key_lengths, n)
+        if validate:
+            C.validate_lengths(op, "key_lengths", key_lengths, n)
         key_lengths = key_lengths.to(torch.int64)
     if be == "reference":
         return anchor_attention_ref(q, k, v, cos, sin, key_lengths, scale)
-    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale, C.kernel_validates())
+    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale, C.kernel_validates(validate))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as C
+from . import _metadata as M
 from ._backends import backend_op, resolve
 from .reference import select_new_tokens_ref, token_importance_ref
 
@@ -18,10 +19,7 @@ def token_importance(field: torch.Tensor, height: int, width: int, *, backend: s
     over no channels is undefined); ``B = 0`` gives an empty ``[0, H*W]``.
     """
     op = "token_importance"
-    C.check_tokens(op, "field", field)
-    if field.shape[2] == 0:
-        raise ValueError(f"{op}: field has no channels (C = 0): the channel mean of the local variance is undefined")
-    C.check_grid(op, height, width, field.shape[1])
+    M.token_importance(field, height, width)  # the kernel's rule, the one every backend uses
     be = resolve(op, field.device, backend)
     if be == "reference":
         return token_importance_ref(field, height, width)
@@ -29,7 +27,8 @@ def token_importance(field: torch.Tensor, height: int, width: int, *, backend: s
 
 
 def select_new_tokens(
-    importance: torch.Tensor, active_idx: torch.Tensor, count: int, *, backend: str | None = None
+    importance: torch.Tensor, active_idx: torch.Tensor, count: int, *, backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The ``count`` highest-scoring inactive tokens of each sample.
 
@@ -37,25 +36,19 @@ def select_new_tokens(
     (unique) -> int64 ``[B, count]``, ordered by score descending, ties to the
     lower token index (NaN ranks first). ``N`` at most 2^30 (``ValueError``); ``B = 0``
     gives an empty ``[0, count]``.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "select_new_tokens"
     C.check_devices(op, importance=importance, active_idx=active_idx)
-    if not isinstance(importance, torch.Tensor):
-        raise TypeError(f"{op}: importance must be a torch.Tensor, got {type(importance).__name__}")
-    if importance.dim() != 2 or not importance.is_floating_point():
-        raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} {tuple(importance.shape)}")
-    b, n = importance.shape
-    C.check_num_tokens(op, "importance", n)
-    be = resolve(op, importance.device, backend)
-    C.check_index(op, "active_idx", active_idx, b, n)
+    be = resolve(op, C.check_tensor(op, "importance", importance).device, backend)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
-    if count < 0 or count > n - active_idx.shape[-1]:
-        raise ValueError(f"{op}: count must be in [0, {n - active_idx.shape[-1]}] (inactive tokens), got {count}")
-    C.validate_index(op, "active_idx", active_idx, n, unique=True)
+    M.select_new_tokens(importance, active_idx, count)  # the kernel's rule, the one every backend uses
+    n = importance.shape[1]
+    if validate:
+        C.validate_index(op, "active_idx", active_idx, n, unique=True)
     if be == "reference":
-        out = select_new_tokens_ref(importance, active_idx, count)
-    else:
-        out = backend_op(op, be)(importance, active_idx, count, C.kernel_validates())
-    C.remember_index(out, n, unique=True)  # distinct inactive tokens by construction
-    return out
+        return select_new_tokens_ref(importance, active_idx, count)
+    return backend_op(op, be)(importance, active_idx, count, C.kernel_validates(validate))

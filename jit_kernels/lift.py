@@ -15,7 +15,8 @@ from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
 __all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights", "lift_plan"]
 
 
-def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, backend: str | None = None) -> torch.Tensor:
+def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, backend: str | None = None,
+                       validate: bool = True) -> torch.Tensor:
     """For each grid cell, the position in ``anchor_idx`` of its Euclidean-nearest anchor.
 
     ``anchor_idx`` int64 ``[M]`` (or ``[B, M]`` per sample), unique, non-empty,
@@ -27,6 +28,9 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
     ``height`` and ``width`` are ints >= 1 (``TypeError`` / ``ValueError``) and the grid holds
     at most 2^30 cells (``ValueError``; the same bound for every op that takes a grid). Per-sample
     anchors of an empty batch (``[0, M]``) give an empty ``[0, H*W]``.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "nearest_anchor_map"
     C.check_grid(op, height, width)
@@ -35,13 +39,11 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
     be = resolve(op, anchor_idx.device, backend)
     C.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
                   height * width, nonempty=True)
-    V.nearest_anchor_map(anchor_idx, height, width)
+    if validate:
+        V.nearest_anchor_map(anchor_idx, height, width)
     if be == "reference":
-        out = nearest_anchor_map_ref(anchor_idx, height, width)
-    else:
-        out = backend_op(op, be)(anchor_idx, height, width, C.kernel_validates())
-    C.remember(("nearest", height * width), out, anchor_idx)  # consistent by construction
-    return out
+        return nearest_anchor_map_ref(anchor_idx, height, width)
+    return backend_op(op, be)(anchor_idx, height, width, C.kernel_validates(validate))
 
 
 _WEIGHTS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
@@ -108,16 +110,16 @@ def _lift_weights(op, num_anchors, num_tokens, sigma, kernel_size, blur_scale, d
 
 
 def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be,
-              *, rows=None):
+              *, rows=None, validate=True):
     """Shared checks of the ops that lift a field from anchors (lift_field, lift_euler_, microflow_target).
 
     ``lead`` (named ``lead_name`` in errors) is the already checked ``[B, ., C]`` token tensor
     that fixes the batch and the device; ``rows``, when given, is the number of anchor value
     rows (``values.shape[1]``) that must match ``anchor_idx``. Computes the nearest map if
     absent (:func:`nearest_anchor_map` then checks the anchors itself) and the blur taps;
-    returns ``(nearest, weights)``. Devices are the caller's to check first (``check_devices``).
+    returns ``(nearest, weights)``. Devices and the grid (``check_grid``) are the caller's to
+    check first.
     """
-    C.check_grid(op, height, width)
     n = height * width
     b = lead.shape[0]
     C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True)
@@ -125,10 +127,11 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     if rows is not None and rows != m:
         raise ValueError(f"{op}: values has {rows} rows but anchor_idx has {m} anchors")
     if nearest is None:
-        nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend)
+        nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend, validate=validate)
     else:
         C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
-        C.validate_nearest(op, nearest, anchor_idx, n)
+        if validate:
+            C.validate_nearest(op, nearest, anchor_idx, n)
     w = _lift_weights(op, m, n, sigma, kernel_size, blur_scale, lead.device)
     return nearest, w
 
@@ -144,6 +147,7 @@ def lift_field(
     kernel_size: int | None = None,
     blur_scale: float = 0.4,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Interpolate a full ``H x W`` field from its anchors (docs/method.md section 3).
 
@@ -153,16 +157,20 @@ def lift_field(
     Pass ``nearest`` (from :func:`nearest_anchor_map`) to skip recomputing the map.
     An empty batch or ``C = 0`` gives an empty result (at least one anchor is required);
     bounds of the blur arguments: :func:`lift_weights`; of the grid: :func:`nearest_anchor_map`.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "lift_field"
     C.check_devices(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
     C.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
+    C.check_grid(op, height, width)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
-                           backend, be, rows=values.shape[1])
+                           backend, be, rows=values.shape[1], validate=validate)
     if be == "reference":
         return lift_field_ref(values, anchor_idx, nearest, w, height, width)
-    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, C.kernel_validates())
+    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, C.kernel_validates(validate))
 
 
 def lift_euler_(
@@ -178,6 +186,7 @@ def lift_euler_(
     kernel_size: int | None = None,
     blur_scale: float = 0.4,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Fused lift + Euler step, in place: ``y [B, H*W, C] += dt * lift_field(values, ...)``; returns ``y``.
 
@@ -185,6 +194,9 @@ def lift_euler_(
     ``y`` may be strided (every backend gives the result of the contiguous case) but must not
     overlap itself (an ``expand``-ed tensor), and no input (``values``, ``anchor_idx``,
     ``nearest``) may share memory with it: ``ValueError`` on every backend; pass copies.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "lift_euler_"
     C.check_devices(op, y=y, values=values, anchor_idx=anchor_idx, nearest=nearest)
@@ -197,9 +209,9 @@ def lift_euler_(
     # Metadata, so before the value checks and the nearest map of lift_plan.
     C.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
-                           backend, be, rows=values.shape[1])
+                           backend, be, rows=values.shape[1], validate=validate)
     dt = C.check_float(op, "dt", dt)
     if be == "reference":
         return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)
-    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt, C.kernel_validates())
+    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt, C.kernel_validates(validate))
     return y

@@ -23,6 +23,7 @@ def microflow_update(
     *,
     inplace: bool | None = None,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Out of place: a copy of ``y`` with the new tokens moved toward their target (see
     :func:`microflow_update_`, which updates ``y`` itself). ``y`` is never changed.
@@ -38,8 +39,8 @@ def microflow_update(
         warnings.warn("microflow_update(inplace=...) is deprecated: call microflow_update_ (in place) or "
                       "microflow_update (a new tensor)", DeprecationWarning, stacklevel=2)
         if inplace:
-            return microflow_update_(y, new_idx, target, mode, weight, backend=backend)
-    return _microflow_update(y, new_idx, target, mode, weight, False, backend)
+            return microflow_update_(y, new_idx, target, mode, weight, backend=backend, validate=validate)
+    return _microflow_update(y, new_idx, target, mode, weight, False, backend, validate)
 
 
 def microflow_update_(
@@ -50,6 +51,7 @@ def microflow_update_(
     weight: float | None = None,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Move the newly activated tokens of ``y`` toward their micro-flow target, in place.
 
@@ -61,11 +63,14 @@ def microflow_update_(
     Returns ``y``. ``y`` may be strided (every backend gives the result of the contiguous
     case) but must not overlap itself (an ``expand``-ed tensor), and ``new_idx`` and
     ``target`` must not share memory with it: ``ValueError`` on every backend; pass copies.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
-    return _microflow_update(y, new_idx, target, mode, weight, True, backend)
+    return _microflow_update(y, new_idx, target, mode, weight, True, backend, validate)
 
 
-def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
+def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend, validate: bool):
     op = "microflow_update_" if inplace else "microflow_update"
     C.check_devices(op, y=y, new_idx=new_idx, target=target)
     if mode not in MICROFLOW_MODES:
@@ -88,11 +93,12 @@ def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
     if inplace:  # metadata, so before the value checks
         C.check_inplace(op, "y", y, new_idx=new_idx, target=target)
-    C.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
+    if validate:
+        C.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
     out = y if inplace else y.clone()
     if be == "reference":
         return microflow_update_ref_(out, new_idx, target, weight)
-    backend_op("microflow_update_", be)(out, new_idx, target, weight, C.kernel_validates())
+    backend_op("microflow_update_", be)(out, new_idx, target, weight, C.kernel_validates(validate))
     return out
 
 
@@ -112,6 +118,7 @@ def microflow_target(
     kernel_size: int | None = None,
     blur_scale: float = 0.4,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The DMF target of the new tokens, fused: ``(1 - sigma) * Lift_old(x0_hat)[R] + sigma * eps``.
 
@@ -123,6 +130,9 @@ def microflow_target(
     ``y_prev.dtype``. The blur uses the old anchor density unless given (bounds of the blur
     arguments: :func:`jit_kernels.lift_weights`). An empty batch, no new tokens or ``C = 0``
     give an empty result.
+
+    ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
+    "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "microflow_target"
     C.check_devices(op, y_prev=y_prev, v_prev=v_prev, anchor_idx=anchor_idx, new_idx=new_idx, eps=eps, nearest=nearest)
@@ -143,9 +153,10 @@ def microflow_target(
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
     # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
     nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
-                           backend, be)
-    C.validate_index(op, "new_idx", new_idx, n, unique=True)
+                           backend, be, validate=validate)
+    if validate:
+        C.validate_index(op, "new_idx", new_idx, n, unique=True)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
     return backend_op(op, be)(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width,
-                              C.kernel_validates())
+                              C.kernel_validates(validate))

@@ -134,7 +134,6 @@ def complement(active: torch.Tensor, num_tokens: int) -> torch.Tensor:
         mask.scatter_(1, active, False)
         # Equal counts per row, so the row-major nonzero list reshapes to [B, N - M].
         out = mask.nonzero()[:, 1].reshape(b, num_tokens - active.shape[1])
-    jk._checks.remember_index(out, num_tokens, unique=True)  # positions of a mask: distinct, in range
     return out
 
 
@@ -170,6 +169,7 @@ def activate_tokens(
     ita: bool = True,
     nearest: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Which ``count`` inactive tokens join the active set at a transition.
 
@@ -177,6 +177,8 @@ def activate_tokens(
     (shared policy: the batch-mean importance picks one set) or ``[B, M]`` (per sample).
     With ``ita=False`` the tokens farthest from the current anchors are taken (needs the
     stage's ``nearest`` map). Returns int64 ``[count]`` or ``[B, count]`` (unsorted: best first).
+    ``validate=False``: the caller built ``active`` itself (the sampler does); the kernels do not
+    check its values (see :func:`jit_kernels.gather_tokens`).
     """
     n = height * width
     if count == n - active.shape[-1]:
@@ -186,13 +188,9 @@ def activate_tokens(
         score = jk.token_importance(v_field, height, width, backend=backend)  # [B, N]
     else:
         if nearest is None:
-            nearest = jk.nearest_anchor_map(active, height, width, backend=backend)
+            nearest = jk.nearest_anchor_map(active, height, width, backend=backend, validate=validate)
         score = _distance_score(active, nearest, height, width)
     if active.dim() == 1:
         score = score.mean(0, keepdim=True)  # shared set: batch-mean importance
-        new = jk.select_new_tokens(score, active, count, backend=backend)[0]
-        # The row is a new tensor object: carry over what select_new_tokens' result is by construction
-        # (distinct tokens of the grid), so the next ops do not re-check its values (a host sync).
-        jk._checks.remember_index(new, n, unique=True)
-        return new
-    return jk.select_new_tokens(score, active, count, backend=backend)
+        return jk.select_new_tokens(score, active, count, backend=backend, validate=validate)[0]
+    return jk.select_new_tokens(score, active, count, backend=backend, validate=validate)

@@ -259,7 +259,7 @@ class RASKVCache:
             raise RuntimeError("RASKVCache: a sparse step before any dense step stored this layer's keys/values "
                                f"(layer {type(layer).__name__}, {name}, branch {self.branch!r})")
         part = cache[self.rows]
-        jk.scatter_tokens_(part, self.idx, computed.to(cache.dtype), backend=self.backend)
+        jk.scatter_tokens_(part, self.idx, computed.to(cache.dtype), backend=self.backend, validate=False)
         self.layers_filled += 1
         return part
 
@@ -363,8 +363,8 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
         if sparse:
             if kv is not None:
                 kv.sparse(idx)
-            v_act = call(jk.gather_tokens(y, idx, backend=config.backend), idx, i).to(torch.float32)
-            v = jk.scatter_tokens(v_cache, idx, v_act, backend=config.backend)
+            v_act = call(jk.gather_tokens(y, idx, backend=config.backend, validate=False), idx, i).to(torch.float32)
+            v = jk.scatter_tokens(v_cache, idx, v_act, backend=config.backend, validate=False)
             report.active_tokens.append(int(idx.shape[1]))
         else:
             if kv is not None:
@@ -467,8 +467,8 @@ class RASFinalStage:
         if sparse:
             if self.kv is not None:
                 self.kv.sparse(self._idx)
-            part = self._call(jk.gather_tokens(y, self._idx, backend=cfg.backend), self._idx, sigma, step)
-            v = jk.scatter_tokens(self._v_cache, self._idx, part.to(torch.float32), backend=cfg.backend)
+            part = self._call(jk.gather_tokens(y, self._idx, backend=cfg.backend, validate=False), self._idx, sigma, step)
+            v = jk.scatter_tokens(self._v_cache, self._idx, part.to(torch.float32), backend=cfg.backend, validate=False)
             self.active_tokens.append(int(self._idx.shape[1]))
         else:
             later = any(cfg.is_ras_step(t) for t in range(k + 1, cfg.num_steps))

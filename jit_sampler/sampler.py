@@ -25,6 +25,7 @@ anyway, and rounding the full latent to bf16 every step is what a scheduler avoi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import time
@@ -256,10 +257,10 @@ def _dmf_noise(config: JiTConfig, new: torch.Tensor, y: torch.Tensor, fields: di
     b, n, c = y.shape
     if isinstance(config.dmf_noise, torch.Tensor):  # shape checked by _check_dmf_noise before the loop
         src = config.dmf_noise.to(device=y.device, dtype=y.dtype).expand(b, -1, -1)
-        return jk.gather_tokens(src, new, backend=config.backend)
+        return jk.gather_tokens(src, new, backend=config.backend, validate=False)  # new: the sampler's own
     if config.dmf_noise not in fields:  # "independent": one draw per run, every position
         fields[config.dmf_noise] = draw_normal((b, n, c), generator, y.device, y.dtype)
-    return jk.gather_tokens(fields[config.dmf_noise], new, backend=config.backend)
+    return jk.gather_tokens(fields[config.dmf_noise], new, backend=config.backend, validate=False)
 
 
 def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device) -> torch.Tensor:
@@ -276,14 +277,34 @@ def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device)
                     f"that runs is configured stage {dropped}") if dropped else ""
             raise ValueError(f"JiTConfig.init_anchors: must be {list(want)} (the first stage's budget of "
                              f"{m0} tokens{' per sample' if per_sample else ''}{note}), got {tuple(given.shape)}")
-        jk._checks.validate_index("jit_sample", "JiTConfig.init_anchors", given, n, unique=True)
+        # The one index tensor the sampler did not build: checked here, once; every op after this takes
+        # the trusted path (validate=False) for the index tensors of the run.
+        jk.validate_index("jit_sample", "JiTConfig.init_anchors", given, n, unique=True)
     if m0 == n:
         return _dense_active(n, b, per_sample, device)
     if given is not None:
         active = given.to(device)
-        return active if config.anchor_order == "insertion" else active.sort(dim=-1).values
+        # A tensor of the sampler's own either way (the user's may be written later, or be an inference tensor).
+        return active.clone() if config.anchor_order == "insertion" else active.sort(dim=-1).values
     return initial_anchors(h, w, m0, grid=config.init_grid, batch_size=b if per_sample else None,
                            generator=generator, device=device, order=config.anchor_order)
+
+
+@contextlib.contextmanager
+def _versioned():
+    """Build tensors outside a caller's ``torch.inference_mode`` (gradients stay off), so that they have a
+    version counter (inference tensors have none)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _check_active_unchanged(active: torch.Tensor, version: int, step: int) -> None:
+    """The velocity callable must not write the active-index tensor it was handed: the sampler's ops trust
+    its values (validate=False), so a write would go unchecked. Detected by its version counter."""
+    if active._version != version:
+        raise RuntimeError(f"velocity_fn wrote the active-index tensor (its second argument) in place at step "
+                           f"{step}; it is the sampler's own index list and must be treated as read-only "
+                           "(clone it to modify a copy)")
 
 
 def _dense_active(n: int, b: int, per_sample: bool, device) -> torch.Tensor:
@@ -377,9 +398,14 @@ def jit_sample(
     initial = isinstance(config.dmf_noise, str) and config.dmf_noise == "initial"
     noise_fields = {"initial": y.clone()} if initial else {}  # DMF noise per position (_dmf_noise)
 
-    with jk._checks.versioned():  # index tensors whose value checks the kernels can remember
+    # The run's index tensors (active list, nearest map) are built by the sampler (or checked once, for
+    # init_anchors), so every op takes the trusted path: no value check, no host sync per step. They
+    # are built outside a caller's inference mode so that they have a version counter: a velocity_fn
+    # that writes the active list in place is caught (_check_active_unchanged).
+    with _versioned():
         active = _initial_active(config, plan, b, generator, device)
-        nearest = jk.nearest_anchor_map(active, height, width, backend=be) if active.shape[-1] < n else None
+        nearest = (jk.nearest_anchor_map(active, height, width, backend=be, validate=False)
+                   if active.shape[-1] < n else None)
     y_prev = v_prev = None
     sig = plan.sigmas
 
@@ -391,31 +417,33 @@ def jit_sample(
             count = plan.token_counts[stage] - active.shape[-1]
             if count > 0:
                 # ITA from the cached lifted velocity of step i-1 (no extra model call).
-                with jk._checks.versioned():
+                with _versioned():
                     new = activate_tokens(v_prev, active, count, height, width, ita=config.ita, nearest=nearest,
-                                          backend=be)
+                                          backend=be, validate=False)
                 # DMF: target from y_prev, v_prev and the OLD anchors (their nearest map).
                 eps = _dmf_noise(config, new, y, noise_fields, generator)
                 target = jk.microflow_target(y_prev, v_prev, active, new, eps, sig[i - 1], sig[i], height, width,
-                                             nearest=nearest, blur_scale=config.blur_scale, backend=be)
+                                             nearest=nearest, blur_scale=config.blur_scale, backend=be, validate=False)
                 for w in config.dmf_weights:
                     if w == 1.0:
-                        jk.microflow_update_(y, new, target, mode="assign", backend=be)
+                        jk.microflow_update_(y, new, target, mode="assign", backend=be, validate=False)
                     else:
-                        jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be)
-                with jk._checks.versioned():
+                        jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be, validate=False)
+                with _versioned():
                     active = merge_active(active, new, order=config.anchor_order)
                     if active.shape[-1] < n:
-                        nearest = jk.nearest_anchor_map(active, height, width, backend=be)
+                        nearest = jk.nearest_anchor_map(active, height, width, backend=be, validate=False)
                     else:
                         active, nearest = _dense_active(n, b, per_sample, device), None
                 report.new_tokens[i] = int(count)
             y_prev = v_prev = None  # free the cache
         dense = active.shape[-1] == n
-        x_act = y if dense else jk.gather_tokens(y, active, backend=be)
+        x_act = y if dense else jk.gather_tokens(y, active, backend=be, validate=False)
         tok = timer.start()
+        version = active._version
         v = velocity_fn(x_act, active, sig[i], i)
         timer.stop(tok)
+        _check_active_unchanged(active, version, i)
         _check_velocity(v, x_act, i)
         v = v.to(torch.float32)
         if dense and v.data_ptr() == y.data_ptr():
@@ -424,13 +452,14 @@ def jit_sample(
         if plan.is_transition(i + 1):
             # The next step's ITA and DMF need the full lifted field: materialise it once.
             v_full = v if dense else jk.lift_field(v, active, height, width, nearest=nearest,
-                                                   blur_scale=config.blur_scale, backend=be)
+                                                   blur_scale=config.blur_scale, backend=be, validate=False)
             y_prev, v_prev = y.clone(), v_full
             y.add_(v_full, alpha=dt)
         elif dense:
             y.add_(v, alpha=dt)  # stage 0: the lift is the identity
         else:
-            jk.lift_euler_(y, v, active, height, width, dt, nearest=nearest, blur_scale=config.blur_scale, backend=be)
+            jk.lift_euler_(y, v, active, height, width, dt, nearest=nearest, blur_scale=config.blur_scale, backend=be,
+                           validate=False)
         report.active_tokens.append(int(active.shape[-1]))
         if step_callback is not None:
             # A copy: the callback may keep it (the working latent is overwritten in place by later steps).

@@ -643,7 +643,7 @@ def test_corpus_covers_every_public_op():
     ops = {c.op for c in CASES}
     public = {name for name in jk.__all__ if callable(getattr(jk, name)) and name not in (
         "BackendUnavailableError", "available_backends", "extension_error", "get_backend", "set_backend",
-        "use_backend", "clear_validation_cache", "reset_validation_passes", "validation_passes")}
+        "use_backend", "reset_validation_passes", "validate_index", "validation_passes")}
     assert public <= ops, public - ops
     for op in ops - set(NO_BACKEND):
         assert any(c.expect is None for c in CASES if c.op == op), f"{op}: no valid edge case"

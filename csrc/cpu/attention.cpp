@@ -370,7 +370,7 @@ at::Tensor anchor_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     check_same_device(op, q_in, "q", lens, "key_lengths");
     lens = lens.contiguous();
     const int64_t* lp = lens.data_ptr<int64_t>();
-    for (int64_t i = 0; validate && i < B; ++i)
+    for (int64_t i = 0; i < B; ++i)  // always: a length past L would read keys outside k and v
       TORCH_CHECK_INDEX(lp[i] >= 1 && lp[i] <= L, op, ": key_lengths has value ", lp[i], " outside [1, ", L, "]");
   }
   auto unit_stride = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };

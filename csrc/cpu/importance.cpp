@@ -127,7 +127,7 @@ at::Tensor select_new_tokens_cpu(const at::Tensor& importance, const at::Tensor&
   check_index_meta(op, "active_idx", active_in, b);
   check_same_device(op, importance, "importance", active_in, "active_idx");
   const at::Tensor active = active_in.contiguous();
-  if (validate) check_index_values(op, "active_idx", active, n, /*unique=*/true);
+  check_index_values(op, "active_idx", active, n, /*unique=*/validate);  // the range always
   const int64_t m = active.size(-1);
   TORCH_CHECK_VALUE(count >= 0 && count <= n - m, op, ": count must be in [0, ", n - m,
                     "] (inactive tokens), got ", count);

@@ -71,7 +71,7 @@ at::Tensor nearest_anchor_map_cpu(const at::Tensor& anchor_idx_in, int64_t heigh
   TORCH_CHECK_VALUE(anchor_idx_in.size(-1) > 0, op, ": anchor_idx is empty; at least one anchor is required");
   const at::Tensor a = anchor_idx_in.contiguous();
   const int64_t n = height * width;
-  if (validate) check_index_values(op, "anchor_idx", a, n, /*unique=*/true);
+  check_index_values(op, "anchor_idx", a, n, /*unique=*/validate);  // the range always
   const int64_t rows = a.dim() == 1 ? 1 : a.size(0), m = a.size(-1);
   at::Tensor out = a.dim() == 1 ? at::empty({n}, a.options()) : at::empty({rows, n}, a.options());
   // Ring search costs about N * (N / M) cell visits, brute force N * M.
@@ -98,15 +98,16 @@ struct LiftArgs {
   int64_t h, w;
 };
 
-// The index values (with validate) and the fp32 / contiguous operands; after check_lift_meta.
+// The index values and the fp32 / contiguous operands; after check_lift_meta. Ranges always (no
+// index value can make the lift read outside its tensors), the consistency of the map with validate.
 LiftArgs lift_prepare(const char* op, const at::Tensor& values, const at::Tensor& anchor_idx,
                       const at::Tensor& nearest, const at::Tensor& weights, int64_t height, int64_t width,
                       bool validate) {
   const int64_t m = values.size(1), n = height * width;
   LiftArgs a{values.to(at::kFloat).contiguous(), anchor_idx.contiguous(), nearest.contiguous(), weights.contiguous(),
              height, width};
-  if (validate) check_index_values(op, "anchor_idx", a.anchors, n, /*unique=*/false);
-  if (validate) check_index_values(op, "nearest", a.nearest, m, /*unique=*/false);
+  check_index_values(op, "anchor_idx", a.anchors, n, /*unique=*/false);
+  check_index_values(op, "nearest", a.nearest, m, /*unique=*/false);
   if (validate) check_nearest_consistent(op, a.anchors, a.nearest);
   return a;
 }

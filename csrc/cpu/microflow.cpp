@@ -27,6 +27,7 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
   check_no_alias(op, "y", y, "new_idx", new_in);
   check_no_alias(op, "y", y, "target", target);
   const at::Tensor idx = new_in.contiguous();
+  // Uniqueness with validate; every index is range-checked where it is read (checked_row).
   if (validate) check_index_values(op, "new_idx", idx, n, /*unique=*/true);
   if (b * r * c == 0) return;  // nothing to update
   const at::Tensor t = target.to(at::kFloat).contiguous();
@@ -40,7 +41,7 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
       at::parallel_for(0, b * r, std::max<int64_t>(1, 4096 / c), [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t bb = i / r, j = i % r;
-          scalar_t* dst = yp + (bb * n + ip[bb * ibs + j]) * c;
+          scalar_t* dst = yp + (bb * n + checked_row(op, "new_idx", ip[bb * ibs + j], n)) * c;
           const float* src = tp + i * c;
           if (weight == 1.0) {  // assign: land on the target exactly
             for (int64_t ch = 0; ch < c; ++ch) dst[ch] = static_cast<scalar_t>(src[ch]);
@@ -57,7 +58,7 @@ void microflow_update_cpu(at::Tensor& y, const at::Tensor& new_in, const at::Ten
     at::parallel_for(0, b * r, std::max<int64_t>(1, 4096 / c), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t bb = i / r, j = i % r;
-        scalar_t* dst = yp + bb * ys0 + ip[bb * ibs + j] * ys1;
+        scalar_t* dst = yp + bb * ys0 + checked_row(op, "new_idx", ip[bb * ibs + j], n) * ys1;
         const float* src = tp + i * c;
         if (weight == 1.0) {
           for (int64_t ch = 0; ch < c; ++ch) dst[ch * ys2] = static_cast<scalar_t>(src[ch]);
@@ -98,9 +99,10 @@ at::Tensor microflow_target_cpu(const at::Tensor& y_prev, const at::Tensor& v_pr
   TORCH_CHECK_VALUE(0.0 <= sigma && sigma <= sigma_prev && sigma_prev <= 1.0, op,
                     ": need 0 <= sigma <= sigma_prev <= 1, got sigma=", sigma, ", sigma_prev=", sigma_prev);
   const at::Tensor anc = anchor_in.contiguous(), near = nearest_in.contiguous(), idx = new_in.contiguous();
-  if (validate) check_index_values(op, "anchor_idx", anc, n, false);
-  if (validate) check_index_values(op, "nearest", near, m, false);
-  if (validate) check_index_values(op, "new_idx", idx, n, true);
+  // Ranges always (every read below stays inside its tensor); uniqueness and consistency with validate.
+  check_index_values(op, "anchor_idx", anc, n, false);
+  check_index_values(op, "nearest", near, m, false);
+  check_index_values(op, "new_idx", idx, n, validate);
   if (validate) check_nearest_consistent(op, anc, near);
   if (b * r * c == 0) return at::empty({b, r, c}, y_prev.options());  // no samples, new tokens or channels
   const at::Tensor yp = y_prev.to(at::kFloat).contiguous(), vp = v_prev.to(at::kFloat).contiguous();

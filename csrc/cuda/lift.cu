@@ -188,6 +188,18 @@ constexpr int kCells = 8;   // cells per block (one warp each)
 // the same separable order as the reference blur. Anchors keep their value.
 // kEuler: out[b, p, ch] += dt * lift (the latent y), else out = lift; out is
 // addressed through its strides (os0, os1, os2), so a strided y is updated in place.
+// An index read by a lift kernel: in [0, upper), else a device-side assert (as index_select's CUDA
+// kernel) and false, so the caller skips the cell instead of reading out of bounds.
+__device__ __forceinline__ bool index_ok(int64_t v, int64_t upper) {
+  const bool ok = static_cast<uint64_t>(v) < static_cast<uint64_t>(upper);
+  CUDA_KERNEL_ASSERT(ok && "jit_kernels: lift index out of range");
+  return ok;
+}
+
+// A nearest-map entry read by a stencil tap: itself when in [0, m), else (after index_ok's assert) 0,
+// a valid anchor row, so a bad entry never reads outside the anchor values.
+__device__ __forceinline__ int64_t safe_row(int64_t v, int64_t m) { return index_ok(v, m) ? v : 0; }
+
 template <typename T, bool kEuler>
 __global__ void lift_kernel(const float* __restrict__ vals, int64_t bsz, int64_t m, int64_t c,
                             const int64_t* __restrict__ anchors, int64_t anchors_bstride,
@@ -205,6 +217,8 @@ __global__ void lift_kernel(const float* __restrict__ vals, int64_t bsz, int64_t
   for (int64_t b = blockIdx.z; b < bsz; b += gridDim.z) {
     const int64_t* near = nearest + b * nearest_bstride;
     const int64_t j = near[p];
+    if (!index_ok(j, m) || !index_ok(anchors[b * anchors_bstride + j], n))
+      continue;  // a bad index (device-side assert in index_ok): the cell is skipped, nothing is read
     const bool is_anchor = anchors[b * anchors_bstride + j] == p;
     for (int64_t ch = blockIdx.y * int64_t(kLanes) + threadIdx.x; ch < c; ch += int64_t(gridDim.y) * kLanes) {
       const float* vb = vals + b * m * c + ch;
@@ -216,7 +230,7 @@ __global__ void lift_kernel(const float* __restrict__ vals, int64_t bsz, int64_t
         for (int ty = 0; ty < k; ++ty) {
           const int64_t* nrow = near + reflect_index(row + ty - rad, h) * w;
           float hs = 0.f;
-          for (int tx = 0; tx < k; ++tx) hs += sw[tx] * vb[nrow[reflect_index(col + tx - rad, w)] * c];
+          for (int tx = 0; tx < k; ++tx) hs += sw[tx] * vb[safe_row(nrow[reflect_index(col + tx - rad, w)], m) * c];
           v += sw[ty] * hs;
         }
       }
@@ -252,6 +266,8 @@ __global__ void lift_kernel_v2(const float* __restrict__ vals, int64_t bsz, int6
   for (int64_t b = blockIdx.z; b < bsz; b += gridDim.z) {
     const int64_t* near = nearest + b * nearest_bstride;
     const int64_t j = near[p];
+    if (!index_ok(j, m) || !index_ok(anchors[b * anchors_bstride + j], n))
+      continue;  // a bad index (device-side assert in index_ok): the cell is skipped, nothing is read
     const bool is_anchor = anchors[b * anchors_bstride + j] == p;
     for (int64_t ch0 = blockIdx.y * span + threadIdx.x; ch0 < c; ch0 += int64_t(gridDim.y) * span) {
       const float* vb = vals + b * m * c + ch0;
@@ -274,7 +290,7 @@ __global__ void lift_kernel_v2(const float* __restrict__ vals, int64_t bsz, int6
           for (int i = 0; i < kVec; ++i) hs[i] = 0.f;
           for (int tx = 0; tx < k; ++tx) {
             const float wt = sw[tx];
-            const float* src = vb + nrow[reflect_index32(col + tx - rad, w)] * c;
+            const float* src = vb + safe_row(nrow[reflect_index32(col + tx - rad, w)], m) * c;
 #pragma unroll
             for (int i = 0; i < kVec; ++i)
               if (live[i]) hs[i] += wt * src[kLanes * i];

@@ -21,18 +21,26 @@ constexpr int kRowsPerBlock = 8;  // 8 warps = 256 threads
 
 // dst[b, dst_row(b, j), :] = src[b, src_row(b, j), :] for j < m, where a null
 // row table means the identity. Strides are in elements, so non-contiguous
-// tensors (and in-place updates of a strided base) need no copies.
+// tensors (and in-place updates of a strided base) need no copies. Every row
+// index is checked where it is read (src rows in [0, sn), dst rows in [0, dn)):
+// a bad one trips a device-side assert (as index_select's CUDA kernel) and its
+// row is skipped, so no index value reads or writes outside src / dst.
 template <typename T>
 __global__ void copy_rows_kernel(const T* __restrict__ src, int64_t ss0, int64_t ss1, int64_t ss2,
                                  const int64_t* __restrict__ src_rows, int64_t src_rows_bstride, T* __restrict__ dst,
                                  int64_t ds0, int64_t ds1, int64_t ds2, const int64_t* __restrict__ dst_rows,
-                                 int64_t dst_rows_bstride, int64_t batch, int64_t m, int64_t c) {
+                                 int64_t dst_rows_bstride, int64_t batch, int64_t m, int64_t c, int64_t sn,
+                                 int64_t dn) {
   const int64_t j = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarp;
   if (j >= m) return;
   const int lane = threadIdx.x % kWarp;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const int64_t sr = src_rows ? src_rows[b * src_rows_bstride + j] : j;
     const int64_t dr = dst_rows ? dst_rows[b * dst_rows_bstride + j] : j;
+    const bool ok = static_cast<uint64_t>(sr) < static_cast<uint64_t>(sn) &&
+                    static_cast<uint64_t>(dr) < static_cast<uint64_t>(dn);
+    CUDA_KERNEL_ASSERT(ok && "jit_kernels: token index out of range");
+    if (!ok) continue;
     const T* sp = src + b * ss0 + sr * ss1;
     T* dp = dst + b * ds0 + dr * ds1;
     for (int64_t k = lane; k < c; k += kWarp) dp[k * ds2] = sp[k * ss2];
@@ -50,7 +58,7 @@ void launch_copy_rows(const at::Tensor& src, const int64_t* src_rows, int64_t sr
     copy_rows_kernel<scalar_t><<<grid, block, 0, stream>>>(
         src.data_ptr<scalar_t>(), src.stride(0), src.stride(1), src.stride(2), src_rows, src_rows_bstride,
         dst.data_ptr<scalar_t>(), dst.stride(0), dst.stride(1), dst.stride(2), dst_rows, dst_rows_bstride, batch, m,
-        src.size(2));
+        src.size(2), src.size(1), dst.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

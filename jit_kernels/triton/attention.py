@@ -89,7 +89,8 @@ def _anchor_attention_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if HAS_LENS:
-        length = tl.load(len_ptr + b).to(tl.int32)
+        # Clamped to [0, L]: a stale length never loads keys past L (its rows are unspecified).
+        length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L).to(tl.int32)
     else:
         length = L
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,7 +324,8 @@ def _anchor_attention_v2_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if HAS_LENS:
-        length = tl.load(len_ptr + b).to(tl.int32)
+        # Clamped to [0, L]: a stale length never loads keys past L (its rows are unspecified).
+        length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L).to(tl.int32)
     else:
         length = L
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

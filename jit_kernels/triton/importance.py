@@ -123,7 +123,8 @@ def _select_mask_active_kernel(
     mmask = m < M
     cell = tl.load(act_ptr + b * sa_b + m * sa_m, mask=mmask, other=0)
     lowest = tl.full([BLOCK_M], -2147483648, tl.int64) * 4294967296
-    tl.store(key_ptr + b * N + cell, lowest, mask=mmask)
+    # A cell outside [0, N) is skipped: never written through (the selection is then unspecified).
+    tl.store(key_ptr + b * N + cell, lowest, mask=mmask & (cell >= 0) & (cell < N))
 
 
 # Tokens per program of the key kernels (1-D: one int64 key per token).

@@ -163,7 +163,7 @@ def _reflect_step(s, n):
 
 @triton.jit
 def _anchor_rows(j, mask1, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col, sigma_prev,
-                 anc_row, sa_m, FROM_X0: tl.constexpr):
+                 anc_row, sa_m, N, FROM_X0: tl.constexpr):
     """fp32 ``[BLOCK, BLOCK_C]`` values of anchors ``j`` (positions in the anchor list).
 
     ``val_row`` etc. are per-row base pointers (sample offset already applied) and
@@ -171,9 +171,12 @@ def _anchor_rows(j, mask1, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col
     ``FROM_X0=False``: rows ``j`` of ``values [B, M, C]``.
     ``FROM_X0=True``: ``x0 = y - sigma_prev * v`` at the anchors' grid cells, built on the
     fly from the full fields ``y, v [B, N, C]`` (no x0 tensor is ever written).
+    The caller masks anchor positions ``j`` outside ``[0, M)``; an anchor cell outside ``[0, N)``
+    is masked here (it reads zeros, never out of bounds).
     """
     if FROM_X0:
         cell = tl.load(anc_row + j * sa_m, mask=mask1, other=0)
+        mask2 = mask2 & ((cell >= 0) & (cell < N))[:, None]
         y = tl.load((val_row + cell * sv_r)[:, None] + val_col, mask=mask2, other=0.0)
         v = tl.load((vel_row + cell * sl_n)[:, None] + vel_col, mask=mask2, other=0.0)
         return f32(y) - sigma_prev * f32(v)
@@ -188,7 +191,7 @@ def _lift_tile(pos, b, pmask, cols, cmask,
                vel_ptr, sl_b, sl_n, sl_c, sigma_prev,
                anchor_ptr, sa_b, sa_m,
                near_ptr, sn_b, sn_n,
-               w_ptr, K, H, W,
+               w_ptr, K, H, W, M,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_X0: tl.constexpr,
                STEP_REFLECT: tl.constexpr):
     """The lifted field at cells ``pos`` of samples ``b`` (``[BLOCK_P]`` each), channels ``cols``.
@@ -199,6 +202,8 @@ def _lift_tile(pos, b, pmask, cols, cmask,
     ``STEP_REFLECT`` (variant v2): the reflected row and column of each tap come from a phase
     that advances by one per tap (:func:`_reflect_step`); otherwise (v1) :func:`_reflect`
     computes them with two remainders per cell and tap. Both give the same cells.
+    Memory safety: a map entry outside ``[0, M)`` (or an anchor cell outside the grid) is masked,
+    so no index value reads outside the tensors (the result of such a call is unspecified).
     """
     r = pos // W
     c = pos % W
@@ -222,8 +227,9 @@ def _lift_tile(pos, b, pmask, cols, cmask,
                 wgt = wy * tl.load(w_ptr + dx)
                 q = rr + _reflect_cell(sc, W)
                 j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
-                acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
-                                          sigma_prev, anc_row, sa_m, FROM_X0)
+                jm = pmask & (j >= 0) & (j < M)
+                acc += wgt * _anchor_rows(j, jm, mask2 & jm[:, None], val_row, sv_r, val_col, vel_row, sl_n,
+                                          vel_col, sigma_prev, anc_row, sa_m, H * W, FROM_X0)
                 sc = _reflect_step(sc, W)
             sr = _reflect_step(sr, H)
     else:
@@ -234,15 +240,17 @@ def _lift_tile(pos, b, pmask, cols, cmask,
                 wgt = wy * tl.load(w_ptr + dx)
                 q = rr + _reflect(c + (dx - half), W)
                 j = tl.load(near_row + q * sn_n, mask=pmask, other=0)
-                acc += wgt * _anchor_rows(j, pmask, mask2, val_row, sv_r, val_col, vel_row, sl_n, vel_col,
-                                          sigma_prev, anc_row, sa_m, FROM_X0)
+                jm = pmask & (j >= 0) & (j < M)
+                acc += wgt * _anchor_rows(j, jm, mask2 & jm[:, None], val_row, sv_r, val_col, vel_row, sl_n,
+                                          vel_col, sigma_prev, anc_row, sa_m, H * W, FROM_X0)
     # Anchors keep their exact value: cell p is an anchor iff anchor[nearest[p]] == p
     # (an anchor's own distance is 0, so its nearest entry points at itself).
     j0 = tl.load(near_row + pos * sn_n, mask=pmask, other=0)
-    cell0 = tl.load(anc_row + j0 * sa_m, mask=pmask, other=-1)
-    is_anchor = pmask & (cell0 == pos)
+    j0m = pmask & (j0 >= 0) & (j0 < M)
+    cell0 = tl.load(anc_row + j0 * sa_m, mask=j0m, other=-1)
+    is_anchor = j0m & (cell0 == pos)
     exact = _anchor_rows(j0, is_anchor, is_anchor[:, None] & cmask[None, :], val_row, sv_r, val_col,
-                         vel_row, sl_n, vel_col, sigma_prev, anc_row, sa_m, FROM_X0)
+                         vel_row, sl_n, vel_col, sigma_prev, anc_row, sa_m, H * W, FROM_X0)
     return tl.where(is_anchor[:, None], exact, acc)
 
 
@@ -253,7 +261,7 @@ def _lift_tile(pos, b, pmask, cols, cmask,
 @triton.jit
 def _lift_field_fwd_kernel(
     val_ptr, anchor_ptr, near_ptr, w_ptr, out_ptr,
-    N, total, C, K, H, W,
+    N, total, C, K, H, W, M,
     sv_b, sv_m, sv_c,
     sa_b, sa_m,
     sn_b, sn_n,
@@ -271,7 +279,7 @@ def _lift_field_fwd_kernel(
     res = _lift_tile(pos, b, pmask, cols, cmask,
                      val_ptr, sv_b, sv_m, sv_c,
                      val_ptr, 0, 0, 0, 0.0,
-                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W, M,
                      BLOCK_P, BLOCK_C, False, STEP_REFLECT)
     dst = (out_ptr + b * so_b + pos.to(tl.int64) * so_n)[:, None] + (cols * so_c)[None, :]
     tl.store(dst, cast(res, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
@@ -280,7 +288,7 @@ def _lift_field_fwd_kernel(
 @triton.jit
 def _lift_euler_fwd_kernel(
     y_ptr, val_ptr, anchor_ptr, near_ptr, w_ptr,
-    N, total, C, K, H, W, dt,
+    N, total, C, K, H, W, M, dt,
     sy_b, sy_n, sy_c,
     sv_b, sv_m, sv_c,
     sa_b, sa_m,
@@ -297,7 +305,7 @@ def _lift_euler_fwd_kernel(
     res = _lift_tile(pos, b, pmask, cols, cmask,
                      val_ptr, sv_b, sv_m, sv_c,
                      val_ptr, 0, 0, 0, 0.0,
-                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W, M,
                      BLOCK_P, BLOCK_C, False, STEP_REFLECT)
     mask = pmask[:, None] & cmask[None, :]
     ptrs = (y_ptr + b * sy_b + pos.to(tl.int64) * sy_n)[:, None] + (cols * sy_c)[None, :]
@@ -379,7 +387,7 @@ def launch_lift_field(
         ov = sub(sub(out, 0, bs, b), 2, cs, c)
         _lift_field_fwd_kernel[(triton.cdiv(nb * n, bp), triton.cdiv(cc, bc))](
             vv, av, nv, w, ov,
-            n, nb * n, cc, w.numel(), height, width,
+            n, nb * n, cc, w.numel(), height, width, av.shape[-1],
             *vv.stride(),
             batch_stride(av), av.stride(-1),
             batch_stride(nv), nv.stride(-1),
@@ -418,7 +426,7 @@ def launch_lift_euler_(
         nv = sub(nearest, 0, bs, b) if nearest.dim() == 2 else nearest
         _lift_euler_fwd_kernel[(triton.cdiv(nb * n, bp), triton.cdiv(cc, bc))](
             yv, vv, av, nv, w,
-            n, nb * n, cc, w.numel(), height, width, float(dt),
+            n, nb * n, cc, w.numel(), height, width, av.shape[-1], float(dt),
             *yv.stride(),
             *vv.stride(),
             batch_stride(av), av.stride(-1),

@@ -19,7 +19,7 @@ __all__ = ["launch_microflow_update_", "launch_microflow_target"]
 @triton.jit
 def _microflow_update_fwd_kernel(
     y_ptr, idx_ptr, t_ptr,
-    R, C, w, one_minus_w,
+    R, C, N, w, one_minus_w,
     sy_b, sy_n, sy_c,
     si_b, si_r,
     st_b, st_r, st_c,
@@ -38,6 +38,7 @@ def _microflow_update_fwd_kernel(
     rmask = rows < R
     mask = rmask[:, None] & (cols < C)[None, :]
     cell = tl.load(idx_ptr + b * si_b + rows * si_r, mask=rmask, other=0)
+    mask = mask & ((cell >= 0) & (cell < N))[:, None]  # a row index outside [0, N) is skipped
     t = tl.load(t_ptr + b * st_b + rows[:, None].to(tl.int64) * st_r + cols[None, :] * st_c, mask=mask, other=0.0)
     ptrs = y_ptr + b * sy_b + cell[:, None] * sy_n + cols[None, :] * sy_c
     if COPY:
@@ -66,7 +67,7 @@ def launch_microflow_update_(y: torch.Tensor, new_idx: torch.Tensor, target: tor
         rr, cc = rs[1] - rs[0], cs[1] - cs[0]
         # 1 - w is formed in double here, like the reference's Python-scalar arithmetic.
         _microflow_update_fwd_kernel[(triton.cdiv(rr, br), bs[1] - bs[0], triton.cdiv(cc, bc))](
-            yv, iv, tv, rr, cc, float(weight), 1.0 - float(weight),
+            yv, iv, tv, rr, cc, yv.shape[1], float(weight), 1.0 - float(weight),
             *yv.stride(), batch_stride(iv), iv.stride(-1), *tv.stride(),
             BLOCK_R=br, BLOCK_C=bc, COPY=bool(weight == 1.0), num_warps=NUM_WARPS,
         )
@@ -78,7 +79,7 @@ def launch_microflow_update_(y: torch.Tensor, new_idx: torch.Tensor, target: tor
 @triton.jit
 def _microflow_target_fwd_kernel(
     y_ptr, v_ptr, anchor_ptr, near_ptr, w_ptr, new_ptr, eps_ptr, out_ptr,
-    R, total, C, K, H, W,
+    R, total, C, K, H, W, M,
     sigma_prev, sigma, one_minus_sigma,
     sy_b, sy_n, sy_c,
     sv_b, sv_n, sv_c,
@@ -103,11 +104,13 @@ def _microflow_target_fwd_kernel(
     b = (rows // R).to(tl.int64)
     r = (rows % R).to(tl.int64)
     # Cells are < N < 2^31: int32 grid arithmetic, like the full-grid lift.
-    pos = tl.load(new_ptr + b * sr_b + r * sr_r, mask=rmask, other=0).to(tl.int32)
-    phi = _lift_tile(pos, b, rmask, cols, cmask,
+    pos = tl.load(new_ptr + b * sr_b + r * sr_r, mask=rmask, other=0)
+    ok = rmask & (pos >= 0) & (pos < H * W)  # a cell outside the grid is never read (its row gets sigma * eps)
+    pos = tl.where(ok, pos, 0).to(tl.int32)
+    phi = _lift_tile(pos, b, ok, cols, cmask,
                      y_ptr, sy_b, sy_n, sy_c,
                      v_ptr, sv_b, sv_n, sv_c, sigma_prev,
-                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W,
+                     anchor_ptr, sa_b, sa_m, near_ptr, sn_b, sn_n, w_ptr, K, H, W, M,
                      BLOCK_R, BLOCK_C, True, STEP_REFLECT)
     e = tl.load((eps_ptr + b * se_b + r * se_r)[:, None] + (cols * se_c)[None, :], mask=mask, other=0.0)
     res = one_minus_sigma * phi + sigma * f32(e)
@@ -145,7 +148,7 @@ def launch_microflow_target(
         ev, ov = sub(sub(eps, 0, bs, b), 2, cs, c), sub(sub(out, 0, bs, b), 2, cs, c)
         _microflow_target_fwd_kernel[(triton.cdiv(nb * r, br), triton.cdiv(cc, bc))](
             yv, vv, av, nv, w, rv, ev, ov,
-            r, nb * r, cc, w.numel(), height, width,
+            r, nb * r, cc, w.numel(), height, width, av.shape[-1],
             float(sigma_prev), float(sigma), 1.0 - float(sigma),
             *yv.stride(), *vv.stride(),
             batch_stride(av), av.stride(-1),

@@ -21,13 +21,16 @@ __all__ = ["launch_gather_tokens", "launch_scatter_tokens", "launch_scatter_toke
 @triton.jit
 def _gather_tokens_fwd_kernel(
     x_ptr, idx_ptr, out_ptr,
-    M, C,
+    M, C, N,
     sx_b, sx_n, sx_c,
     si_b, si_m,
     so_b, so_m, so_c,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[b, m, :] = x[b, idx[b, m], :]; a pure copy in the input dtype (exact)."""
+    """out[b, m, :] = x[b, idx[b, m], :]; a pure copy in the input dtype (exact).
+
+    An index outside ``[0, N)`` is never read through: its output row is zero (the public function
+    checks the values before the launch; a caller that skips that check gets no out-of-bounds access)."""
     pid_m = tl.program_id(0)
     # int64 batch offsets: B * N * C may exceed 2^31 elements.
     b = tl.program_id(1).to(tl.int64)
@@ -38,7 +41,9 @@ def _gather_tokens_fwd_kernel(
     mask = rmask[:, None] & (cols < C)[None, :]
     # Masked lanes read index 0, a valid row, and their values are masked anyway.
     src_row = tl.load(idx_ptr + b * si_b + rows * si_m, mask=rmask, other=0)
-    vals = tl.load(x_ptr + b * sx_b + src_row[:, None] * sx_n + cols[None, :] * sx_c, mask=mask)
+    ok = (src_row >= 0) & (src_row < N)
+    vals = tl.load(x_ptr + b * sx_b + src_row[:, None] * sx_n + cols[None, :] * sx_c, mask=mask & ok[:, None],
+                   other=0)
     dst = out_ptr + b * so_b + rows[:, None].to(tl.int64) * so_m + cols[None, :] * so_c
     tl.store(dst, vals, mask=mask)
 
@@ -46,13 +51,15 @@ def _gather_tokens_fwd_kernel(
 @triton.jit
 def _scatter_tokens_fwd_kernel(
     base_ptr, idx_ptr, src_ptr,
-    M, C,
+    M, C, N,
     sb_b, sb_n, sb_c,
     si_b, si_m,
     ss_b, ss_m, ss_c,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """base[b, idx[b, m], :] = src[b, m, :] cast to base's dtype (indices are unique: no write races)."""
+    """base[b, idx[b, m], :] = src[b, m, :] cast to base's dtype (indices are unique: no write races).
+
+    A row index outside ``[0, N)`` is skipped (never written through)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -61,6 +68,7 @@ def _scatter_tokens_fwd_kernel(
     rmask = rows < M
     mask = rmask[:, None] & (cols < C)[None, :]
     dst_row = tl.load(idx_ptr + b * si_b + rows * si_m, mask=rmask, other=0)
+    mask = mask & ((dst_row >= 0) & (dst_row < N))[:, None]
     vals = tl.load(src_ptr + b * ss_b + rows[:, None].to(tl.int64) * ss_m + cols[None, :] * ss_c, mask=mask)
     dst = base_ptr + b * sb_b + dst_row[:, None] * sb_n + cols[None, :] * sb_c
     tl.store(dst, cast(vals, base_ptr.dtype.element_ty), mask=mask)
@@ -94,7 +102,7 @@ def launch_gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         mm, cc = ms[1] - ms[0], cs[1] - cs[0]
         grid = (triton.cdiv(mm, bm), bs[1] - bs[0], triton.cdiv(cc, bc))
         _gather_tokens_fwd_kernel[grid](
-            xv, iv, ov, mm, cc,
+            xv, iv, ov, mm, cc, xv.shape[1],
             *xv.stride(), batch_stride(iv), iv.stride(-1), *ov.stride(),
             BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
         )
@@ -119,7 +127,7 @@ def launch_scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Ten
         mm, cc = ms[1] - ms[0], cs[1] - cs[0]
         grid = (triton.cdiv(mm, bm), bs[1] - bs[0], triton.cdiv(cc, bc))
         _scatter_tokens_fwd_kernel[grid](
-            bv, iv, sv, mm, cc,
+            bv, iv, sv, mm, cc, bv.shape[1],
             *bv.stride(), batch_stride(iv), iv.stride(-1), *sv.stride(),
             BLOCK_M=bm, BLOCK_C=bc, num_warps=NUM_WARPS,
         )

@@ -120,10 +120,7 @@ def _cached_key_lengths(mask, batch: int, seq_len: int):
     entry = _LENGTHS_CACHE.get(key)
     if entry is not None and entry[0]() is mask and entry[1:4] == (version, batch, seq_len):
         return entry[4]
-    # Versioned, so the kernel's value check of the lengths is remembered too (an inference tensor
-    # is re-checked, with a host sync, at every layer).
-    with jk._checks.versioned():
-        lengths = key_lengths_from_mask(mask, batch, seq_len)
+    lengths = key_lengths_from_mask(mask, batch, seq_len)
     _LENGTHS_CACHE.pop(key, None)
     while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
         _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)), None)  # the oldest
@@ -208,7 +205,10 @@ class AnchorAttnProcessor:
             value = torch.cat([encoder_value, value], dim=1)
 
         cos, sin = image_rotary_emb
-        out = jk.anchor_attention(query, key, value, cos, sin, key_lengths=lengths, backend=self.backend)
+        # validate=False: lengths from key_lengths_from_mask are in [1, L] by construction (it checked the
+        # mask), so no per-layer value check (a host sync on CUDA).
+        out = jk.anchor_attention(query, key, value, cos, sin, key_lengths=lengths, backend=self.backend,
+                                  validate=False)
         hidden_states = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

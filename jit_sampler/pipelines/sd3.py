@@ -97,7 +97,7 @@ def _subset_forward(tr, latent, idx, timestep, prompt_embeds, pooled, joint_atte
     """``SD3Transformer2DModel.forward`` on the tokens ``idx [B, M]`` only: the full latent is patch-embedded
     (with its position embedding), then only the rows ``idx`` go through the blocks. Returns the packed
     velocity of those rows ``[B, M, C * p * p]`` (channel-major, as :func:`pack_latents`)."""
-    h = jk.gather_tokens(tr.pos_embed(latent).contiguous(), idx, backend=backend)
+    h = jk.gather_tokens(tr.pos_embed(latent).contiguous(), idx, backend=backend, validate=False)  # idx: the sampler's
     temb = tr.time_text_embed(timestep, pooled)
     enc = tr.context_embedder(prompt_embeds)
     for block in tr.transformer_blocks:
@@ -149,7 +149,8 @@ class SD3Velocity:
         n = self.grid_h * self.grid_w
         dense = m == n
         dtype = tr.dtype
-        full = x if dense else jk.scatter_tokens(x.new_zeros(b, n, x.shape[2]), active_idx, x, backend=self.backend)
+        full = x if dense else jk.scatter_tokens(x.new_zeros(b, n, x.shape[2]), active_idx, x, backend=self.backend,
+                                                   validate=False)
         latent = unpack_latents(full.to(dtype), self.grid_h, self.grid_w, self.patch)
         reps = 2 if self.do_cfg else 1
         inp = torch.cat([latent] * reps) if reps > 1 else latent
