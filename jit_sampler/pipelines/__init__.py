@@ -28,14 +28,16 @@
 - :mod:`.cache_dit`: :func:`enable_cache_dit` / :func:`disable_cache_dit` / :func:`use_cache_dit`,
   cache-dit's DBCache on one JiT pipeline, reset at every stage transition.
 
-A new pipeline is a module here with a class that
-sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.
+A new pipeline is a module here with a class that sets ``_stock_class``; list its module in
+``_MODULES`` (:func:`enable_jit`'s preference order) and its public names in
+``jit_sampler/_pipeline_names.py`` (the one list both ``jit_sampler`` and this package export).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from .._pipeline_names import PIPELINE_EXPORTS as _CLASSES  # public name -> its module here
 from .attention_processor import AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention, use_anchor_attention
 from .base import enable_jit
 from .velocity import FluxVelocity
@@ -51,29 +53,6 @@ _MODULES = (
     "flux_controlnet",
     "sd3",
 )
-_CLASSES = {
-    "JiTFluxPipeline": "flux",
-    "JiTFlux2KleinPipeline": "flux2_klein",
-    "JiTFluxKontextPipeline": "flux_kontext",
-    "JiTFlux2KleinKVPipeline": "flux2_klein_kv",
-    "JiTQwenImagePipeline": "qwen_image",
-    "QwenImageVelocity": "qwen_image",
-    "JiTFluxImg2ImgPipeline": "flux_img2img",
-    "JiTFluxInpaintPipeline": "flux_img2img",
-    "JiTFluxFillPipeline": "flux_fill",
-    "JiTFluxControlNetPipeline": "flux_controlnet",
-    "FluxControlNetVelocity": "flux_controlnet",
-    "JiTStableDiffusion3Pipeline": "sd3",
-    "SD3Velocity": "sd3",
-    "RASFluxPipeline": "ras_pipelines",
-    "FluxRASVelocity": "ras_pipelines",
-    "enable_ras": "ras_pipelines",
-    "use_ras_attention": "ras_attention",
-    # cache-dit integration (the cache-dit package itself is imported on first use)
-    "enable_cache_dit": "cache_dit",
-    "disable_cache_dit": "cache_dit",
-    "use_cache_dit": "cache_dit",
-}
 
 
 def _load_all() -> None:
@@ -87,31 +66,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "AnchorAttnProcessor",
-    "FluxControlNetVelocity",
-    "FluxVelocity",
-    "JiTFlux2KleinKVPipeline",
-    "JiTFlux2KleinPipeline",
-    "JiTFluxKontextPipeline",
-    "JiTFluxFillPipeline",
-    "JiTFluxImg2ImgPipeline",
-    "JiTFluxInpaintPipeline",
-    "JiTFluxControlNetPipeline",
-    "JiTFluxPipeline",
-    "JiTQwenImagePipeline",
-    "JiTStableDiffusion3Pipeline",
-    "QwenImageVelocity",
-    "RASFluxPipeline",
-    "FluxRASVelocity",
-    "SD3Velocity",
-    "enable_ras",
-    "use_ras_attention",
-    "disable_cache_dit",
-    "enable_cache_dit",
-    "enable_jit",
-    "install_anchor_attention",
-    "remove_anchor_attention",
-    "use_anchor_attention",
-    "use_cache_dit",
-]
+__all__ = list(_CLASSES)
