@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import numbers
 import time
 
 import numpy as np
@@ -73,6 +72,7 @@ import jit_kernels as jk
 
 from ..config import JiTConfig
 from ..report import flop_summary
+from ..scalar_checks import check_real
 from .flux1_common import Flux1JiTMixin
 from .velocity import FluxVelocity
 
@@ -261,19 +261,20 @@ def _is_image(image) -> bool:
             and len({type(i) for i in image}) == 1)
 
 
-def _as_list(value, n: int, name: str, check) -> list:
-    """``value`` broadcast to ``n`` entries (a list must have exactly ``n``), each passing ``check``."""
+def _per_condition(value, n: int, name: str) -> list:
+    """``value`` broadcast to ``n`` entries, one per control condition (a list must have exactly ``n``),
+    each a finite real number (:func:`_check_entry`)."""
     items = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(items) != n:
         raise ValueError(f"{name} has {len(items)} entries, expected {n} (one per control condition)")
     for v in items:
-        check(v, name)
+        _check_entry(name, v)
     return items
 
 
-def _check_real(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(float(v)):
-        raise TypeError(f"{name} entries must be finite real numbers, got {v!r}")
+def _check_entry(name: str, value) -> None:
+    """An entry of the per-condition lists: a finite real number, any bad one a ``TypeError``."""
+    check_real(name, value, nonfinite=TypeError)
 
 
 class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
@@ -370,7 +371,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 raise ValueError("for a single FluxControlNetModel, control_mode must be an int or None")
             self._check_modes(nets, [control_mode], "control_mode")
             scale = scale[0] if isinstance(scale, list) and scale else scale
-            _check_real(scale, "controlnet_conditioning_scale")
+            _check_entry("controlnet_conditioning_scale", scale)
             n = 1
         else:
             if not isinstance(control_image, (list, tuple)) or not control_image:
@@ -388,9 +389,9 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 raise ValueError(f"control_mode has {len(modes)} entries for {n} control images")
             self._check_modes(nets, modes, "control_mode")
             control_mode = modes
-            scale = _as_list(scale, n, "controlnet_conditioning_scale", _check_real)
-        starts = _as_list(start, n, "control_guidance_start", _check_real)
-        ends = _as_list(end, n, "control_guidance_end", _check_real)
+            scale = _per_condition(scale, n, "controlnet_conditioning_scale")
+        starts = _per_condition(start, n, "control_guidance_start")
+        ends = _per_condition(end, n, "control_guidance_end")
         for s, e in zip(starts, ends):
             if not 0.0 <= s < e <= 1.0:
                 raise ValueError(f"control guidance window must satisfy 0 <= start < end <= 1, got [{s}, {e}]")
