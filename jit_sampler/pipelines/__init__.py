@@ -4,7 +4,8 @@
 - :mod:`.base`: :class:`~.base.JiTPipelineMixin` (dispatch, schedule, denoising, report) and
   :func:`enable_jit`;
 - :mod:`.flux1_common`: :class:`~.flux1_common.Flux1JiTMixin`, what the FLUX.1 pipelines share
-  (prompt encoding with true CFG, IP-adapter embeddings, the FluxVelocity run, the decode);
+  (prompt encoding with true CFG, and the call tail from the prepared latents to the output:
+  IP-adapter embeddings, the velocity run, the decode, the report);
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein, reference images too);
 - :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
@@ -29,7 +30,7 @@
   cache-dit's DBCache on one JiT pipeline, reset at every stage transition.
 
 A new pipeline is a module here with a class that sets ``_stock_class``; list its module in
-``_MODULES`` (:func:`enable_jit`'s preference order) and its public names in
+``_PIPELINE_MODULES`` (:func:`enable_jit`'s preference order) and its public names in
 ``jit_sampler/_pipeline_names.py`` (the one list both ``jit_sampler`` and this package export).
 """
 
@@ -37,12 +38,12 @@ from __future__ import annotations
 
 import importlib
 
-from .._pipeline_names import PIPELINE_EXPORTS as _CLASSES  # public name -> its module here
+from .._pipeline_names import PIPELINE_EXPORTS as _EXPORTS  # public name -> its module here
 from .attention_processor import AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention, use_anchor_attention
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = (
+_PIPELINE_MODULES = (
     "flux",
     "flux2_klein",
     "flux_kontext",
@@ -56,14 +57,14 @@ _MODULES = (
 
 
 def _load_all() -> None:
-    for m in _MODULES:
+    for m in _PIPELINE_MODULES:
         importlib.import_module(f"{__name__}.{m}")
 
 
 def __getattr__(name):
-    if name in _CLASSES:
-        return getattr(importlib.import_module(f"{__name__}.{_CLASSES[name]}"), name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_CLASSES)
+__all__ = list(_EXPORTS)

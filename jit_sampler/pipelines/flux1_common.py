@@ -4,9 +4,11 @@ The FLUX.1 pipelines of diffusers (text-to-image, Kontext, Img2Img, Inpaint, Fil
 are separate classes (``FluxKontextPipeline`` is not a ``FluxPipeline``), but they encode the
 prompts, shift the schedule, prepare IP-adapter embeddings and decode the latents the same way.
 :class:`Flux1JiTMixin` holds those pieces once, built from each pipeline's public parts
-(``encode_prompt``, ``_unpack_latents``, the VAE and image processor), so that every
-``_jit_call`` reads as its pipeline's own steps. Not registered itself (it sets no
-``_stock_class``).
+(``encode_prompt``, ``_unpack_latents``, the VAE and image processor). Every ``_jit_call``
+checks and prepares its own inputs (prompts, images, masks, control, start latents, schedule)
+and ends in :meth:`Flux1JiTMixin._sample_and_finish`, giving only what differs (a post-step
+blend, condition or reference tokens, a velocity class, an overlay). Not registered itself (it
+sets no ``_stock_class``).
 """
 
 from __future__ import annotations
