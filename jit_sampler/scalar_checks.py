@@ -17,7 +17,7 @@ import operator
 import numpy as np
 import torch
 
-__all__ = ["check_int", "check_real", "check_sigmas", "is_integer"]
+__all__ = ["check_int", "check_real", "check_sigmas", "is_integer", "is_real"]
 
 
 _INT_KINDS = ("int", "integral", "index")
@@ -62,23 +62,28 @@ def check_int(name: str, value, minimum: int | None = 1, *, kind: str = "integra
     return value
 
 
+def is_real(value, kind: str = "real") -> bool:
+    """Whether ``value`` is a real number of ``kind`` (never a bool; finite or not): ``"real"``,
+    ``numbers.Real`` (call arguments); ``"float"``, a Python ``int`` or ``float`` only (config
+    fields, as ``"int"`` in :func:`is_integer`)."""
+    if kind not in ("real", "float"):
+        raise ValueError(f"kind must be 'real' or 'float', got {kind!r}")
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind == "float" else numbers.Real)
+
+
 def check_real(name: str, value, *, allow_none: bool = False, kind: str = "real",
                nonfinite=ValueError) -> float | None:
     """``value`` as a ``float``: a finite real number, not a bool; ``None`` passes (and is returned)
     with ``allow_none``.
 
-    ``kind="real"``: ``numbers.Real`` (call arguments); ``kind="float"``: a Python ``int`` or
-    ``float`` only (config fields, as ``"int"`` in :func:`is_integer`). ``nonfinite`` is the error
+    ``kind`` as in :func:`is_real`. ``nonfinite`` is the error
     a NaN or infinity raises: ``ValueError``, except for the entries of the ControlNet lists
     (``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end``), whose contract is
     one ``TypeError`` ("must be finite real numbers") for any bad entry.
     """
     if value is None and allow_none:
         return None
-    if kind not in ("real", "float"):
-        raise ValueError(f"kind must be 'real' or 'float', got {kind!r}")
-    accepted = (int, float) if kind == "float" else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, accepted):
+    if not is_real(value, kind):
         raise TypeError(f"{name} must be a finite real number, got {type(value).__name__} {value!r}")
     if not math.isfinite(float(value)):
         raise nonfinite(f"{name} must be a finite real number, got {value}")

@@ -72,7 +72,7 @@ import jit_kernels as jk
 
 from ..config import JiTConfig
 from ..report import flop_summary
-from ..scalar_checks import check_real
+from ..scalar_checks import check_real, is_integer
 from .flux1_common import Flux1JiTMixin
 from .velocity import FluxVelocity
 
@@ -353,7 +353,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
     def _check_modes(nets, modes: list, name: str) -> None:
         for k, mode in enumerate(modes):
             net = nets[min(k, len(nets) - 1)]
-            if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
+            if mode is not None and not is_integer(mode, "int"):
                 raise TypeError(f"{name} must be an int or None, got {mode!r}")
             if net.union:
                 n = net.controlnet_mode_embedder.num_embeddings

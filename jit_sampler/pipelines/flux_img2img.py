@@ -40,7 +40,6 @@ tokens, masked or not, stay in the JiT active sets.
 from __future__ import annotations
 
 import inspect
-import numbers
 import time
 
 import numpy as np
@@ -49,6 +48,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
+from ..scalar_checks import check_int, is_real
 from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
@@ -78,7 +78,7 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
     @staticmethod
     def _check_strength(strength) -> None:
         """A real number in [0, 1] (the stock check lets NaN through and fails on ``None`` with a bare TypeError)."""
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        if not is_real(strength):
             raise TypeError(f"strength must be a number in [0, 1], got {type(strength).__name__}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
@@ -110,9 +110,7 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
         if sigmas is not None:
             n = len(sigmas)
         elif explicit_steps:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
-                raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-            n = int(num_inference_steps)
+            n = check_int("num_inference_steps", num_inference_steps, minimum=None)
         else:
             n = cfg.total_steps
         if n < 1:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import time
 
 import torch
@@ -31,6 +30,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 from diffusers.utils import logging
 
 from ..config import JiTConfig
+from ..scalar_checks import is_real
 from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
@@ -74,7 +74,7 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
         rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
-        if isinstance(max_area, bool) or not isinstance(max_area, numbers.Real):
+        if not is_real(max_area):
             raise TypeError(f"max_area must be a number of pixels, got {type(max_area).__name__}")
         if not (math.isfinite(max_area) and max_area > 0):
             raise ValueError(f"max_area must be a positive number of pixels, got {max_area}")
