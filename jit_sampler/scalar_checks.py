@@ -27,8 +27,8 @@ def is_integer(value, kind: str = "integral") -> bool:
     """Whether ``value`` is an integer of ``kind`` (never a bool).
 
     - ``"int"``: a Python ``int``. Config fields (:class:`~jit_sampler.JiTConfig`,
-      :class:`~jit_sampler.RASConfig`): a config stores them as given and is compared, hashed and
-      printed, so a NumPy integer would not be the same value there;
+      :class:`~jit_sampler.RASConfig`) and the schedules' step counts: a config keeps its fields
+      as given, in their documented Python types;
     - ``"integral"``: ``numbers.Integral`` (``int``, NumPy integers). Pipeline call arguments:
       used at once; a tensor would reach the stock pipeline's own code;
     - ``"index"``: anything ``operator.index`` takes, 0-dim integer tensors included. The
@@ -64,8 +64,8 @@ def check_int(name: str, value, minimum: int | None = 1, *, kind: str = "integra
 
 def is_real(value, kind: str = "real") -> bool:
     """Whether ``value`` is a real number of ``kind`` (never a bool; finite or not): ``"real"``,
-    ``numbers.Real`` (call arguments); ``"float"``, a Python ``int`` or ``float`` only (config
-    fields, as ``"int"`` in :func:`is_integer`)."""
+    ``numbers.Real`` (call arguments); ``"float"``, a Python ``int`` or ``float`` only (the
+    documented types of config fields, as ``"int"`` in :func:`is_integer`)."""
     if kind not in ("real", "float"):
         raise ValueError(f"kind must be 'real' or 'float', got {kind!r}")
     return not isinstance(value, bool) and isinstance(value, (int, float) if kind == "float" else numbers.Real)
