@@ -37,35 +37,7 @@ from .report import JiTReport
 from .ras import RASConfig, RASFinalStage, RASKVCache, RASReport, ras_sample
 from .sampler import JiTPlan, VelocityFn, jit_sample, make_plan
 from .schedule import beta_sigmas, linear_sigmas
-
-_PIPELINE_NAMES = (
-    "AnchorAttnProcessor",
-    "FluxControlNetVelocity",
-    "FluxVelocity",
-    "JiTFlux2KleinKVPipeline",
-    "JiTFlux2KleinPipeline",
-    "JiTFluxKontextPipeline",
-    "JiTFluxFillPipeline",
-    "JiTFluxImg2ImgPipeline",
-    "JiTFluxInpaintPipeline",
-    "JiTFluxControlNetPipeline",
-    "JiTFluxPipeline",
-    "JiTQwenImagePipeline",
-    "JiTStableDiffusion3Pipeline",
-    "QwenImageVelocity",
-    "RASFluxPipeline",
-    "FluxRASVelocity",
-    "SD3Velocity",
-    "enable_ras",
-    "use_ras_attention",
-    "disable_cache_dit",
-    "enable_cache_dit",
-    "enable_jit",
-    "install_anchor_attention",
-    "remove_anchor_attention",
-    "use_anchor_attention",
-    "use_cache_dit",
-)
+from ._pipeline_names import PIPELINE_EXPORTS as _PIPELINE_NAMES  # jit_sampler.pipelines' names, loaded on first use
 
 
 def __getattr__(name):

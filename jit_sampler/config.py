@@ -36,6 +36,7 @@ import torch
 
 import jit_kernels as jk
 
+from .scalar_checks import is_integer
 from .schedule import StageLayout, resolve_stages
 
 __all__ = ["JiTConfig", "PRESETS", "STAGE_RATIOS", "available_presets"]
@@ -52,8 +53,8 @@ _ORDERS = ("sorted", "insertion")
 
 
 def is_int_at_least(value, lowest: int) -> bool:
-    """``value`` is a real ``int`` (not a bool) and ``>= lowest``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+    """``value`` is a Python ``int`` (not a bool; :func:`~jit_sampler.scalar_checks.is_integer`) and ``>= lowest``."""
+    return is_integer(value, "int") and value >= lowest
 
 
 def _err(name: str, msg: str) -> ValueError:

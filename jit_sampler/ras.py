@@ -34,7 +34,7 @@ import torch
 import jit_kernels as jk
 
 from .report import JiTReport
-from .sampler import _check_sigmas, _grid_size
+from .scalar_checks import check_int, check_real, check_sigmas
 
 __all__ = ["RASConfig", "RASKVCache", "RASReport", "RASFinalStage", "ras_sample", "skip_counts"]
 
@@ -42,19 +42,13 @@ _METRICS = ("std", "l2norm")
 
 
 def _int(name: str, value, low: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"RASConfig.{name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"RASConfig.{name} must be >= {low}, got {value}")
-    return value
+    """A RASConfig int field (a Python int, :func:`~jit_sampler.scalar_checks.is_integer`)."""
+    return check_int(f"RASConfig.{name}", value, low, kind="int")
 
 
 def _float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"RASConfig.{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"RASConfig.{name} must be finite, got {value}")
-    return float(value)
+    """A RASConfig float field (a Python int or float)."""
+    return check_real(f"RASConfig.{name}", value, kind="float")
 
 
 @dataclass(frozen=True)
@@ -319,7 +313,7 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
     config = RASConfig() if config is None else config
     if not isinstance(config, RASConfig):
         raise TypeError(f"config must be a RASConfig, got {type(config).__name__}")
-    height, width = _grid_size("height", height), _grid_size("width", width)
+    height, width = check_int("height", height, kind="index"), check_int("width", width, kind="index")
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         raise TypeError("latents must be a floating-point tensor")
     n = height * width
@@ -329,7 +323,7 @@ def ras_sample(velocity_fn, latents: torch.Tensor, height: int, width: int, sigm
     patch = math.isqrt(pp)
     if patch * patch != pp or latents.shape[2] % pp:
         raise ValueError(f"pixels_per_token ({pp}) must be a square dividing the token width {latents.shape[2]}")
-    sig = _check_sigmas(sigmas, config.num_steps)
+    sig = check_sigmas(sigmas, config.num_steps)
     skips = skip_counts(config, n, (height, width))
     channels = latents.shape[2] // pp
     steps = config.num_steps

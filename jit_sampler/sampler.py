@@ -26,8 +26,6 @@ anyway, and rounding the full latent to bf16 every step is what a scheduler avoi
 from __future__ import annotations
 
 import contextlib
-import math
-import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -39,6 +37,7 @@ import jit_kernels as jk
 from .anchors import activate_tokens, initial_anchors, merge_active
 from .config import JiTConfig
 from .report import JiTReport
+from .scalar_checks import check_int, check_sigmas
 from .schedule import stage_layout
 
 __all__ = ["VelocityFn", "JiTPlan", "make_plan", "jit_sample", "draw_normal"]
@@ -99,41 +98,6 @@ class JiTPlan:
         return 0 < i < self.steps and self.stage_of_step[i] != self.stage_of_step[i - 1]
 
 
-def _grid_size(name: str, value) -> int:
-    """``height`` / ``width``: an integer (``int`` or anything with ``__index__``, not a bool) ``>= 1``."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    try:
-        value = operator.index(value)
-    except TypeError as exc:  # e.g. a floating 0-dim tensor
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from exc
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _check_sigmas(sigmas, total_steps: int) -> tuple[float, ...]:
-    """``total_steps + 1`` finite floats in [0, 1], non-increasing."""
-    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
-        raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
-    sig = []
-    for s in sigmas:
-        if isinstance(s, (str, bytes, bool)):
-            raise TypeError(f"sigmas must be a sequence of floats, got an element {s!r}")
-        try:
-            sig.append(float(s))
-        except (TypeError, ValueError, RuntimeError) as exc:  # complex, a multi-element tensor, ...
-            raise TypeError(f"sigmas must be a sequence of floats, got an element of type {type(s).__name__}") from exc
-    sig = tuple(sig)
-    if len(sig) != total_steps + 1:
-        raise ValueError(f"sigmas must have total_steps + 1 = {total_steps + 1} entries, got {len(sig)}")
-    if not all(math.isfinite(s) for s in sig):
-        raise ValueError(f"sigmas must be finite, got {sig}")
-    if any(not 0.0 <= s <= 1.0 for s in sig) or any(b > a for a, b in zip(sig, sig[1:])):
-        raise ValueError(f"sigmas must be non-increasing and in [0, 1], got {sig}")
-    return sig
-
-
 def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float]) -> JiTPlan:
     """Check ``sigmas`` (``total_steps + 1`` floats, non-increasing, in [0, 1]) and lay out the stages.
 
@@ -143,8 +107,8 @@ def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float
     """
     if not isinstance(config, JiTConfig):
         raise TypeError(f"config must be a JiTConfig, got {type(config).__name__}")
-    height, width = _grid_size("height", height), _grid_size("width", width)
-    sig = _check_sigmas(sigmas, config.total_steps)
+    height, width = check_int("height", height, kind="index"), check_int("width", width, kind="index")
+    sig = check_sigmas(sigmas, config.total_steps)
     return JiTPlan(height, width, tuple(config.token_counts(height * width)),
                    tuple(stage_layout(config.total_steps, config.stage_ratios)), sig)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .scalar_checks import is_integer
+
 __all__ = ["beta_cdf", "beta_ppf", "beta_sigmas", "linear_sigmas", "StageLayout", "resolve_stages", "stage_layout"]
 
 
@@ -84,7 +86,7 @@ def beta_sigmas(num_steps: int, alpha: float = 1.4, beta: float = 0.425) -> list
     ``s_min = 1/n``, ``s_max = 1`` (diffusers' ``use_beta_sigmas`` on ``linspace(1, 1/n, n)``),
     then ``sigma_n = 0``. ``n = 1`` gives ``[1, 0]``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+    if not is_integer(num_steps, "int") or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     n = num_steps
     if n == 1:
@@ -96,7 +98,7 @@ def beta_sigmas(num_steps: int, alpha: float = 1.4, beta: float = 0.425) -> list
 
 def linear_sigmas(num_steps: int) -> list[float]:
     """FLUX's unshifted default ``linspace(1, 1/n, n)`` plus a final 0: ``num_steps + 1`` floats."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+    if not is_integer(num_steps, "int") or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     n = num_steps
     return [1.0 - j * (1.0 - 1.0 / n) / max(n - 1, 1) for j in range(n)] + [0.0]

@@ -4,7 +4,8 @@
 - :mod:`.base`: :class:`~.base.JiTPipelineMixin` (dispatch, schedule, denoising, report) and
   :func:`enable_jit`;
 - :mod:`.flux1_common`: :class:`~.flux1_common.Flux1JiTMixin`, what the FLUX.1 pipelines share
-  (prompt encoding with true CFG, IP-adapter embeddings, the FluxVelocity run, the decode);
+  (prompt encoding with true CFG, and the call tail from the prepared latents to the output:
+  IP-adapter embeddings, the velocity run, the decode, the report);
 - :mod:`.flux`: :class:`JiTFluxPipeline` (FLUX.1 text-to-image);
 - :mod:`.flux2_klein`: :class:`JiTFlux2KleinPipeline` (FLUX.2-klein, reference images too);
 - :mod:`.flux_kontext`: :class:`JiTFluxKontextPipeline` (FLUX.1 Kontext, a reference image);
@@ -28,19 +29,21 @@
 - :mod:`.cache_dit`: :func:`enable_cache_dit` / :func:`disable_cache_dit` / :func:`use_cache_dit`,
   cache-dit's DBCache on one JiT pipeline, reset at every stage transition.
 
-A new pipeline is a module here with a class that
-sets ``_stock_class``; list its module in ``_MODULES`` so :func:`enable_jit` knows it.
+A new pipeline is a module here with a class that sets ``_stock_class``; list its module in
+``_PIPELINE_MODULES`` (:func:`enable_jit`'s preference order) and its public names in
+``jit_sampler/_pipeline_names.py`` (the one list both ``jit_sampler`` and this package export).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from .._pipeline_names import PIPELINE_EXPORTS as _EXPORTS  # public name -> its module here
 from .attention_processor import AnchorAttnProcessor, install_anchor_attention, remove_anchor_attention, use_anchor_attention
 from .base import enable_jit
 from .velocity import FluxVelocity
 
-_MODULES = (
+_PIPELINE_MODULES = (
     "flux",
     "flux2_klein",
     "flux_kontext",
@@ -51,67 +54,17 @@ _MODULES = (
     "flux_controlnet",
     "sd3",
 )
-_CLASSES = {
-    "JiTFluxPipeline": "flux",
-    "JiTFlux2KleinPipeline": "flux2_klein",
-    "JiTFluxKontextPipeline": "flux_kontext",
-    "JiTFlux2KleinKVPipeline": "flux2_klein_kv",
-    "JiTQwenImagePipeline": "qwen_image",
-    "QwenImageVelocity": "qwen_image",
-    "JiTFluxImg2ImgPipeline": "flux_img2img",
-    "JiTFluxInpaintPipeline": "flux_img2img",
-    "JiTFluxFillPipeline": "flux_fill",
-    "JiTFluxControlNetPipeline": "flux_controlnet",
-    "FluxControlNetVelocity": "flux_controlnet",
-    "JiTStableDiffusion3Pipeline": "sd3",
-    "SD3Velocity": "sd3",
-    "RASFluxPipeline": "ras_pipelines",
-    "FluxRASVelocity": "ras_pipelines",
-    "enable_ras": "ras_pipelines",
-    "use_ras_attention": "ras_attention",
-    # cache-dit integration (the cache-dit package itself is imported on first use)
-    "enable_cache_dit": "cache_dit",
-    "disable_cache_dit": "cache_dit",
-    "use_cache_dit": "cache_dit",
-}
 
 
 def _load_all() -> None:
-    for m in _MODULES:
+    for m in _PIPELINE_MODULES:
         importlib.import_module(f"{__name__}.{m}")
 
 
 def __getattr__(name):
-    if name in _CLASSES:
-        return getattr(importlib.import_module(f"{__name__}.{_CLASSES[name]}"), name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "AnchorAttnProcessor",
-    "FluxControlNetVelocity",
-    "FluxVelocity",
-    "JiTFlux2KleinKVPipeline",
-    "JiTFlux2KleinPipeline",
-    "JiTFluxKontextPipeline",
-    "JiTFluxFillPipeline",
-    "JiTFluxImg2ImgPipeline",
-    "JiTFluxInpaintPipeline",
-    "JiTFluxControlNetPipeline",
-    "JiTFluxPipeline",
-    "JiTQwenImagePipeline",
-    "JiTStableDiffusion3Pipeline",
-    "QwenImageVelocity",
-    "RASFluxPipeline",
-    "FluxRASVelocity",
-    "SD3Velocity",
-    "enable_ras",
-    "use_ras_attention",
-    "disable_cache_dit",
-    "enable_cache_dit",
-    "enable_jit",
-    "install_anchor_attention",
-    "remove_anchor_attention",
-    "use_anchor_attention",
-    "use_cache_dit",
-]
+__all__ = list(_EXPORTS)

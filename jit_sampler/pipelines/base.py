@@ -325,10 +325,10 @@ def enable_jit(pipe, jit: Any = "4x"):
     :func:`_share`. Its ``save_pretrained`` writes a stock folder (``to_json_string``).
     """
     cfg = JiTConfig.coerce(jit)
-    from . import _MODULES, _load_all  # every JiT pipeline module registers its class on import
+    from . import _PIPELINE_MODULES, _load_all  # every JiT pipeline module registers its class on import
 
     _load_all()
-    order = {f"{__package__}.{m}": k for k, m in enumerate(_MODULES)}  # the package's own classes first
+    order = {f"{__package__}.{m}": k for k, m in enumerate(_PIPELINE_MODULES)}  # the package's own classes first
     known = sorted(_REGISTRY, key=lambda c: order.get(c.__module__, len(order)))
     mro = type(pipe).__mro__
     candidates = [c for c in known if isinstance(pipe, c._stock_class)]

@@ -15,51 +15,16 @@ arguments only it has (images, masks, the expected latent shape).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from ..scalar_checks import check_int, check_real, check_sigmas
+
 __all__ = ["check_call_arguments", "check_image_input", "check_latents_shape", "check_preprocessed",
            "check_int", "check_scheduler", "check_token_bucket_backend", "effective_batch",
            "ignored_sigma_options"]
-
-
-def check_int(name: str, value, minimum: int = 1) -> None:
-    """``value`` is an int (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_sigmas(sigmas) -> None:
-    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
-        raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
-    values = sigmas.tolist() if isinstance(sigmas, (np.ndarray, torch.Tensor)) else list(sigmas)
-    if not values:
-        raise ValueError("sigmas must hold at least one value, got an empty sequence")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"sigmas must be real numbers, got {type(v).__name__} {v!r}")
-    # The scheduler's shift is monotonic and maps [0, 1] onto itself: anything else would leave the
-    # flow's time range (jit_sample refuses it after the encoders ran; Qwen's terminal stretch even
-    # turns increasing sigmas into negative ones and runs).
-    if not all(math.isfinite(float(v)) and 0.0 <= v <= 1.0 for v in values) or any(
-            b > a for a, b in zip(values, values[1:])):
-        raise ValueError(f"sigmas must be finite, in [0, 1] and non-increasing, got {values}")
-
-
-def _check_real(name: str, value, *, allow_none: bool = False) -> None:
-    """A finite real number (``None`` only where the stock default is ``None``)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _check_tensor(name: str, value, dims: tuple) -> None:
@@ -121,14 +86,14 @@ def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
     if explicit_steps and "num_inference_steps" in a:
         check_int("num_inference_steps", a["num_inference_steps"])
     if a.get("sigmas") is not None:
-        _check_sigmas(a["sigmas"])
+        check_sigmas(a["sigmas"])
     if "num_images_per_prompt" in a:
         check_int("num_images_per_prompt", a["num_images_per_prompt"])
     if a.get("max_sequence_length") is not None:
         check_int("max_sequence_length", a["max_sequence_length"])
     for key in ("guidance_scale", "true_cfg_scale"):
         if key in a:
-            _check_real(key, a[key], allow_none=pipe._stock_call.parameters[key].default is None)
+            check_real(key, a[key], allow_none=pipe._stock_call.parameters[key].default is None)
     ip_args = [k for k in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
                            "negative_ip_adapter_image_embeds") if a.get(k) is not None]
     if ip_args and getattr(pipe.transformer, "encoder_hid_proj", None) is None:

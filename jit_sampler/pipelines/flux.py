@@ -15,7 +15,6 @@ import time
 
 import torch
 from diffusers import FluxPipeline
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from ..config import JiTConfig
 from .flux1_common import Flux1JiTMixin
@@ -70,7 +69,6 @@ class JiTFluxPipeline(Flux1JiTMixin, FluxPipeline):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total)
-        t_encoded = time.perf_counter()
 
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(batch_size * num_images_per_prompt, num_channels_latents,
@@ -80,19 +78,11 @@ class JiTFluxPipeline(Flux1JiTMixin, FluxPipeline):
         grid_h, grid_w = self._token_grid(height, width)
 
         cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
-        image_embeds, negative_image_embeds = self._ip_adapter_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-            width, height, device, total)
-
-        latents, report = self._run(
-            cfg, sig, latents=latents, latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
-            negative=negative, true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, device=device,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, generator=generator,
-            callback_on_step_end=callback_on_step_end,
+        return self._sample_and_finish(
+            cfg, sig, t0, (prompt_embeds, pooled_prompt_embeds, text_ids, negative), latents=latents,
+            latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w, height=height, width=width, total=total,
+            device=device, generator=generator, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            ip_adapter=(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                        negative_ip_adapter_image_embeds),
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        t_sampled = time.perf_counter()
-        image = self._decode_latents(latents, height, width, output_type)
-        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
-                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
-                                 output_class=FluxPipelineOutput)

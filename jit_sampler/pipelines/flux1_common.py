@@ -4,16 +4,21 @@ The FLUX.1 pipelines of diffusers (text-to-image, Kontext, Img2Img, Inpaint, Fil
 are separate classes (``FluxKontextPipeline`` is not a ``FluxPipeline``), but they encode the
 prompts, shift the schedule, prepare IP-adapter embeddings and decode the latents the same way.
 :class:`Flux1JiTMixin` holds those pieces once, built from each pipeline's public parts
-(``encode_prompt``, ``_unpack_latents``, the VAE and image processor), so that every
-``_jit_call`` reads as its pipeline's own steps. Not registered itself (it sets no
-``_stock_class``).
+(``encode_prompt``, ``_unpack_latents``, the VAE and image processor). Every ``_jit_call``
+checks and prepares its own inputs (prompts, images, masks, control, start latents, schedule)
+and ends in :meth:`Flux1JiTMixin._sample_and_finish`, giving only what differs (a post-step
+blend, condition or reference tokens, a velocity class, an overlay). Not registered itself (it
+sets no ``_stock_class``).
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from ..config import JiTConfig
 from .attention_processor import use_anchor_attention
@@ -112,25 +117,54 @@ class Flux1JiTMixin(JiTPipelineMixin):
             return None
         return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
 
-    def _run(self, cfg: JiTConfig, sig, *, latents, latent_image_ids, grid_h, grid_w,
-             prompt_embeds, pooled_prompt_embeds, text_ids, negative, true_cfg_scale, guidance_scale, device,
-             image_embeds, negative_image_embeds, generator, callback_on_step_end, callback_on_step_end_tensor_inputs,
-             post_step=None, cond_tokens=None, ref_tokens=None, ref_ids=None):
-        """Denoise the prepared packed ``latents`` along ``sig`` with :class:`FluxVelocity`
-        (``cond_tokens`` / ``ref_tokens`` / ``ref_ids`` as it takes them); returns them with the report."""
+    def _sample_and_finish(self, cfg: JiTConfig, sig, t0: float, encoded, *, latents, latent_image_ids, grid_h,
+                           grid_w, height, width, total, device, generator, guidance_scale, output_type, return_dict,
+                           callback_on_step_end, callback_on_step_end_tensor_inputs, true_cfg_scale: float = 1.0,
+                           ip_adapter=(None, None, None, None), post_step=None, cond_tokens=None, ref_tokens=None,
+                           ref_ids=None, velocity_class=FluxVelocity, velocity_kwargs=None, postprocess=None,
+                           extend_report=None):
+        """The end of every FLUX.1 ``_jit_call``, from the prepared packed ``latents`` to the returned output.
+
+        ``encoded``: ``(prompt_embeds, pooled, text_ids, negative)`` of :meth:`_encode_prompts`;
+        ``ip_adapter``: the call's ``(ip_adapter_image, ip_adapter_image_embeds,
+        negative_ip_adapter_image, negative_ip_adapter_image_embeds)``. In order: the IP-adapter
+        embeddings (:meth:`_ip_adapter_embeds`), the end of the encode phase, the velocity
+        (``velocity_class``, :class:`FluxVelocity` unless a pipeline brings its own, with its
+        ``velocity_kwargs``; ``cond_tokens`` / ``ref_tokens`` / ``ref_ids`` as FluxVelocity takes them),
+        :meth:`_denoise` (``post_step`` as it takes it), :meth:`_decode_latents` at ``height x width``,
+        ``postprocess(image) -> image`` when given (inpainting's overlay), :meth:`_finish_call`
+        (reference tokens counted per call) and ``extend_report(report, velocity)`` when given.
+        """
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = encoded
+        image_embeds, negative_image_embeds = self._ip_adapter_embeds(*ip_adapter, width, height, device, total)
+        t_encoded = time.perf_counter()
         self._num_timesteps = cfg.total_steps
         guidance = self._guidance(guidance_scale, device, latents.shape[0])
         if self._joint_attention_kwargs is None:
             self._joint_attention_kwargs = {}
         timesteps, set_timestep = self._timesteps(sig, device)
-        velocity = FluxVelocity(self.transformer, prompt_embeds, pooled_prompt_embeds, text_ids, latent_image_ids,
-                                guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
-                                joint_attention_kwargs=self._joint_attention_kwargs, image_embeds=image_embeds,
-                                negative_image_embeds=negative_image_embeds if negative is not None else None,
-                                pre_call=set_timestep, backend=cfg.backend, token_bucket=cfg.token_bucket,
-                                ref_tokens=ref_tokens, ref_ids=ref_ids, cond_tokens=cond_tokens)
-        return self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=post_step)
+        velocity = velocity_class(transformer=self.transformer, prompt_embeds=prompt_embeds,
+                                  pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
+                                  img_ids=latent_image_ids, guidance=guidance, negative=negative,
+                                  true_cfg_scale=true_cfg_scale, joint_attention_kwargs=self._joint_attention_kwargs,
+                                  image_embeds=image_embeds,
+                                  negative_image_embeds=negative_image_embeds if negative is not None else None,
+                                  pre_call=set_timestep, backend=cfg.backend, token_bucket=cfg.token_bucket,
+                                  ref_tokens=ref_tokens, ref_ids=ref_ids, cond_tokens=cond_tokens,
+                                  **(velocity_kwargs or {}))
+        latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
+                                        callback_on_step_end, callback_on_step_end_tensor_inputs, post_step=post_step)
+        t_sampled = time.perf_counter()
+        image = self._decode_latents(latents, height, width, output_type)
+        if postprocess is not None:
+            image = postprocess(image)
+        out = self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
+                                calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
+                                output_class=FluxPipelineOutput,
+                                ref_tokens=0 if ref_tokens is None else ref_tokens.shape[1])
+        if extend_report is not None:
+            extend_report(report, velocity)
+        return out
 
     def _decode_latents(self, latents, height, width, output_type):
         """Packed latents -> the pipeline's output as stock: the latents themselves for ``"latent"``,

@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import numbers
 import time
 
 import numpy as np
@@ -68,12 +67,12 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline
 from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 import jit_kernels as jk
 
 from ..config import JiTConfig
 from ..report import flop_summary
+from ..scalar_checks import check_real, is_integer
 from .flux1_common import Flux1JiTMixin
 from .velocity import FluxVelocity
 
@@ -262,19 +261,20 @@ def _is_image(image) -> bool:
             and len({type(i) for i in image}) == 1)
 
 
-def _as_list(value, n: int, name: str, check) -> list:
-    """``value`` broadcast to ``n`` entries (a list must have exactly ``n``), each passing ``check``."""
+def _per_condition(value, n: int, name: str) -> list:
+    """``value`` broadcast to ``n`` entries, one per control condition (a list must have exactly ``n``),
+    each a finite real number (:func:`_check_entry`)."""
     items = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(items) != n:
         raise ValueError(f"{name} has {len(items)} entries, expected {n} (one per control condition)")
     for v in items:
-        check(v, name)
+        _check_entry(name, v)
     return items
 
 
-def _check_real(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(float(v)):
-        raise TypeError(f"{name} entries must be finite real numbers, got {v!r}")
+def _check_entry(name: str, value) -> None:
+    """An entry of the per-condition lists: a finite real number, any bad one a ``TypeError``."""
+    check_real(name, value, nonfinite=TypeError)
 
 
 class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
@@ -353,7 +353,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
     def _check_modes(nets, modes: list, name: str) -> None:
         for k, mode in enumerate(modes):
             net = nets[min(k, len(nets) - 1)]
-            if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
+            if mode is not None and not is_integer(mode, "int"):
                 raise TypeError(f"{name} must be an int or None, got {mode!r}")
             if net.union:
                 n = net.controlnet_mode_embedder.num_embeddings
@@ -371,7 +371,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 raise ValueError("for a single FluxControlNetModel, control_mode must be an int or None")
             self._check_modes(nets, [control_mode], "control_mode")
             scale = scale[0] if isinstance(scale, list) and scale else scale
-            _check_real(scale, "controlnet_conditioning_scale")
+            _check_entry("controlnet_conditioning_scale", scale)
             n = 1
         else:
             if not isinstance(control_image, (list, tuple)) or not control_image:
@@ -389,9 +389,9 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 raise ValueError(f"control_mode has {len(modes)} entries for {n} control images")
             self._check_modes(nets, modes, "control_mode")
             control_mode = modes
-            scale = _as_list(scale, n, "controlnet_conditioning_scale", _check_real)
-        starts = _as_list(start, n, "control_guidance_start", _check_real)
-        ends = _as_list(end, n, "control_guidance_end", _check_real)
+            scale = _per_condition(scale, n, "controlnet_conditioning_scale")
+        starts = _per_condition(start, n, "control_guidance_start")
+        ends = _per_condition(end, n, "control_guidance_end")
         for s, e in zip(starts, ends):
             if not 0.0 <= s < e <= 1.0:
                 raise ValueError(f"control guidance window must satisfy 0 <= start < end <= 1, got [{s}, {e}]")
@@ -479,7 +479,6 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
         else:
             modes = None if control_mode is None else \
                 torch.tensor(control_mode).to(device, dtype=torch.long).view(-1, 1).expand(total, 1)
-        t_encoded = time.perf_counter()
 
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(total, num_channels_latents, height, width,
@@ -493,36 +492,26 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
                 for i in range(steps)]
         keep = keep if multi else [k[0] for k in keep]
 
-        image_embeds, negative_image_embeds = self._ip_adapter_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-            width, height, device, total)
-        if self._joint_attention_kwargs is None:
-            self._joint_attention_kwargs = {}
+        def extend_report(report, velocity):
+            self._controlnet_report(report, velocity, nets, grid_h * grid_w, prompt_embeds.shape[1])
 
-        timesteps, set_timestep = self._timesteps(sig, device)
-        velocity = FluxControlNetVelocity(
-            self.transformer, self.controlnet, control if multi else control[0], prompt_embeds, pooled_prompt_embeds,
-            text_ids, latent_image_ids, control_mode=modes, conditioning_scale=scale, controlnet_keep=keep,
-            controlnet_guidance=self._guidance(guidance_scale, device, total, nets[0]),
-            blocks_repeat=hint_nets is not None, hint_nets=hint_nets,
-            guidance=self._guidance(guidance_scale, device, total), negative=negative,
-            true_cfg_scale=true_cfg_scale, joint_attention_kwargs=self._joint_attention_kwargs,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds if negative is not None else None,
-            pre_call=set_timestep, backend=cfg.backend)
-
-        latents, report = self._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
-                                        callback_on_step_end, callback_on_step_end_tensor_inputs)
-        t_sampled = time.perf_counter()
-
-        image = self._decode_latents(latents, height, width, output_type)
-        out = self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
-                                calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
-                                output_class=FluxPipelineOutput)
-        self._controlnet_report(report, velocity, nets, grid_h * grid_w, prompt_embeds.shape[1])
-        return out
+        return self._sample_and_finish(
+            cfg, sig, t0, (prompt_embeds, pooled_prompt_embeds, text_ids, negative), latents=latents,
+            latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w, height=height, width=width, total=total,
+            device=device, generator=generator, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            ip_adapter=(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                        negative_ip_adapter_image_embeds),
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            velocity_class=FluxControlNetVelocity,
+            velocity_kwargs=dict(controlnet=self.controlnet, control=control if multi else control[0],
+                                 control_mode=modes, conditioning_scale=scale, controlnet_keep=keep,
+                                 controlnet_guidance=self._guidance(guidance_scale, device, total, nets[0]),
+                                 blocks_repeat=hint_nets is not None, hint_nets=hint_nets),
+            extend_report=extend_report)
 
     def _denoise(self, velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps, callback_on_step_end,
-                 callback_on_step_end_tensor_inputs):
+                 callback_on_step_end_tensor_inputs, post_step=None):
         """The mixin's loop; a callback that asks for ``control_image`` gets the packed control latents
         and may return replacements (as in the stock pipeline)."""
         inputs = list(callback_on_step_end_tensor_inputs or [])
@@ -539,7 +528,7 @@ class JiTFluxControlNetPipeline(Flux1JiTMixin, FluxControlNetPipeline):
 
             inputs = [k for k in inputs if k != "control_image"]
         return super()._denoise(velocity, latents, grid_h, grid_w, sig, cfg, generator, timesteps,
-                                callback_on_step_end, inputs)
+                                callback_on_step_end, inputs, post_step=post_step)
 
     @staticmethod
     def _controlnet_report(report, velocity: FluxControlNetVelocity, nets, num_tokens: int, text_tokens: int):

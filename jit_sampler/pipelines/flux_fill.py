@@ -25,7 +25,6 @@ import time
 
 import torch
 from diffusers import FluxFillPipeline
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from ..config import JiTConfig
 from .checks import check_image_input, check_latents_shape, check_preprocessed
@@ -102,11 +101,11 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
             mask_pre = self.mask_processor.preprocess(mask_image, height=height, width=width)
             check_preprocessed("mask_image", mask_pre, (1,), total, "masks")
 
-        prompt_embeds, pooled_prompt_embeds, text_ids, _ = self._encode_prompts(
+        encoded = self._encode_prompts(
             prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total)
-        dtype = prompt_embeds.dtype
+        dtype = encoded[0].dtype
         latents, latent_image_ids = self._start_latents(init_image, latents, c, height, width, total, dtype, device,
                                                         generator, sig[0])
         if masked_image_latents is not None:
@@ -118,15 +117,10 @@ class JiTFluxFillPipeline(_JiTFluxImageMixin, FluxFillPipeline):
                                                      ih, iw, dtype, device, generator)
             cond = torch.cat((masked, mask), dim=-1)
             height, width = ih, iw  # as the stock call: decode at the preprocessed size
-        t_encoded = time.perf_counter()
-
-        latents, report = self._run(
-            cfg, sig, latents=latents, latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
-            negative=None, true_cfg_scale=1.0, guidance_scale=guidance_scale, device=device, image_embeds=None,
-            negative_image_embeds=None, generator=generator, callback_on_step_end=callback_on_step_end,
+        # no negative prompt (negative is None) and no IP-adapter: one transformer call per step
+        return self._sample_and_finish(
+            cfg, sig, t0, encoded, latents=latents, latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w,
+            height=height, width=width, total=total, device=device, generator=generator,
+            guidance_scale=guidance_scale, output_type=output_type, return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, cond_tokens=cond)
-        t_sampled = time.perf_counter()
-        image = self._decode_latents(latents, height, width, output_type)
-        return self._finish_call(report, image, (t0, t_encoded, t_sampled), n_tokens, prompt_embeds.shape[1],
-                                 calls_per_step=1, return_dict=return_dict, output_class=FluxPipelineOutput)

@@ -40,16 +40,15 @@ tokens, masked or not, stay in the JiT active sets.
 from __future__ import annotations
 
 import inspect
-import numbers
 import time
 
 import numpy as np
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import JiTConfig
+from ..scalar_checks import check_int, is_real
 from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
@@ -79,7 +78,7 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
     @staticmethod
     def _check_strength(strength) -> None:
         """A real number in [0, 1] (the stock check lets NaN through and fails on ``None`` with a bare TypeError)."""
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        if not is_real(strength):
             raise TypeError(f"strength must be a number in [0, 1], got {type(strength).__name__}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
@@ -111,9 +110,7 @@ class _JiTFluxImageMixin(Flux1JiTMixin):
         if sigmas is not None:
             n = len(sigmas)
         elif explicit_steps:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
-                raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-            n = int(num_inference_steps)
+            n = check_int("num_inference_steps", num_inference_steps, minimum=None)
         else:
             n = cfg.total_steps
         if n < 1:
@@ -236,23 +233,14 @@ class JiTFluxImg2ImgPipeline(_JiTFluxImageMixin, FluxImg2ImgPipeline):
         latents, latent_image_ids = self._start_latents(init_image, latents, self.transformer.config.in_channels // 4,
                                                         height, width, total, prompt_embeds.dtype, device, generator,
                                                         sig[0])
-        image_embeds, negative_image_embeds = self._ip_adapter_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-            width, height, device, total)
-        t_encoded = time.perf_counter()
-
-        latents, report = self._run(
-            cfg, sig, latents=latents, latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
-            negative=negative, true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, device=device,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, generator=generator,
-            callback_on_step_end=callback_on_step_end,
+        return self._sample_and_finish(
+            cfg, sig, t0, (prompt_embeds, pooled_prompt_embeds, text_ids, negative), latents=latents,
+            latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w, height=height, width=width, total=total,
+            device=device, generator=generator, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            ip_adapter=(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                        negative_ip_adapter_image_embeds),
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        t_sampled = time.perf_counter()
-        image = self._decode_latents(latents, height, width, output_type)
-        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
-                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
-                                 output_class=FluxPipelineOutput)
 
 
 class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
@@ -338,10 +326,6 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
         masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask, _ = self.prepare_mask_latents(mask_condition, masked_image, batch_size, c, num_images_per_prompt,
                                             height, width, dtype, device, generator)
-        image_embeds, negative_image_embeds = self._ip_adapter_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-            width, height, device, total)
-        t_encoded = time.perf_counter()
 
         last = cfg.total_steps - 1
 
@@ -350,17 +334,15 @@ class JiTFluxInpaintPipeline(_JiTFluxImageMixin, FluxInpaintPipeline):
             known = image_latents if i == last else add_noise(image_latents, noise, sig[i + 1])
             return (1 - mask) * known + mask * y
 
-        latents, report = self._run(
-            cfg, sig, latents=latents, latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
-            negative=negative, true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, device=device,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, generator=generator,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, post_step=keep_known)
-        t_sampled = time.perf_counter()
-        out = self._decode_latents(latents, height, width, output_type)
-        if padding_mask_crop is not None:  # check_inputs made sure output_type is "pil"
-            out = [self.image_processor.apply_overlay(mask_image, image, im, crops_coords) for im in out]
-        return self._finish_call(report, out, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
-                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
-                                 output_class=FluxPipelineOutput)
+        def overlay(out):  # check_inputs made sure output_type is "pil"
+            return [self.image_processor.apply_overlay(mask_image, image, im, crops_coords) for im in out]
+
+        return self._sample_and_finish(
+            cfg, sig, t0, (prompt_embeds, pooled_prompt_embeds, text_ids, negative), latents=latents,
+            latent_image_ids=latent_image_ids, grid_h=grid_h, grid_w=grid_w, height=height, width=width, total=total,
+            device=device, generator=generator, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            ip_adapter=(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                        negative_ip_adapter_image_embeds),
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, post_step=keep_known,
+            postprocess=None if padding_mask_crop is None else overlay)

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import time
 
 import torch
 from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils import logging
 
 from ..config import JiTConfig
+from ..scalar_checks import is_real
 from .checks import check_image_input, check_latents_shape, check_preprocessed
 from .flux1_common import Flux1JiTMixin
 
@@ -75,7 +74,7 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
     def _fit_area(self, height, width, max_area):
         """The output size as stock computes it: the aspect ratio kept, the area set to ``max_area``,
         rounded down to a multiple of ``2 * vae_scale_factor`` (with stock's warning when it changes)."""
-        if isinstance(max_area, bool) or not isinstance(max_area, numbers.Real):
+        if not is_real(max_area):
             raise TypeError(f"max_area must be a number of pixels, got {type(max_area).__name__}")
         if not (math.isfinite(max_area) and max_area > 0):
             raise ValueError(f"max_area must be a positive number of pixels, got {max_area}")
@@ -162,29 +161,19 @@ class JiTFluxKontextPipeline(Flux1JiTMixin, FluxKontextPipeline):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, true_cfg_scale=true_cfg_scale, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
             joint_attention_kwargs=joint_attention_kwargs, total=total)
-        t_encoded = time.perf_counter()
 
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, image_latents, latent_ids, image_ids = self.prepare_latents(
             image, total, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents)
-        num_ref = 0 if image_latents is None else image_latents.shape[1]
 
         # stock shifts by the target's token count (the reference does not count)
         cfg, sig = self._schedule(cfg, sigmas, explicit_steps, num_inference_steps, latents.shape[1], device)
-        image_embeds, negative_image_embeds = self._ip_adapter_embeds(
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-            width, height, device, total)
-
-        latents, report = self._run(
-            cfg, sig, latents=latents, latent_image_ids=latent_ids, grid_h=grid_h, grid_w=grid_w,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids,
-            negative=negative, true_cfg_scale=true_cfg_scale, guidance_scale=guidance_scale, device=device,
-            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds, generator=generator,
-            callback_on_step_end=callback_on_step_end,
+        return self._sample_and_finish(
+            cfg, sig, t0, (prompt_embeds, pooled_prompt_embeds, text_ids, negative), latents=latents,
+            latent_image_ids=latent_ids, grid_h=grid_h, grid_w=grid_w, height=height, width=width, total=total,
+            device=device, generator=generator, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            ip_adapter=(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image,
+                        negative_ip_adapter_image_embeds),
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, ref_tokens=image_latents,
             ref_ids=image_ids)
-        t_sampled = time.perf_counter()
-        image = self._decode_latents(latents, height, width, output_type)
-        return self._finish_call(report, image, (t0, t_encoded, t_sampled), grid_h * grid_w, prompt_embeds.shape[1],
-                                 calls_per_step=2 if negative is not None else 1, return_dict=return_dict,
-                                 output_class=FluxPipelineOutput, ref_tokens=num_ref)
