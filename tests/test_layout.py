@@ -17,7 +17,8 @@ CORE = ("config", "schedule", "anchors", "sampler", "report", "distributed")
 
 
 def _imports(path: pathlib.Path):
-    """``(module, top_level)`` of every import in ``path``, relative imports resolved."""
+    """``(module, top_level)`` of every import in ``path`` (statements and ``importlib.import_module`` of a
+    literal name), relative imports resolved."""
     tree = ast.parse(path.read_text(), str(path))
     pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     top_level = {id(n) for n in tree.body}
@@ -33,6 +34,10 @@ def _imports(path: pathlib.Path):
             else:
                 mod = node.module
             out.append((mod, id(node) in top_level))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):  # importlib.import_module("a.b"): inside a call, never top level
+            out.append((node.args[0].value, False))
     return out
 
 
