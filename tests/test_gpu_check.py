@@ -1,4 +1,4 @@
-"""The GPU proof kit (benchmarks/gpu_check.py), run in pieces on CPU so CI catches breakage.
+"""The GPU proof kit (the package benchmarks/gpu_check/), run in pieces on CPU so CI catches breakage.
 
 The full dry run (every section, tiny shapes) is a step of .ci/run, not a test. Here: the
 parity machinery on one small spec and its failure detection, the bad-input child on a few
@@ -64,7 +64,7 @@ def test_parity_runner_reports_a_wrong_backend(tmp_path, monkeypatch):
         x = torch.ones(4, 3)
         return x if be == "reference" else x + 1e-3
 
-    monkeypatch.setattr(gc, "parity_groups",
+    monkeypatch.setattr(gc.parity, "parity_groups",
                         lambda k: [lambda: [gc.PCase("fake_op", "4x3", "float32", wrong, exact=True)]])
     records, probes, skipped = gc.run_parity_groups(kit, gc.Budget(60))
     assert [r["backend"] for r in records] == kit.backends and not skipped and not probes
@@ -75,7 +75,7 @@ def test_parity_runner_reports_a_wrong_backend(tmp_path, monkeypatch):
 def test_parity_budget_cuts_the_tail(tmp_path, monkeypatch):
     kit = _kit(tmp_path)
     ran = []
-    monkeypatch.setattr(gc, "parity_groups", lambda k: [lambda: ran.append(1) or []] * 3)
+    monkeypatch.setattr(gc.parity, "parity_groups", lambda k: [lambda: ran.append(1) or []] * 3)
     records, _, skipped = gc.run_parity_groups(kit, gc.Budget(0))
     assert records == [] and ran == [] and skipped == 3
 
@@ -116,7 +116,7 @@ def test_bad_input_child_in_process(capsys):
 def test_bad_input_child_flags_a_call_that_raises_nothing(capsys, monkeypatch):
     table = gc.bad_cases()
     table["fake: valid call"] = ("IndexError", lambda d, o, be: None)
-    monkeypatch.setattr(gc, "bad_cases", lambda: table)
+    monkeypatch.setattr(gc.bad_inputs, "bad_cases", lambda: table)
     gc.run_bad_child(["fake: valid call"], "reference", DRY)
     rec = json.loads(capsys.readouterr().out.splitlines()[0][len(gc.CHILD_TAG):])
     assert rec["raised"] is None and rec["ok"] is False
@@ -216,9 +216,9 @@ def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeyp
             raise ValueError("y must be contiguous")
         return torch.ones(2)
 
-    monkeypatch.setattr(gc, "KNOWN_ISSUES", {("lift_euler_", "strided destination"): "a tolerated disagreement"})
-    monkeypatch.setattr(gc, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
-                                                                      ("fake_op_", refuses_on_compiled)])
+    monkeypatch.setattr(gc.parity, "KNOWN_ISSUES", {("lift_euler_", "strided destination"): "a tolerated disagreement"})
+    monkeypatch.setattr(gc.parity, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
+                                                                             ("fake_op_", refuses_on_compiled)])
     probes = gc.run_probes(kit)
     known, unknown = probes
     assert not known["consistent"] and known["known_issue"] and not unknown["consistent"] and "known_issue" not in unknown
