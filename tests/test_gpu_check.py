@@ -277,3 +277,47 @@ def test_relative_out_reaches_the_sanitizer_child(tmp_path, monkeypatch, capsys)
     assert rc == 0 and out["sanitizer"]["status"] == "ok"
     assert (tmp_path / "rel" / "sanitizer" / "gpu_check.json").exists()
     assert not (ROOT / "rel").exists()
+
+
+def test_stock_loop_step_is_the_velocity_wrappers_euler_step():
+    # The stock row of the peak-memory table must run what FluxPipeline runs: one step of it equals
+    # an Euler step with the package's FluxVelocity on every token.
+    pytest.importorskip("diffusers")
+    from benchmarks.gpu_check.memory import stock_loop
+    from jit_sampler import FluxVelocity
+
+    cfg = gc.flux_config(dry=True)
+    tr = gc.build_random_flux(cfg, "cpu", torch.float32)
+    g = gc._gen(5)
+    h = w = 4
+    prompt, pooled = torch.randn(1, 3, cfg["joint_attention_dim"], generator=g), torch.randn(1, 16, generator=g)
+    text_ids = torch.zeros(3, 3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(h), torch.arange(h * 1.0), torch.arange(w * 1.0),
+                                         indexing="ij"), -1)[0].reshape(h * w, 3)
+    lat = torch.randn(1, h * w, cfg["in_channels"], generator=g)
+    guidance = torch.full((1,), 3.5)
+    with torch.no_grad():
+        y = stock_loop(tr, lat, prompt, pooled, text_ids, img_ids, guidance, [1.0, 0.75])
+        v = FluxVelocity(tr, prompt, pooled, text_ids, img_ids, guidance=guidance)(lat, torch.arange(h * w)[None], 1.0, 0)
+    torch.testing.assert_close(y, lat - 0.25 * v)
+    assert not torch.equal(y, lat)
+
+
+def test_memory_and_nf4_rows_say_why_they_are_skipped_without_cuda(tmp_path):
+    from benchmarks.gpu_check.memory import peak_memory_rows
+    from benchmarks.gpu_check.nf4 import nf4_check
+
+    kit = _kit(tmp_path)
+    if kit.device == "cuda":
+        pytest.skip("the CUDA rows run in the kit's e2e section")
+    called = []
+    mem = peak_memory_rows(False, lambda: called.append(1), {"JiT 7x": lambda: called.append(1)}, 600, 1, "bf16")
+    assert mem["status"].startswith("skipped: CUDA only") and "rows" not in mem and not called
+    nf4 = nf4_check(kit)
+    assert nf4["status"].startswith("skipped: CUDA only") and "bitsandbytes" in nf4["status"]
+    kit.result["e2e"] = {"status": "ok", "rows": [], "peak_memory": mem, "nf4": nf4}
+    kit.result.update(parity=[], bench={}, sanitizer={}, sections={}, env={})
+    gc.write_report(kit)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "Peak GPU memory, stock loop vs JiT: skipped: CUDA only" in md
+    assert "nf4 (bitsandbytes) transformer under model CPU offload, JiT 7x: skipped: CUDA only" in md

@@ -32,6 +32,10 @@ early and says how much it left out; ``--budget-scale`` stretches every budget):
   steps vs JiT 4x / 7x / reference, with and without the fused anchor attention, through
   ``jit_sample`` + ``FluxVelocity``: wall and transformer time, FLOP ratios, sampler overhead.
   ``--e2e-steps K`` times K dense steps and extrapolates to 50 (default: as many as fit).
+  Then the bf16 peak memory of the stock loop (FluxPipeline's: all tokens every step) vs JiT 7x
+  with and without the fused attention (``memory``), and the nf4 check: a tiny bitsandbytes nf4
+  transformer under ``enable_model_cpu_offload`` + ``enable_jit`` (``nf4``). Both CUDA only; the
+  dry run records why they were skipped.
 - ``sanitizer``: ``compute-sanitizer --tool memcheck`` over ``--section parity --small`` in a
   child process, when ``compute-sanitizer`` is on PATH.
 
@@ -50,7 +54,8 @@ The package, one module per part (``python -m benchmarks.gpu_check`` runs :func:
 - ``common``: constants, budgets, the run's state (``Kit``, ``Budget``), the Triton mode switch,
   small helpers shared by the sections.
 - ``build``: the ``--build`` step and the CUDA toolkit lookup.
-- ``env``, ``parity``, ``bad_inputs``, ``sampler``, ``bench``, ``e2e``, ``sanitizer``: one section each.
+- ``env``, ``parity``, ``bad_inputs``, ``sampler``, ``bench``, ``e2e``, ``sanitizer``: one section each;
+  ``memory`` (peak memory, stock vs JiT) and ``nf4`` (the bitsandbytes row) are parts of ``e2e``.
 - ``report``: ``gpu_check.json`` / ``gpu_check.md``.
 - ``cli``: arguments, budgets, the section loop, and the child-process entry points.
 

@@ -9,6 +9,8 @@ import time
 import torch
 
 from .common import Budget, DIFFUSERS_HINT, Kit, _gen
+from .memory import peak_memory_rows, stock_loop
+from .nf4 import nf4_check
 from .parity import _dname
 from .sampler import StepProbe
 
@@ -252,7 +254,19 @@ def section_e2e(kit: Kit, budget: Budget) -> dict:
     out["quiet_step_check"] = check
     if cuda:
         out["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    # Peak memory, stock loop vs JiT (after max_memory_GiB: it resets the peak counter).
+    jit_runs = {n: (lambda n=n: run(n)[0]) for n in ("JiT 7x", "JiT 7x + anchor attn")}
+    out["peak_memory"] = peak_memory_rows(
+        cuda, lambda: stock_loop(tr, lat, prompt, pooled, text_ids, img_ids, guidance, linear_sigmas(50)[:3]),
+        jit_runs, budget.left(), est["JiT 7x"] + est["JiT 7x + anchor attn"] + 2 * t_dense + 2.0, _dname(dtype))
+    kit.log(f"  peak memory: {out['peak_memory']['status']}")
     del tr
     if cuda:
         torch.cuda.empty_cache()
+    try:
+        out["nf4"] = nf4_check(kit)
+    except Exception as exc:
+        out["nf4"] = {"status": f"FAILED: {exc!r}"[:300]}
+        kit.fail("e2e", f"nf4 check crashed: {exc!r}"[:300])
+    kit.log(f"  nf4: {out['nf4']['status']}")
     return out

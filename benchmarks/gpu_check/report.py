@@ -123,6 +123,17 @@ def write_report(kit: Kit) -> None:
                      + (f", error mode: {q['error_mode']}" if "error_mode" in q else "") + f"; ok {q.get('ok')}")
         elif e2e.get("how_to"):
             L.append(f"\n{e2e['how_to']}")
+        for key, title, cols in (
+                ("peak_memory", "Peak GPU memory, stock loop vs JiT",
+                 ["method", "peak_GiB", "before_GiB", "over_weights_GiB", "over_weights_vs_stock", "finite_output"]),
+                ("nf4", "nf4 (bitsandbytes) transformer under model CPU offload, JiT 7x",
+                 ["check", "ok", "detail"])):
+            sub = e2e.get(key) or {}
+            if sub:
+                L += ["", f"{title}: {sub.get('status')}"]
+            if sub.get("rows"):
+                L += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                L += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in sub["rows"]]
     san = res.get("sanitizer")
     if san:
         L += ["", "## compute-sanitizer", "", f"Status: {san.get('status')}; {san.get('error_summary') or ''} "
