@@ -68,6 +68,7 @@ from __future__ import annotations
 # The names below are re-exported so ``from benchmarks import gpu_check as gc; gc.main(...)`` keeps working.
 # To replace a function for a test, patch the module that defines it (``gc.parity.parity_groups``).
 from .common import (  # noqa: F401
+    _dname,
     BUDGET_DRY,
     BUDGET_GPU,
     Budget,
@@ -99,7 +100,6 @@ from .parity import (  # noqa: F401
     KNOWN_ISSUES,
     PCase,
     Spec,
-    _dname,
     _inactive,
     _strided_copy,
     attention_cases,

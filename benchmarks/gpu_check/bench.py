@@ -9,8 +9,7 @@ from typing import Callable
 
 import torch
 
-from .common import Budget, Kit
-from .parity import _dname
+from .common import Budget, Kit, _dname
 
 
 def _quantile(xs: list[float], q: float) -> float:

@@ -108,6 +108,11 @@ class Kit:
 
 
 
+def _dname(dt) -> str:
+    """A dtype's short name (``float32``) for rows and reports."""
+    return str(dt).replace("torch.", "")
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -8,10 +8,9 @@ import time
 
 import torch
 
-from .common import Budget, DIFFUSERS_HINT, Kit, _gen
+from .common import Budget, DIFFUSERS_HINT, Kit, _dname, _gen
 from .memory import peak_memory_rows, stock_loop
 from .nf4 import nf4_check
-from .parity import _dname
 from .sampler import StepProbe
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .common import Budget, CHILD_TAG, Kit, ROOT, _exact_fp32, _gen
+from .common import Budget, CHILD_TAG, Kit, ROOT, _dname, _exact_fp32, _gen
 from .env import _backends_under_test
 
 
@@ -126,10 +126,6 @@ def _inactive(a: torch.Tensor, n: int, r: int, seed: int) -> torch.Tensor:
 
     return row(a, seed) if a.dim() == 1 else torch.stack([row(ai, seed + i) for i, ai in enumerate(a)])
 
-
-
-def _dname(dt) -> str:
-    return str(dt).replace("torch.", "")
 
 
 
