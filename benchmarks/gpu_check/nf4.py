@@ -107,8 +107,9 @@ def nf4_check(kit: Kit) -> dict:
     hooks = len(getattr(pipe, "_all_hooks", []))
     jp = enable_jit(pipe, "7x")
     g = _gen(1)
-    inputs = dict(prompt_embeds=torch.randn(1, 6, TINY["joint_attention_dim"], generator=g),
-                  pooled_prompt_embeds=torch.randn(1, TINY["pooled_projection_dim"], generator=g),
+    # On the execution device: the stock pipeline does not move given embeddings.
+    inputs = dict(prompt_embeds=torch.randn(1, 6, TINY["joint_attention_dim"], generator=g).cuda(),
+                  pooled_prompt_embeds=torch.randn(1, TINY["pooled_projection_dim"], generator=g).cuda(),
                   height=128, width=128, guidance_scale=3.5, output_type="latent")
     with torch.no_grad(), _exact_fp32():
         lat = jp(**inputs, generator=_gen(0)).images
