@@ -1,4 +1,4 @@
-"""The GPU proof kit (benchmarks/gpu_check.py), run in pieces on CPU so CI catches breakage.
+"""The GPU proof kit (the package benchmarks/gpu_check/), run in pieces on CPU so CI catches breakage.
 
 The full dry run (every section, tiny shapes) is a step of .ci/run, not a test. Here: the
 parity machinery on one small spec and its failure detection, the bad-input child on a few
@@ -64,7 +64,7 @@ def test_parity_runner_reports_a_wrong_backend(tmp_path, monkeypatch):
         x = torch.ones(4, 3)
         return x if be == "reference" else x + 1e-3
 
-    monkeypatch.setattr(gc, "parity_groups",
+    monkeypatch.setattr(gc.parity, "parity_groups",
                         lambda k: [lambda: [gc.PCase("fake_op", "4x3", "float32", wrong, exact=True)]])
     records, probes, skipped = gc.run_parity_groups(kit, gc.Budget(60))
     assert [r["backend"] for r in records] == kit.backends and not skipped and not probes
@@ -75,7 +75,7 @@ def test_parity_runner_reports_a_wrong_backend(tmp_path, monkeypatch):
 def test_parity_budget_cuts_the_tail(tmp_path, monkeypatch):
     kit = _kit(tmp_path)
     ran = []
-    monkeypatch.setattr(gc, "parity_groups", lambda k: [lambda: ran.append(1) or []] * 3)
+    monkeypatch.setattr(gc.parity, "parity_groups", lambda k: [lambda: ran.append(1) or []] * 3)
     records, _, skipped = gc.run_parity_groups(kit, gc.Budget(0))
     assert records == [] and ran == [] and skipped == 3
 
@@ -116,7 +116,7 @@ def test_bad_input_child_in_process(capsys):
 def test_bad_input_child_flags_a_call_that_raises_nothing(capsys, monkeypatch):
     table = gc.bad_cases()
     table["fake: valid call"] = ("IndexError", lambda d, o, be: None)
-    monkeypatch.setattr(gc, "bad_cases", lambda: table)
+    monkeypatch.setattr(gc.bad_inputs, "bad_cases", lambda: table)
     gc.run_bad_child(["fake: valid call"], "reference", DRY)
     rec = json.loads(capsys.readouterr().out.splitlines()[0][len(gc.CHILD_TAG):])
     assert rec["raised"] is None and rec["ok"] is False
@@ -225,9 +225,9 @@ def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeyp
             raise ValueError("y must be contiguous")
         return torch.ones(2)
 
-    monkeypatch.setattr(gc, "KNOWN_ISSUES", {("lift_euler_", "strided destination"): "a tolerated disagreement"})
-    monkeypatch.setattr(gc, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
-                                                                      ("fake_op_", refuses_on_compiled)])
+    monkeypatch.setattr(gc.parity, "KNOWN_ISSUES", {("lift_euler_", "strided destination"): "a tolerated disagreement"})
+    monkeypatch.setattr(gc.parity, "strided_destination_probes", lambda dev: [("lift_euler_", refuses_on_compiled),
+                                                                             ("fake_op_", refuses_on_compiled)])
     probes = gc.run_probes(kit)
     known, unknown = probes
     assert not known["consistent"] and known["known_issue"] and not unknown["consistent"] and "known_issue" not in unknown
@@ -286,3 +286,47 @@ def test_relative_out_reaches_the_sanitizer_child(tmp_path, monkeypatch, capsys)
     assert rc == 0 and out["sanitizer"]["status"] == "ok"
     assert (tmp_path / "rel" / "sanitizer" / "gpu_check.json").exists()
     assert not (ROOT / "rel").exists()
+
+
+def test_stock_loop_step_is_the_velocity_wrappers_euler_step():
+    # The stock row of the peak-memory table must run what FluxPipeline runs: one step of it equals
+    # an Euler step with the package's FluxVelocity on every token.
+    pytest.importorskip("diffusers")
+    from benchmarks.gpu_check.memory import stock_loop
+    from jit_sampler import FluxVelocity
+
+    cfg = gc.flux_config(dry=True)
+    tr = gc.build_random_flux(cfg, "cpu", torch.float32)
+    g = gc._gen(5)
+    h = w = 4
+    prompt, pooled = torch.randn(1, 3, cfg["joint_attention_dim"], generator=g), torch.randn(1, 16, generator=g)
+    text_ids = torch.zeros(3, 3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(h), torch.arange(h * 1.0), torch.arange(w * 1.0),
+                                         indexing="ij"), -1)[0].reshape(h * w, 3)
+    lat = torch.randn(1, h * w, cfg["in_channels"], generator=g)
+    guidance = torch.full((1,), 3.5)
+    with torch.no_grad():
+        y = stock_loop(tr, lat, prompt, pooled, text_ids, img_ids, guidance, [1.0, 0.75])
+        v = FluxVelocity(tr, prompt, pooled, text_ids, img_ids, guidance=guidance)(lat, torch.arange(h * w)[None], 1.0, 0)
+    torch.testing.assert_close(y, lat - 0.25 * v)
+    assert not torch.equal(y, lat)
+
+
+def test_memory_and_nf4_rows_say_why_they_are_skipped_without_cuda(tmp_path):
+    from benchmarks.gpu_check.memory import peak_memory_rows
+    from benchmarks.gpu_check.nf4 import nf4_check
+
+    kit = _kit(tmp_path)
+    if kit.device == "cuda":
+        pytest.skip("the CUDA rows run in the kit's e2e section")
+    called = []
+    mem = peak_memory_rows(False, lambda: called.append(1), {"JiT 7x": lambda: called.append(1)}, 600, 1, "bf16")
+    assert mem["status"].startswith("skipped: CUDA only") and "rows" not in mem and not called
+    nf4 = nf4_check(kit)
+    assert nf4["status"].startswith("skipped: CUDA only") and "bitsandbytes" in nf4["status"]
+    kit.result["e2e"] = {"status": "ok", "rows": [], "peak_memory": mem, "nf4": nf4}
+    kit.result.update(parity=[], bench={}, sanitizer={}, sections={}, env={})
+    gc.write_report(kit)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "Peak GPU memory, stock loop vs JiT: skipped: CUDA only" in md
+    assert "nf4 (bitsandbytes) transformer under model CPU offload, JiT 7x: skipped: CUDA only" in md
