@@ -123,6 +123,15 @@ class RASConfig:
     def replace(self, **changes) -> "RASConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_call_steps(self, sigmas=None, num_inference_steps=None) -> "RASConfig":
+        """This config with the step count a pipeline call chose: ``len(sigmas)`` when given, else an
+        explicit ``num_inference_steps``, else its own ``num_steps``."""
+        if sigmas is not None:
+            return self.replace(num_steps=len(sigmas))
+        if num_inference_steps is not None:
+            return self.replace(num_steps=int(num_inference_steps))
+        return self
+
     @classmethod
     def coerce(cls, ras) -> "RASConfig | None":
         """``None`` -> ``None``; a :class:`RASConfig` as is; a dict -> ``RASConfig(**dict)``; else ``TypeError``."""

@@ -154,3 +154,21 @@ def test_shift_options_run_without_warning(base, name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe(generator=gen(), **KW, **prompt_inputs())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_ras_calls_refuse_other_update_rules_too(family):
+    """RAS integrates its own Euler steps as JiT does: the same check, naming ras=, before any model runs."""
+    import _sd3_fixtures
+    from jit_sampler import RASConfig, enable_ras
+
+    stock = build_pipe() if family == "flux" else _sd3_fixtures.build_pipe()
+    stock.scheduler = FlowMatchHeunDiscreteScheduler.from_config(stock.scheduler.config)
+    pipe = enable_ras(stock, RASConfig(num_steps=6, scheduler_start_step=2, error_reset_steps=()))
+    pipe.set_progress_bar_config(disable=True)
+    inputs = prompt_inputs() if family == "flux" else _sd3_fixtures.prompt_inputs()
+    with Forwards(stock.transformer) as fw, pytest.raises(ValueError, match="FlowMatchHeunDiscrete") as info:
+        pipe(generator=gen(), **KW, **inputs)
+    assert fw.n == 0
+    msg = str(info.value)
+    assert "RAS integrates its own Euler steps" in msg and "ras=None" in msg

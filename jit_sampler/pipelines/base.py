@@ -126,15 +126,23 @@ class JiTPipelineMixin:
         if cfg is None:
             self.last_jit_report = None
             return stock_call(*args, **kwargs)
+        a, explicit_steps = self._bound_arguments(args, kwargs)
+        check_token_bucket_backend(self.transformer, cfg.token_bucket)
+        return self._jit_call(cfg, explicit_steps=explicit_steps, **a)
+
+    def _bound_arguments(self, args, kwargs, arg: str = "jit") -> tuple[dict, bool]:
+        """Every stock argument of a sparse call (JiT or RAS) bound to its name, defaults applied, after
+        the checks every such call shares (scheduler, call arguments), before any model runs; and
+        whether the caller passed ``num_inference_steps`` explicitly. ``arg``: the argument that asked
+        for the sparse call (``"jit"`` or ``"ras"``), named in the errors."""
         bound = self._stock_call.bind(self, *args, **kwargs)
-        explicit = set(bound.arguments)
+        explicit_steps = "num_inference_steps" in bound.arguments
         bound.apply_defaults()
         a = dict(bound.arguments)
         a.pop("self")
-        check_scheduler(self.scheduler)
-        check_call_arguments(self, a, "num_inference_steps" in explicit)
-        check_token_bucket_backend(self.transformer, cfg.token_bucket)
-        return self._jit_call(cfg, explicit_steps="num_inference_steps" in explicit, **a)
+        check_scheduler(self.scheduler, arg)
+        check_call_arguments(self, a, explicit_steps)
+        return a, explicit_steps
 
     def _refuse_newer(self, newer: dict) -> None:
         """Arguments a later diffusers adds to the stock ``__call__`` are refused unless left at their default."""

@@ -146,11 +146,15 @@ def check_call_arguments(pipe, a: dict, explicit_steps: bool) -> None:
 # native schedule): honoured from ``set_timesteps`` when the run takes the scheduler's sigmas, replaced
 # by the Beta table of ``sigma_schedule="beta"`` otherwise, with a warning (``ignored_sigma_options``).
 _SPACING_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-_JIT_INTEGRATOR = ("JiT integrates its own Euler steps (lift + micro-flow) on the scheduler's sigmas and never calls "
-                   "scheduler.step()")
+_INTEGRATOR = {  # what each sparse call does instead of scheduler.step()
+    "jit": "JiT integrates its own Euler steps (lift + micro-flow) on the scheduler's sigmas and never calls "
+           "scheduler.step()",
+    "ras": "RAS integrates its own Euler steps (the published RAS scheduler's rule) on the scheduler's sigmas and "
+           "never calls scheduler.step()",
+}
 
 
-def check_scheduler(scheduler) -> None:
+def check_scheduler(scheduler, arg: str = "jit") -> None:
     """Refuse, before any work, a scheduler whose *update rule* a JiT run would silently replace.
 
     JiT takes only the sigmas from the scheduler (``set_timesteps``, with every sigma option:
@@ -160,24 +164,26 @@ def check_scheduler(scheduler) -> None:
     overrides ``step``); a second-order, multistep, consistency or re-noising rule (Heun, LCM,
     DPM-Solver++, UniPC, Euler with ``stochastic_sampling``) raises ``ValueError``, and so do
     ``invert_sigmas`` (increasing sigmas: JiT integrates from noise) and any other scheduler.
+    RAS calls (``arg="ras"``) integrate the same Euler rule and get the same check.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler as Euler
 
     name = type(scheduler).__name__
+    how = _INTEGRATOR[arg]
     use = ("use FlowMatchEulerDiscreteScheduler (e.g. pipe.scheduler = "
-           "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)) or jit=None")
+           f"FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)) or {arg}=None")
     if not isinstance(scheduler, Euler) or type(scheduler).step is not Euler.step:
-        raise ValueError(f"{name} is not supported with jit=...: {_JIT_INTEGRATOR}, so {name}'s own update rule "
+        raise ValueError(f"{name} is not supported with {arg}=...: {how}, so {name}'s own update rule "
                          f"would be silently replaced by Euler; {use}")
     config = scheduler.config
     if config.get("stochastic_sampling", False):
-        raise ValueError(f"{name}(stochastic_sampling=True) is not supported with jit=...: {_JIT_INTEGRATOR}, so "
+        raise ValueError(f"{name}(stochastic_sampling=True) is not supported with {arg}=...: {how}, so "
                          f"the stochastic re-noising would be silently dropped; set stochastic_sampling=False "
                          f"(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-                         f"stochastic_sampling=False)) or use jit=None")
+                         f"stochastic_sampling=False)) or use {arg}=None")
     if config.get("invert_sigmas", False):
-        raise ValueError(f"{name}(invert_sigmas=True) is not supported with jit=...: {_JIT_INTEGRATOR}, "
-                         f"from noise (sigma 1) to data (sigma 0); set invert_sigmas=False or use jit=None")
+        raise ValueError(f"{name}(invert_sigmas=True) is not supported with {arg}=...: {how}, "
+                         f"from noise (sigma 1) to data (sigma 0); set invert_sigmas=False or use {arg}=None")
 
 
 def ignored_sigma_options(scheduler) -> list[str]:

@@ -23,7 +23,6 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from ..config import JiTConfig
 from ..ras import RASConfig, ras_sample, skip_counts
 from .base import UNSET, _share
-from .checks import check_call_arguments
 from .flux import JiTFluxPipeline
 from .ras_attention import use_ras_attention
 from .velocity import FluxVelocity
@@ -104,16 +103,8 @@ class RASFluxPipeline(JiTFluxPipeline):
                     return super().__call__(*args, jit=jit, **kwargs)
             finally:
                 self._stage_ras = None
-        bound = self._stock_call.bind(self, *args, **kwargs)
-        explicit = set(bound.arguments)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        a.pop("self")
-        check_call_arguments(self, a, "num_inference_steps" in explicit)
-        if a["sigmas"] is not None:
-            ras = ras.replace(num_steps=len(a["sigmas"]))
-        elif "num_inference_steps" in explicit:
-            ras = ras.replace(num_steps=int(a["num_inference_steps"]))
+        a, explicit_steps = self._bound_arguments(args, kwargs, "ras")
+        ras = ras.with_call_steps(a["sigmas"], a["num_inference_steps"] if explicit_steps else None)
         if "ras_kv" in (a.get("joint_attention_kwargs") or {}):
             raise ValueError("joint_attention_kwargs must not contain 'ras_kv' (the RAS call sets it)")
         height, width = self._default_size(a["height"], a["width"])

@@ -45,7 +45,7 @@ from ..ras import RASConfig, ras_sample
 from ..report import flop_summary
 from ..schedule import beta_sigmas
 from .base import UNSET, JiTPipelineMixin
-from .checks import check_call_arguments, check_latents_shape
+from .checks import check_latents_shape
 from .ras_attention import use_ras_attention
 
 __all__ = ["JiTStableDiffusion3Pipeline", "SD3Velocity", "pack_latents", "unpack_latents", "sd3_flop_config"]
@@ -205,16 +205,8 @@ class JiTStableDiffusion3Pipeline(JiTPipelineMixin, StableDiffusion3Pipeline):
                 return self._dispatch(super().__call__, args, kwargs, jit)
             finally:
                 self._stage_ras = None
-        bound = self._stock_call.bind(self, *args, **kwargs)
-        explicit = set(bound.arguments)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        a.pop("self")
-        check_call_arguments(self, a, "num_inference_steps" in explicit)
-        if a["sigmas"] is not None:
-            ras = ras.replace(num_steps=len(a["sigmas"]))
-        elif "num_inference_steps" in explicit:
-            ras = ras.replace(num_steps=int(a["num_inference_steps"]))
+        a, explicit_steps = self._bound_arguments(args, kwargs, "ras")
+        ras = ras.with_call_steps(a["sigmas"], a["num_inference_steps"] if explicit_steps else None)
         return self._sample(ras, **a)
 
     def _jit_call(self, cfg: JiTConfig, *, explicit_steps: bool, **a):
