@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 
 __all__ = [
     "gather_tokens", "scatter_tokens", "scatter_tokens_", "nearest_anchor_map", "lift_field", "lift_euler_",
@@ -45,12 +45,12 @@ def _same_device(op: str, a: torch.Tensor, an: str, b: torch.Tensor, bn: str) ->
 
 def _index(op: str, name: str, idx, batch: int) -> None:
     """check_index_meta: int64 ``[M]`` or ``[batch, M]``."""
-    C.check_index(op, name, idx, batch, 0)  # values=False: no value is read
+    checks.check_index(op, name, idx, batch, 0)  # values=False: no value is read
 
 
 def _weights(op: str, w) -> None:
     """check_weights: fp32, odd-length ``[K]``."""
-    C.check_tensor(op, "weights", w)
+    checks.check_tensor(op, "weights", w)
     if w.dtype != torch.float32:
         raise TypeError(f"{op}: weights must be float32, got {w.dtype}")
     if w.dim() != 1 or w.shape[0] % 2 != 1:
@@ -68,15 +68,15 @@ def _rows(op: str, name: str, t: torch.Tensor, b: int, r: int, c: int, letters: 
 
 def gather_tokens(x, idx):
     op = "gather_tokens"
-    C.check_tokens(op, "x", x)
+    checks.check_tokens(op, "x", x)
     _index(op, "idx", idx, x.shape[0])
     _same_device(op, x, "x", idx, "idx")
 
 
 def _scatter(op, base, idx, src):
     """check_scatter_meta."""
-    C.check_tokens(op, "base", base)
-    C.check_tokens(op, "src", src)
+    checks.check_tokens(op, "base", base)
+    checks.check_tokens(op, "src", src)
     _index(op, "idx", idx, base.shape[0])
     _same_device(op, base, "base", idx, "idx")
     _same_device(op, base, "base", src, "src")
@@ -90,7 +90,7 @@ def scatter_tokens(base, idx, src):
 def scatter_tokens_(base, idx, src):
     op = "scatter_tokens_"
     _scatter(op, base, idx, src)
-    C.check_inplace(op, "base", base, idx=idx, src=src)  # check_scatter_target
+    checks.check_inplace(op, "base", base, idx=idx, src=src)  # check_scatter_target
 
 
 # ---------------------------------------------------------------- lift (csrc/cpu/lift.cpp)
@@ -98,8 +98,8 @@ def scatter_tokens_(base, idx, src):
 
 def nearest_anchor_map(anchor_idx, height, width):
     op = "nearest_anchor_map"
-    C.check_grid(op, height, width)
-    C.check_tensor(op, "anchor_idx", anchor_idx)
+    checks.check_grid(op, height, width)
+    checks.check_tensor(op, "anchor_idx", anchor_idx)
     _index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1)
     if anchor_idx.shape[-1] == 0:
         raise ValueError(f"{op}: anchor_idx is empty; at least one anchor is required")
@@ -107,8 +107,8 @@ def nearest_anchor_map(anchor_idx, height, width):
 
 def _lift(op, values, anchor_idx, nearest, weights, height, width):
     """check_lift_meta."""
-    C.check_tokens(op, "values", values)
-    C.check_grid(op, height, width)
+    checks.check_tokens(op, "values", values)
+    checks.check_grid(op, height, width)
     b, m, n = values.shape[0], values.shape[1], height * width
     _index(op, "anchor_idx", anchor_idx, b)
     _index(op, "nearest", nearest, b)
@@ -120,7 +120,7 @@ def _lift(op, values, anchor_idx, nearest, weights, height, width):
         raise ValueError(f"{op}: anchor_idx is empty; at least one anchor is required")
     if anchor_idx.shape[-1] != m:
         raise ValueError(f"{op}: values has {m} rows but anchor_idx has {anchor_idx.shape[-1]} anchors")
-    C.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
+    checks.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
 
 
 def lift_field(values, anchor_idx, nearest, weights, height, width):
@@ -129,7 +129,7 @@ def lift_field(values, anchor_idx, nearest, weights, height, width):
 
 def lift_euler_(y, values, anchor_idx, nearest, weights, height, width, dt):
     op = "lift_euler_"
-    C.check_tokens(op, "y", y)
+    checks.check_tokens(op, "y", y)
     _lift(op, values, anchor_idx, nearest, weights, height, width)
     _same_device(op, y, "y", values, "values")
     # check_euler_target: y [B, H*W, C] like values, any strides, no overlap with itself nor the inputs.
@@ -137,7 +137,7 @@ def lift_euler_(y, values, anchor_idx, nearest, weights, height, width, dt):
     n = height * width
     if tuple(y.shape) != (b, n, c):
         raise ValueError(f"{op}: y must be [B, H*W, C] = [{b}, {n}, {c}], got {list(y.shape)}")
-    C.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    checks.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
 
 
 # ---------------------------------------------------------------- importance (csrc/cpu/importance.cpp)
@@ -145,20 +145,20 @@ def lift_euler_(y, values, anchor_idx, nearest, weights, height, width, dt):
 
 def token_importance(field, height, width):
     op = "token_importance"
-    C.check_tokens(op, "field", field)
+    checks.check_tokens(op, "field", field)
     if field.shape[2] == 0:
         raise ValueError(f"{op}: field has no channels (C = 0): the channel mean of the local variance is undefined")
-    C.check_grid(op, height, width, field.shape[1])
+    checks.check_grid(op, height, width, field.shape[1])
 
 
 def select_new_tokens(importance, active_idx, count):
     op = "select_new_tokens"
-    C.check_tensor(op, "importance", importance)
+    checks.check_tensor(op, "importance", importance)
     if importance.dim() != 2 or not importance.is_floating_point():
         raise ValueError(f"{op}: importance must be a float [B, N] tensor, got {importance.dtype} "
                          f"{list(importance.shape)}")
     b, n = importance.shape
-    C.check_num_tokens(op, "importance", n)
+    checks.check_num_tokens(op, "importance", n)
     _index(op, "active_idx", active_idx, b)
     _same_device(op, importance, "importance", active_idx, "active_idx")
     m = active_idx.shape[-1]
@@ -171,8 +171,8 @@ def select_new_tokens(importance, active_idx, count):
 
 def microflow_update_(y, new_idx, target, weight):
     op = "microflow_update_"
-    C.check_tokens(op, "y", y)
-    C.check_tokens(op, "target", target)
+    checks.check_tokens(op, "y", y)
+    checks.check_tokens(op, "target", target)
     _index(op, "new_idx", new_idx, y.shape[0])
     _same_device(op, y, "y", new_idx, "new_idx")
     _same_device(op, y, "y", target, "target")
@@ -180,18 +180,18 @@ def microflow_update_(y, new_idx, target, weight):
         raise ValueError(f"{op}: weight must be in (0, 1], got {weight}")
     b, _, c = y.shape
     _rows(op, "target", target, b, new_idx.shape[-1], c)
-    C.check_inplace(op, "y", y, new_idx=new_idx, target=target)
+    checks.check_inplace(op, "y", y, new_idx=new_idx, target=target)
 
 
 def microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps, sigma_prev, sigma, height, width):
     op = "microflow_target"
-    C.check_tokens(op, "y_prev", y_prev)
-    C.check_tokens(op, "v_prev", v_prev)
-    C.check_tokens(op, "eps", eps)
+    checks.check_tokens(op, "y_prev", y_prev)
+    checks.check_tokens(op, "v_prev", v_prev)
+    checks.check_tokens(op, "eps", eps)
     if v_prev.shape != y_prev.shape:
         raise ValueError(f"{op}: v_prev {list(v_prev.shape)} must match y_prev {list(y_prev.shape)}")
     b, n, c = y_prev.shape
-    C.check_grid(op, height, width, n)
+    checks.check_grid(op, height, width, n)
     _index(op, "anchor_idx", anchor_idx, b)
     _index(op, "nearest", nearest, b)
     _index(op, "new_idx", new_idx, b)
@@ -201,7 +201,7 @@ def microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps,
         _same_device(op, y_prev, "y_prev", t, name)
     if anchor_idx.shape[-1] == 0:
         raise ValueError(f"{op}: anchor_idx is empty; at least one anchor is required")
-    C.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
+    checks.check_nearest(op, nearest, b, n, anchor_idx.shape[-1], anchor_idx.dim() == 2)
     _rows(op, "eps", eps, b, new_idx.shape[-1], c)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:  # NaN fails too
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
@@ -213,7 +213,7 @@ def microflow_target(y_prev, v_prev, anchor_idx, nearest, weights, new_idx, eps,
 def anchor_attention(q, k, v, cos, sin, key_lengths, scale):
     op = "anchor_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        C.check_heads(op, name, t)
+        checks.check_heads(op, name, t)
         if t.shape != q.shape:
             raise ValueError(f"{op}: {name} {list(t.shape)} must match q {list(q.shape)}")
         if t.dtype != q.dtype:
@@ -223,7 +223,7 @@ def anchor_attention(q, k, v, cos, sin, key_lengths, scale):
     if d % 2:
         raise ValueError(f"{op}: the head dim D must be even (rotary works on channel pairs), got D = {d}")
     for name, t in (("cos", cos), ("sin", sin)):
-        C.check_tensor(op, name, t)
+        checks.check_tensor(op, name, t)
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
         if tuple(t.shape) not in ((n, d), (b, n, d)):
@@ -236,7 +236,7 @@ def anchor_attention(q, k, v, cos, sin, key_lengths, scale):
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"{op}: scale must be finite and > 0, got {scale}")
     if key_lengths is not None:
-        C.check_tensor(op, "key_lengths", key_lengths)
+        checks.check_tensor(op, "key_lengths", key_lengths)
         if key_lengths.dtype != torch.int64:
             raise TypeError(f"{op}: key_lengths must be int64, got {key_lengths.dtype}")
         if tuple(key_lengths.shape) != (b,):

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 from ._backends import backend_op, resolve
 from .reference.attention import anchor_attention_ref
 
@@ -59,10 +59,10 @@ def anchor_attention(
     attention tolerances, per valid row exactly what a batch of one unpadded sample gives.
     """
     op = "anchor_attention"
-    C.check_devices(op, q=q, k=k, v=v, cos=cos, sin=sin, key_lengths=key_lengths)
-    C.check_heads(op, "q", q)
+    checks.check_devices(op, q=q, k=k, v=v, cos=cos, sin=sin, key_lengths=key_lengths)
+    checks.check_heads(op, "q", q)
     for name, t in (("k", k), ("v", v)):
-        C.check_heads(op, name, t)
+        checks.check_heads(op, name, t)
         if t.shape != q.shape:
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must match q {tuple(q.shape)}")
         if t.dtype != q.dtype:
@@ -70,23 +70,23 @@ def anchor_attention(
     b, n, _, d = q.shape
     if d % 2:
         raise ValueError(f"{op}: the head dim D must be even (rotary works on channel pairs), got D = {d}")
-    C.check_rotary_table(op, "cos", cos, b, n, d)
-    C.check_rotary_table(op, "sin", sin, b, n, d)
+    checks.check_rotary_table(op, "cos", cos, b, n, d)
+    checks.check_rotary_table(op, "sin", sin, b, n, d)
     if cos.dim() != sin.dim():
         raise ValueError(f"{op}: cos and sin must both be [L, D] or both [B, L, D], got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
     else:
-        scale = C.check_float(op, "scale", scale)
+        scale = checks.check_float(op, "scale", scale)
         if scale <= 0.0:
             raise ValueError(f"{op}: scale must be > 0, got {scale}")
     be = resolve(op, q.device, backend)
     if key_lengths is not None:
-        C.check_lengths(op, "key_lengths", key_lengths, b, n)
+        checks.check_lengths(op, "key_lengths", key_lengths, b, n)
         if validate:
-            C.validate_lengths(op, "key_lengths", key_lengths, n)
+            checks.validate_lengths(op, "key_lengths", key_lengths, n)
         key_lengths = key_lengths.to(torch.int64)
     if be == "reference":
         return anchor_attention_ref(q, k, v, cos, sin, key_lengths, scale)
-    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale, C.kernel_validates(validate))
+    return backend_op(op, be)(q, k, v, cos, sin, key_lengths, scale, checks.kernel_validates(validate))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 from . import _metadata as M
 from ._backends import backend_op, resolve
 from .reference import select_new_tokens_ref, token_importance_ref
@@ -23,7 +23,7 @@ def token_importance(field: torch.Tensor, height: int, width: int, *, backend: s
     be = resolve(op, field.device, backend)
     if be == "reference":
         return token_importance_ref(field, height, width)
-    return backend_op(op, be)(field, height, width, C.kernel_validates())
+    return backend_op(op, be)(field, height, width, checks.kernel_validates())
 
 
 def select_new_tokens(
@@ -41,14 +41,14 @@ def select_new_tokens(
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "select_new_tokens"
-    C.check_devices(op, importance=importance, active_idx=active_idx)
-    be = resolve(op, C.check_tensor(op, "importance", importance).device, backend)
+    checks.check_devices(op, importance=importance, active_idx=active_idx)
+    be = resolve(op, checks.check_tensor(op, "importance", importance).device, backend)
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{op}: count must be an int, got {type(count).__name__}")
     M.select_new_tokens(importance, active_idx, count)  # the kernel's rule, the one every backend uses
     n = importance.shape[1]
     if validate:
-        C.validate_index(op, "active_idx", active_idx, n, unique=True)
+        checks.validate_index(op, "active_idx", active_idx, n, unique=True)
     if be == "reference":
         return select_new_tokens_ref(importance, active_idx, count)
-    return backend_op(op, be)(importance, active_idx, count, C.kernel_validates(validate))
+    return backend_op(op, be)(importance, active_idx, count, checks.kernel_validates(validate))

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 from . import _values as V
 from ._backends import backend_op, resolve
 from .blur import MAX_KERNEL_SIZE, blur_params, check_kernel_size, gaussian_weights
@@ -33,17 +33,17 @@ def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, bac
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "nearest_anchor_map"
-    C.check_grid(op, height, width)
+    checks.check_grid(op, height, width)
     if not isinstance(anchor_idx, torch.Tensor):
         raise TypeError(f"{op}: anchor_idx must be a torch.Tensor, got {type(anchor_idx).__name__}")
     be = resolve(op, anchor_idx.device, backend)
-    C.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
+    checks.check_index(op, "anchor_idx", anchor_idx, anchor_idx.shape[0] if anchor_idx.dim() == 2 else 1,
                   height * width, nonempty=True)
     if validate:
         V.nearest_anchor_map(anchor_idx, height, width)
     if be == "reference":
         return nearest_anchor_map_ref(anchor_idx, height, width)
-    return backend_op(op, be)(anchor_idx, height, width, C.kernel_validates(validate))
+    return backend_op(op, be)(anchor_idx, height, width, checks.kernel_validates(validate))
 
 
 _WEIGHTS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
@@ -87,7 +87,7 @@ def lift_weights(
 
 def _lift_weights(op, num_anchors, num_tokens, sigma, kernel_size, blur_scale, device) -> torch.Tensor:
     """:func:`lift_weights`, its errors named after ``op`` (the lift op that asked)."""
-    blur_scale = C.check_float(op, "blur_scale", blur_scale)
+    blur_scale = checks.check_float(op, "blur_scale", blur_scale)
     if blur_scale <= 0:
         raise ValueError(f"{op}: blur_scale must be positive, got {blur_scale}")
     if kernel_size is not None:
@@ -97,7 +97,7 @@ def _lift_weights(op, num_anchors, num_tokens, sigma, kernel_size, blur_scale, d
         sigma = s
         kernel_size = k if kernel_size is None else kernel_size
     else:
-        sigma = C.check_float(op, "sigma", sigma)
+        sigma = checks.check_float(op, "sigma", sigma)
         if sigma <= 0:
             raise ValueError(f"{op}: sigma must be positive, got {sigma}")
         if kernel_size is None:
@@ -122,16 +122,16 @@ def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, ke
     """
     n = height * width
     b = lead.shape[0]
-    C.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True)
+    checks.check_index(op, "anchor_idx", anchor_idx, b, n, nonempty=True)
     m = anchor_idx.shape[-1]
     if rows is not None and rows != m:
         raise ValueError(f"{op}: values has {rows} rows but anchor_idx has {m} anchors")
     if nearest is None:
         nearest = nearest_anchor_map(anchor_idx, height, width, backend=backend, validate=validate)
     else:
-        C.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
+        checks.check_nearest(op, nearest, b, n, m, anchor_idx.dim() == 2)
         if validate:
-            C.validate_nearest(op, nearest, anchor_idx, n)
+            checks.validate_nearest(op, nearest, anchor_idx, n)
     w = _lift_weights(op, m, n, sigma, kernel_size, blur_scale, lead.device)
     return nearest, w
 
@@ -162,15 +162,15 @@ def lift_field(
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "lift_field"
-    C.check_devices(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
-    C.check_tokens(op, "values", values)
+    checks.check_devices(op, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    checks.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
-    C.check_grid(op, height, width)
+    checks.check_grid(op, height, width)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
                            backend, be, rows=values.shape[1], validate=validate)
     if be == "reference":
         return lift_field_ref(values, anchor_idx, nearest, w, height, width)
-    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, C.kernel_validates(validate))
+    return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, checks.kernel_validates(validate))
 
 
 def lift_euler_(
@@ -199,19 +199,19 @@ def lift_euler_(
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "lift_euler_"
-    C.check_devices(op, y=y, values=values, anchor_idx=anchor_idx, nearest=nearest)
-    C.check_tokens(op, "y", y)
+    checks.check_devices(op, y=y, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    checks.check_tokens(op, "y", y)
     be = resolve(op, y.device, backend)
-    C.check_tokens(op, "values", values)
-    C.check_grid(op, height, width)
+    checks.check_tokens(op, "values", values)
+    checks.check_grid(op, height, width)
     if y.shape != (values.shape[0], height * width, values.shape[2]):
         raise ValueError(f"{op}: y must be [B, H*W, C] = {(values.shape[0], height * width, values.shape[2])}, got {tuple(y.shape)}")
     # Metadata, so before the value checks and the nearest map of lift_plan.
-    C.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
+    checks.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
     nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
                            backend, be, rows=values.shape[1], validate=validate)
-    dt = C.check_float(op, "dt", dt)
+    dt = checks.check_float(op, "dt", dt)
     if be == "reference":
         return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)
-    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt, C.kernel_validates(validate))
+    backend_op(op, be)(y, values, anchor_idx, nearest, w, height, width, dt, checks.kernel_validates(validate))
     return y

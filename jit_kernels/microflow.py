@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 from ._backends import backend_op, resolve
 from .lift import lift_plan
 from .reference import microflow_target_ref, microflow_update_ref_
@@ -72,7 +72,7 @@ def microflow_update_(
 
 def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend, validate: bool):
     op = "microflow_update_" if inplace else "microflow_update"
-    C.check_devices(op, y=y, new_idx=new_idx, target=target)
+    checks.check_devices(op, y=y, new_idx=new_idx, target=target)
     if mode not in MICROFLOW_MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MICROFLOW_MODES}")
     if mode == "assign":
@@ -82,23 +82,23 @@ def _microflow_update(y, new_idx, target, mode, weight, inplace: bool, backend, 
     else:
         if weight is None:
             raise ValueError(f"{op}: mode 'blend' needs a weight in (0, 1]")
-        weight = C.check_float(op, "weight", weight)
+        weight = checks.check_float(op, "weight", weight)
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"{op}: weight must be in (0, 1], got {weight}")
-    C.check_tokens(op, "y", y)
+    checks.check_tokens(op, "y", y)
     be = resolve("microflow_update_", y.device, backend)
-    C.check_tokens(op, "target", target, channels=y.shape[2])
-    C.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1])
+    checks.check_tokens(op, "target", target, channels=y.shape[2])
+    checks.check_index(op, "new_idx", new_idx, y.shape[0], y.shape[1])
     if target.shape[:2] != (y.shape[0], new_idx.shape[-1]):
         raise ValueError(f"{op}: target must be [B, R, C] = [{y.shape[0]}, {new_idx.shape[-1]}, C], got {tuple(target.shape)}")
     if inplace:  # metadata, so before the value checks
-        C.check_inplace(op, "y", y, new_idx=new_idx, target=target)
+        checks.check_inplace(op, "y", y, new_idx=new_idx, target=target)
     if validate:
-        C.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
+        checks.validate_index(op, "new_idx", new_idx, y.shape[1], unique=True)
     out = y if inplace else y.clone()
     if be == "reference":
         return microflow_update_ref_(out, new_idx, target, weight)
-    backend_op("microflow_update_", be)(out, new_idx, target, weight, C.kernel_validates(validate))
+    backend_op("microflow_update_", be)(out, new_idx, target, weight, checks.kernel_validates(validate))
     return out
 
 
@@ -135,28 +135,28 @@ def microflow_target(
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "microflow_target"
-    C.check_devices(op, y_prev=y_prev, v_prev=v_prev, anchor_idx=anchor_idx, new_idx=new_idx, eps=eps, nearest=nearest)
-    C.check_tokens(op, "y_prev", y_prev)
-    C.check_tokens(op, "v_prev", v_prev)
+    checks.check_devices(op, y_prev=y_prev, v_prev=v_prev, anchor_idx=anchor_idx, new_idx=new_idx, eps=eps, nearest=nearest)
+    checks.check_tokens(op, "y_prev", y_prev)
+    checks.check_tokens(op, "v_prev", v_prev)
     if v_prev.shape != y_prev.shape:
         raise ValueError(f"{op}: v_prev {tuple(v_prev.shape)} must match y_prev {tuple(y_prev.shape)}")
     b, n, c = y_prev.shape
     be = resolve(op, y_prev.device, backend)
-    C.check_grid(op, height, width, n)
-    sigma_prev = C.check_float(op, "sigma_prev", sigma_prev)
-    sigma = C.check_float(op, "sigma", sigma)
+    checks.check_grid(op, height, width, n)
+    sigma_prev = checks.check_float(op, "sigma_prev", sigma_prev)
+    sigma = checks.check_float(op, "sigma", sigma)
     if not 0.0 <= sigma <= sigma_prev <= 1.0:
         raise ValueError(f"{op}: need 0 <= sigma <= sigma_prev <= 1, got sigma={sigma}, sigma_prev={sigma_prev}")
-    C.check_index(op, "new_idx", new_idx, b, n)
-    C.check_tokens(op, "eps", eps, channels=c)
+    checks.check_index(op, "new_idx", new_idx, b, n)
+    checks.check_tokens(op, "eps", eps, channels=c)
     if eps.shape[:2] != (b, new_idx.shape[-1]):
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
     # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
     nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
                            backend, be, validate=validate)
     if validate:
-        C.validate_index(op, "new_idx", new_idx, n, unique=True)
+        checks.validate_index(op, "new_idx", new_idx, n, unique=True)
     if be == "reference":
         return microflow_target_ref(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width)
     return backend_op(op, be)(y_prev, v_prev, anchor_idx, nearest, w, new_idx, eps, sigma_prev, sigma, height, width,
-                              C.kernel_validates(validate))
+                              checks.kernel_validates(validate))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks as C
+from . import _checks as checks
 from . import _metadata as M
 from . import _values as V
 from ._backends import backend_op, resolve
@@ -23,19 +23,19 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "gather_tokens"
-    C.check_devices(op, x=x, idx=idx)
-    be = resolve(op, C.check_tensor(op, "x", x).device, backend)
+    checks.check_devices(op, x=x, idx=idx)
+    be = resolve(op, checks.check_tensor(op, "x", x).device, backend)
     M.gather_tokens(x, idx)  # the kernel's metadata rule (shapes, dtypes), the one every backend uses
     if validate:
         V.gather_tokens(x, idx)
     if be == "reference":
         return gather_tokens_ref(x, idx)
-    return backend_op(op, be)(x, idx, C.kernel_validates(validate))
+    return backend_op(op, be)(x, idx, checks.kernel_validates(validate))
 
 
 def _check_scatter(op: str, base, idx, src, backend, validate) -> str:
-    C.check_devices(op, base=base, idx=idx, src=src)
-    be = resolve(op, C.check_tensor(op, "base", base).device, backend)
+    checks.check_devices(op, base=base, idx=idx, src=src)
+    be = resolve(op, checks.check_tensor(op, "base", base).device, backend)
     # The kernel's metadata rule (shapes, dtypes; for scatter_tokens_ the in-place target's memory).
     (M.scatter_tokens_ if op == "scatter_tokens_" else M.scatter_tokens)(base, idx, src)
     if validate:
@@ -56,7 +56,7 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, 
     be = _check_scatter(op, base, idx, src, backend, validate)
     if be == "reference":
         return scatter_tokens_ref(base, idx, src)
-    return backend_op(op, be)(base, idx, src, C.kernel_validates(validate))
+    return backend_op(op, be)(base, idx, src, checks.kernel_validates(validate))
 
 
 def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, backend: str | None = None,
@@ -73,5 +73,5 @@ def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *,
     be = _check_scatter(op, base, idx, src, backend, validate)
     if be == "reference":
         return scatter_tokens_ref_(base, idx, src)
-    backend_op(op, be)(base, idx, src, C.kernel_validates(validate))
+    backend_op(op, be)(base, idx, src, checks.kernel_validates(validate))
     return base
