@@ -248,7 +248,7 @@ def validate_lengths(op: str, name: str, lengths: torch.Tensor, n: int) -> None:
 
 # ---------------------------------------------------------------- devices, memory overlap, size bounds
 #
-# Metadata checks added for the hardening of the kernel layer; none of them reads a tensor's values,
+# Metadata checks that read no tensor values,
 # so they run on every backend (and while torch.compile traces) before anything else.
 
 # Largest grid (H * W cells) and token count of the grid ops. The Triton kernels address cells

@@ -27,7 +27,7 @@ def triton_interpret() -> bool:
 
 # Which Triton kernel serves ``anchor_attention``: ``v2`` (default) rotates q and k once in a small
 # kernel and runs a software-pipelined flash-attention loop on the rotated copies; ``v1`` rotates
-# the k tiles in registers inside the attention loop (the kernel before issue 11). Kept for A/B runs.
+# the k tiles in registers inside the attention loop. v1 stays selectable until a GPU A/B decides (docs/architecture.md).
 ATTN_VARIANT = "JIT_KERNELS_ATTN_VARIANT"
 ATTN_VARIANTS = ("v1", "v2")
 
