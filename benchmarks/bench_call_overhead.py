@@ -20,14 +20,13 @@ machine, versions and git sha:
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 import jit_kernels as jk
+from benchmarks.bench_ops import time_interleaved
 from benchmarks.env import ROOT, command_line, environment, write_results
 
 GUARD_FILES = ["jit_kernels/_checks.py", "jit_kernels/_metadata.py", "jit_kernels/_values.py", "csrc/checks.h",
@@ -81,19 +80,6 @@ def python_calls(fn) -> dict:
     return {"python_calls": counts["call"], "builtin_calls": counts["c_call"]}
 
 
-def time_interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
-    samples = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            samples[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=41)
@@ -123,7 +109,7 @@ def main(argv=None) -> int:
             calls[name]()
         except TypeError:
             del calls[name]
-    t = time_interleaved(calls, args.rounds, args.inner)
+    t = time_interleaved(calls, "cpu", args.rounds, args.inner)
     base = t["torch.index_select"]
     rows = []
     for name, fn in calls.items():
