@@ -57,7 +57,7 @@ from jit_sampler.sampler import jit_sample
 from jit_eval.tiny_flux import TinyVelocity
 from jit_eval.metrics import (feature_stats, frechet_distance, frechet_interval, ink, kid, mmd2_test, precision_recall,
                               psnr, ssim)
-from jit_eval.rivals import BlockWorkCounter, cache_hook, ras_sample
+from jit_eval.rivals import BlockWorkCounter, cache_hook, jit_ras_sample, ras_sample
 from jit_sampler.schedule import beta_sigmas, linear_sigmas
 
 from .env import command_line, environment, write_results
@@ -131,6 +131,15 @@ def _ras_runner(steps: int, ratio: float, warmup: int = 2, refresh_every: int = 
     return run
 
 
+def _jit_ras_runner(cfg: JiTConfig, ratio: float):
+    def run(model, labels, noise, seed, cfg_scale):
+        sig = beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta)
+        y, _ = jit_ras_sample(TinyVelocity(model, labels, cfg_scale), noise, model.height, model.width, sig, cfg,
+                              torch.Generator().manual_seed(1000 + seed), ratio=ratio)
+        return y, cfg.total_steps
+    return run
+
+
 def build_methods(quick: bool = False) -> list[Method]:
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
@@ -176,6 +185,9 @@ def build_methods(quick: bool = False) -> list[Method]:
     for steps, r in ras:
         ms.append(Method(f"RAS {steps} steps r={r}", "ras", _ras_runner(steps, r),
                          note="2 dense warm-up steps, dense refresh every 5th step"))
+    for p in (() if quick else ("4x", "7x")):
+        ms.append(Method(f"{J4 if p == '4x' else J7} + RAS 0.5 in the final stage", "jit+ras",
+                         _jit_ras_runner(JiTConfig.preset(p), 0.5), note="RAS inside JiT's final dense stage"))
     caches = [("FBCache 0.2", fbc(0.2))] if quick else [("FBCache 0.1", fbc(0.1)), ("FBCache 0.2", fbc(0.2)),
                                                          ("FBCache 0.3", fbc(0.3)), ("TaylorSeer i=3", taylor(3)),
                                                          ("TaylorSeer i=5", taylor(5))]
@@ -470,6 +482,17 @@ def fidelity_verdicts(rows: list[dict]) -> list[str]:
         better = j["kid_ref"] < rival["kid_ref"]
         out.append(f"{name} (FLOP ratio {j['flop_ratio']}) vs {rival['method']} ({rival['flop_ratio']}): KID to "
                    f"dense-50 {j['kid_ref']:.4g} vs {rival['kid_ref']:.4g} ({'JiT closer' if better else 'JiT FARTHER'})")
+    others = [r for r in rows if r.get("family") in ("dense", "ras") and r["method"] != REF and "kid_ref" in r]
+    for r in rows:  # JiT with RAS in its final stage: against JiT alone and the nearest-FLOP dense or RAS row
+        base = by.get(r["method"].split(" + RAS")[0])
+        if r.get("family") != "jit+ras" or "kid_ref" not in r or base is None or "kid_ref" not in base:
+            continue
+        near = min(others, key=lambda o: abs(math.log(o["flop_ratio"] / r["flop_ratio"]))) if others else None
+        line = (f"{r['method']} (FLOP ratio {r['flop_ratio']}): KID to dense-50 {_closeness(r)}; "
+                f"{base['method']} alone ({base['flop_ratio']}): {base['kid_ref']:.4g}")
+        if near is not None:
+            line += f"; nearest in FLOPs, {near['method']} ({near['flop_ratio']}): {near['kid_ref']:.4g}"
+        out.append(line)
     return out
 
 

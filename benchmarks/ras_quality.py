@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.env import command_line, environment, write_results
-from benchmarks.quality import REF, Method, _jit_runner, fidelity_verdicts, run_quality, verdicts
-from jit_eval.rivals import jit_ras_sample
+from benchmarks.quality import REF, Method, _jit_ras_runner, _jit_runner, fidelity_verdicts, run_quality, verdicts
 from jit_eval.tiny_flux import TinyVelocity
 from jit_sampler import JiTConfig
 from jit_sampler.pipelines.ras_attention import use_ras_attention
@@ -42,15 +41,6 @@ def _ras_runner(cfg: RASConfig):
         with use_ras_attention(model.transformer):
             y, _ = ras_sample(fn, noise, model.height, model.width, linear_sigmas(cfg.num_steps), cfg)
         return y, cfg.num_steps
-    return run
-
-
-def _jit_ras_runner(cfg: JiTConfig, ratio: float):
-    def run(model, labels, noise, seed, cfg_scale):
-        sig = beta_sigmas(cfg.total_steps, cfg.beta_alpha, cfg.beta_beta)
-        y, _ = jit_ras_sample(TinyVelocity(model, labels, cfg_scale), noise, model.height, model.width, sig, cfg,
-                              torch.Generator().manual_seed(1000 + seed), ratio=ratio)
-        return y, cfg.total_steps
     return run
 
 
