@@ -192,3 +192,26 @@ def backend_op(op: str, backend: str):
         name = OPS[op].triton_op if backend == "triton" else op
         fn = _OPS[key] = getattr(torch.ops.jit_kernels, name).default
     return fn
+
+
+_CPU = torch.device("cpu")
+_CPP_KERNEL: dict[tuple[str, str], object] = {}
+
+
+def cpp_kernel(op: str, backend: str | None, *tensors):
+    """The C++ CPU kernel of ``op`` when a public call goes straight to it, else ``None``: every argument a
+    plain CPU tensor and ``op`` resolving to ``cpp``. That kernel checks the metadata and the index values
+    itself (``TORCH_CHECK``, the same exception types as the Python rule), so the public function skips the
+    Python rule instead of running both (docs/architecture.md, "Call route"). Kept lean: it sits on every
+    CPU call."""
+    for t in tensors:
+        if type(t) is not torch.Tensor or not t.is_cpu:
+            return None
+    if backend is None:
+        backend = getattr(_state, "backend", None) or _ENV_BACKEND
+    key = (op, backend)
+    try:
+        return _CPP_KERNEL[key]
+    except KeyError:
+        fn = _CPP_KERNEL[key] = backend_op(op, "cpp") if resolve(op, _CPU, backend) == "cpp" else None
+        return fn

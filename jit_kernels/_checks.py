@@ -8,7 +8,9 @@ backend and device:
 - index *values* (ranges, duplicates, the consistency of a nearest-anchor map with its
   anchors, attention key lengths) are checked on every call too, in Python, by the
   functions of :mod:`jit_kernels._values`, for every backend alike: so every backend
-  reports an invalid call with the same exception type and message. On CUDA a value check
+  reports an invalid call with the same exception type. (The token ops on the ``cpp``
+  backend call their C++ kernel at once, which runs the same checks itself: docs/architecture.md,
+  "Call route".) On CUDA a value check
   costs one host sync. There is no cache: an index written behind torch's back (``.data``,
   ``.numpy()``, DLPack) is checked like any other.
 - A caller that built its indices itself and vouches for them (the sampler) passes

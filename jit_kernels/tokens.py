@@ -7,7 +7,7 @@ import torch
 from . import _checks as checks
 from . import _metadata as M
 from . import _values as V
-from ._backends import backend_op, resolve
+from ._backends import backend_op, cpp_kernel, resolve
 from .reference import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_ref_
 
 __all__ = ["gather_tokens", "scatter_tokens", "scatter_tokens_"]
@@ -23,6 +23,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = N
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "gather_tokens"
+    kernel = cpp_kernel(op, backend, x, idx)
+    if kernel is not None:
+        return kernel(x, idx, validate)
     checks.check_devices(op, x=x, idx=idx)
     be = resolve(op, checks.check_tensor(op, "x", x).device, backend)
     M.gather_tokens(x, idx)  # the kernel's metadata rule (shapes, dtypes), the one every backend uses
@@ -53,6 +56,9 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *, 
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "scatter_tokens"
+    kernel = cpp_kernel(op, backend, base, idx, src)
+    if kernel is not None:
+        return kernel(base, idx, src, validate)
     be = _check_scatter(op, base, idx, src, backend, validate)
     if be == "reference":
         return scatter_tokens_ref(base, idx, src)
@@ -70,6 +76,10 @@ def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *,
     "Validation policy"); they are not read on the host (no host sync on CUDA).
     """
     op = "scatter_tokens_"
+    kernel = cpp_kernel(op, backend, base, idx, src)
+    if kernel is not None:
+        kernel(base, idx, src, validate)
+        return base
     be = _check_scatter(op, base, idx, src, backend, validate)
     if be == "reference":
         return scatter_tokens_ref_(base, idx, src)

@@ -25,17 +25,46 @@ def _passes(op=None):
     return sum(p.values()) if op is None else p.get(op, 0)
 
 
-def test_every_call_checks_the_values_and_the_trusted_path_none():
+# validation_passes counts the Python value checks (the host reads of index values). On CPU with
+# the cpp backend the token ops go straight to their C++ kernel, which checks the values itself
+# (docs/architecture.md, "Call route"): no Python pass to count, and every call still refuses a
+# bad index (test_an_in_place_write_after_a_check_is_caught, the stale-index corpus).
+PYTHON_CHECKED = [b for b in BACKENDS if b != "cpp"]
+
+
+@pytest.mark.parametrize("backend", PYTHON_CHECKED)
+def test_every_call_checks_the_values_and_the_trusted_path_none(backend):
     x = T.tokens(2, N, C)
     idx = T.anchors(N, 9)
     before = _passes("gather_tokens")
     for _ in range(5):
-        jk.gather_tokens(x, idx)
+        jk.gather_tokens(x, idx, backend=backend)
     assert _passes("gather_tokens") == before + 5
     for _ in range(3):
-        jk.gather_tokens(x, idx, validate=False)
+        jk.gather_tokens(x, idx, validate=False, backend=backend)
     assert _passes("gather_tokens") == before + 5
-    assert torch.equal(jk.gather_tokens(x, idx, validate=False), jk.gather_tokens(x, idx))
+    assert torch.equal(jk.gather_tokens(x, idx, validate=False, backend=backend), jk.gather_tokens(x, idx))
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_the_cpp_route_checks_in_the_kernel_on_every_call():
+    x = T.tokens(2, N, C)
+    idx = T.anchors(N, 9)
+    want = jk.gather_tokens(x, idx, backend="reference")
+    before = _passes()
+    for validate in (True, False):
+        assert torch.equal(jk.gather_tokens(x, idx, validate=validate), want)
+    assert _passes() == before  # no Python pass: the kernel checked
+    bad = idx.clone()
+    bad[2] = N
+    for validate in (True, False):  # the range is checked whatever validate says (memory safety)
+        with pytest.raises(IndexError, match="gather_tokens: idx"):
+            jk.gather_tokens(x, bad, validate=validate)
+    dup = torch.tensor([1, 2, 2])
+    with pytest.raises(ValueError, match="duplicate"):
+        jk.scatter_tokens(x, dup, T.tokens(2, 3, C))
+    with pytest.raises(ValueError, match="duplicate"):
+        jk.scatter_tokens_(x.clone(), dup, T.tokens(2, 3, C))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,13 +92,14 @@ def test_duplicates_are_refused_only_where_they_matter():
     jk.scatter_tokens(x, torch.tensor([1, 2, 5]), T.tokens(1, 3, C))
 
 
-def test_inference_tensors_are_checked_every_call():
+@pytest.mark.parametrize("backend", PYTHON_CHECKED)
+def test_inference_tensors_are_checked_every_call(backend):
     x = T.tokens(1, N, C)
     with torch.inference_mode():
         idx = T.anchors(N, 9)
         before = _passes("gather_tokens")
-        jk.gather_tokens(x, idx)
-        jk.gather_tokens(x, idx)
+        jk.gather_tokens(x, idx, backend=backend)
+        jk.gather_tokens(x, idx, backend=backend)
         assert _passes("gather_tokens") == before + 2
 
 
