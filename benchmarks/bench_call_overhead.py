@@ -8,7 +8,8 @@ machine, versions and git sha:
 
 1. Time: the public ``gather_tokens`` (``validate=True``, and the trusted ``validate=False``) against
    ``torch.index_select`` on a [1, 64, 8] tensor and 16 indices, and ``lift_euler_`` on a small
-   grid; interleaved rounds (each implementation once per round), medians.
+   grid, and the kernel called directly (the floor a public call can reach); interleaved rounds
+   (each implementation once per round), medians of the per-round ratios with their spread.
 2. Python calls per public call: ``sys.setprofile`` counts the ``call`` events (Python functions
    entered) and ``c_call`` events (builtins) of one call, after a warm-up call.
 3. Guard lines vs kernel lines: non-blank, non-comment lines of the guard files (the Python checks,
@@ -20,6 +21,7 @@ machine, versions and git sha:
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 
@@ -96,8 +98,10 @@ def main(argv=None) -> int:
     near = jk.nearest_anchor_map(anchors, h, w)
     vals = torch.randn(1, 16, 8)
     y = torch.randn(1, 64, 8)
+    raw = torch.ops.jit_kernels.gather_tokens.default  # a custom op's dispatch: the floor of any public call
     calls = {
         "torch.index_select": lambda: torch.index_select(x, 1, idx),
+        "torch.ops.jit_kernels.gather_tokens (the kernel alone)": lambda: raw(x, idx, True),
         "gather_tokens": lambda: jk.gather_tokens(x, idx),
         "gather_tokens(validate=False)": lambda: jk.gather_tokens(x, idx, validate=False),
         "lift_euler_": lambda: jk.lift_euler_(y, vals, anchors, h, w, 1e-9, nearest=near),
@@ -109,11 +113,14 @@ def main(argv=None) -> int:
             calls[name]()
         except TypeError:
             del calls[name]
-    t = time_interleaved(calls, "cpu", args.rounds, args.inner)
+    t = time_interleaved(calls, "cpu", args.rounds, args.inner, samples=True)
     base = t["torch.index_select"]
     rows = []
     for name, fn in calls.items():
-        row = {"call": name, "us": round(t[name] * 1e6, 2), "x_index_select": round(t[name] / base, 2)}
+        ratio = sorted(a / b for a, b in zip(t[name], base))  # paired by round: the machine's swings cancel
+        row = {"call": name, "us": round(statistics.median(t[name]) * 1e6, 2),
+               "x_index_select": round(statistics.median(ratio), 2),
+               "x_p10_p90": [round(ratio[len(ratio) // 10], 2), round(ratio[(9 * len(ratio)) // 10], 2)]}
         row.update(python_calls(fn))
         rows.append(row)
         print(row, flush=True)
@@ -125,8 +132,9 @@ def main(argv=None) -> int:
                torch_threads=1, shapes="x [1, 64, 8], 16 indices; lift on an 8 x 8 grid, 16 anchors, C = 8",
                lines=lines)
     write_results(args.out, "Per-call overhead of the public ops (CPU)", env, rows,
-                  ["call", "us", "x_index_select", "python_calls", "builtin_calls"],
-                  "us: median time per call over interleaved rounds; x_index_select: time / torch.index_select; "
+                  ["call", "us", "x_index_select", "x_p10_p90", "python_calls", "builtin_calls"],
+                  "us: median time per call over interleaved rounds; x_index_select: median over rounds of the "
+                  "round's time / torch.index_select's in the same round (x_p10_p90: 10th and 90th percentiles); "
                   "python_calls / builtin_calls: sys.setprofile call / c_call events of one call. "
                   "Guard vs kernel lines: env.lines.")
     return 0

@@ -32,13 +32,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict, device: str, rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each fn, rounds interleaved across fns."""
+def time_interleaved(fns: dict, device: str, rounds: int, inner: int, samples: bool = False) -> dict:
+    """Median seconds per call of each fn, rounds interleaved across fns (``samples``: the per-round
+    seconds per call instead, CPU only, so a caller can pair the rounds of two fns)."""
     if device == "cuda":
         import triton.testing
 
         return {k: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e-3 for k, f in fns.items()}
-    samples = {k: [] for k in fns}
+    per_round = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
     for _ in range(rounds):
@@ -46,8 +47,8 @@ def time_interleaved(fns: dict, device: str, rounds: int, inner: int) -> dict[st
             t0 = time.perf_counter()
             for _ in range(inner):
                 f()
-            samples[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            per_round[k].append((time.perf_counter() - t0) / inner)
+    return per_round if samples else {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def copy_bandwidth(device: str, rounds: int) -> float:
