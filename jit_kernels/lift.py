@@ -12,7 +12,7 @@ from ._backends import backend_op, resolve
 from .blur import MAX_KERNEL_SIZE, blur_params, check_kernel_size, gaussian_weights
 from .reference import lift_euler_ref_, lift_field_ref, nearest_anchor_map_ref
 
-__all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights", "lift_plan"]
+__all__ = ["nearest_anchor_map", "lift_field", "lift_euler_", "lift_weights"]
 
 
 def nearest_anchor_map(anchor_idx: torch.Tensor, height: int, width: int, *, backend: str | None = None,
@@ -109,12 +109,12 @@ def _lift_weights(op, num_anchors, num_tokens, sigma, kernel_size, blur_scale, d
     return _weights_cached(float(sigma), int(kernel_size), torch.device(device))
 
 
-def lift_plan(op, lead_name, lead, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend, be,
-              *, rows=None, validate=True):
-    """Shared checks of the ops that lift a field from anchors (lift_field, lift_euler_, microflow_target).
+def lift_inputs(op, lead, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend,
+                *, rows=None, validate=True):
+    """The anchors' nearest map and blur taps of an op that lifts a field from anchors (lift_field,
+    lift_euler_, microflow_target), with their checks.
 
-    ``lead`` (named ``lead_name`` in errors) is the already checked ``[B, ., C]`` token tensor
-    that fixes the batch and the device; ``rows``, when given, is the number of anchor value
+    ``lead`` is the already checked ``[B, ., C]`` token tensor that fixes the batch and the device; ``rows``, when given, is the number of anchor value
     rows (``values.shape[1]``) that must match ``anchor_idx``. Computes the nearest map if
     absent (:func:`nearest_anchor_map` then checks the anchors itself) and the blur taps;
     returns ``(nearest, weights)``. Devices and the grid (``check_grid``) are the caller's to
@@ -166,8 +166,8 @@ def lift_field(
     checks.check_tokens(op, "values", values)
     be = resolve(op, values.device, backend)
     checks.check_grid(op, height, width)
-    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
-                           backend, be, rows=values.shape[1], validate=validate)
+    nearest, w = lift_inputs(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend,
+                             rows=values.shape[1], validate=validate)
     if be == "reference":
         return lift_field_ref(values, anchor_idx, nearest, w, height, width)
     return backend_op(op, be)(values, anchor_idx, nearest, w, height, width, checks.kernel_validates(validate))
@@ -206,10 +206,10 @@ def lift_euler_(
     checks.check_grid(op, height, width)
     if y.shape != (values.shape[0], height * width, values.shape[2]):
         raise ValueError(f"{op}: y must be [B, H*W, C] = {(values.shape[0], height * width, values.shape[2])}, got {tuple(y.shape)}")
-    # Metadata, so before the value checks and the nearest map of lift_plan.
+    # Metadata, so before the value checks and the nearest map of lift_inputs.
     checks.check_inplace(op, "y", y, values=values, anchor_idx=anchor_idx, nearest=nearest)
-    nearest, w = lift_plan(op, "values", values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale,
-                           backend, be, rows=values.shape[1], validate=validate)
+    nearest, w = lift_inputs(op, values, anchor_idx, height, width, nearest, sigma, kernel_size, blur_scale, backend,
+                             rows=values.shape[1], validate=validate)
     dt = checks.check_float(op, "dt", dt)
     if be == "reference":
         return lift_euler_ref_(y, values, anchor_idx, nearest, w, height, width, dt)

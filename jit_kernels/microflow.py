@@ -6,7 +6,7 @@ import torch
 
 from . import _checks as checks
 from ._backends import backend_op, resolve
-from .lift import lift_plan
+from .lift import lift_inputs
 from .reference import microflow_target_ref, microflow_update_ref_
 
 __all__ = ["microflow_update", "microflow_update_", "microflow_target", "MICROFLOW_MODES"]
@@ -152,8 +152,8 @@ def microflow_target(
     if eps.shape[:2] != (b, new_idx.shape[-1]):
         raise ValueError(f"{op}: eps must be [B, R, C] = [{b}, {new_idx.shape[-1]}, {c}], got {tuple(eps.shape)}")
     # The anchor values are x0_hat rows, formed inside the kernel: no values tensor to match.
-    nearest, w = lift_plan(op, "y_prev", y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
-                           backend, be, validate=validate)
+    nearest, w = lift_inputs(op, y_prev, anchor_idx, height, width, nearest, blur_sigma, kernel_size, blur_scale,
+                             backend, validate=validate)
     if validate:
         checks.validate_index(op, "new_idx", new_idx, n, unique=True)
     if be == "reference":

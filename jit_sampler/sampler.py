@@ -38,7 +38,6 @@ from .anchors import activate_tokens, initial_anchors, merge_active
 from .config import JiTConfig
 from .report import JiTReport
 from .scalar_checks import check_int, check_sigmas
-from .schedule import stage_layout
 
 __all__ = ["VelocityFn", "JiTPlan", "make_plan", "jit_sample", "draw_normal"]
 
@@ -109,8 +108,7 @@ def make_plan(config: JiTConfig, height: int, width: int, sigmas: Sequence[float
         raise TypeError(f"config must be a JiTConfig, got {type(config).__name__}")
     height, width = check_int("height", height, kind="index"), check_int("width", width, kind="index")
     sig = check_sigmas(sigmas, config.total_steps)
-    return JiTPlan(height, width, tuple(config.token_counts(height * width)),
-                   tuple(stage_layout(config.total_steps, config.stage_ratios)), sig)
+    return JiTPlan(height, width, tuple(config.token_counts(height * width)), config.layout().stage_of_step, sig)
 
 
 def draw_normal(shape: Sequence[int], generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -255,7 +253,7 @@ def _initial_active(config: JiTConfig, plan: JiTPlan, b: int, generator, device)
 
 
 @contextlib.contextmanager
-def _versioned():
+def _outside_inference_mode():
     """Build tensors outside a caller's ``torch.inference_mode`` (gradients stay off), so that they have a
     version counter (inference tensors have none)."""
     with torch.inference_mode(False), torch.no_grad():
@@ -366,7 +364,7 @@ def jit_sample(
     # init_anchors), so every op takes the trusted path: no value check, no host sync per step. They
     # are built outside a caller's inference mode so that they have a version counter: a velocity_fn
     # that writes the active list in place is caught (_check_active_unchanged).
-    with _versioned():
+    with _outside_inference_mode():
         active = _initial_active(config, plan, b, generator, device)
         nearest = (jk.nearest_anchor_map(active, height, width, backend=be, validate=False)
                    if active.shape[-1] < n else None)
@@ -381,7 +379,7 @@ def jit_sample(
             count = plan.token_counts[stage] - active.shape[-1]
             if count > 0:
                 # ITA from the cached lifted velocity of step i-1 (no extra model call).
-                with _versioned():
+                with _outside_inference_mode():
                     new = activate_tokens(v_prev, active, count, height, width, ita=config.ita, nearest=nearest,
                                           backend=be, validate=False)
                 # DMF: target from y_prev, v_prev and the OLD anchors (their nearest map).
@@ -393,7 +391,7 @@ def jit_sample(
                         jk.microflow_update_(y, new, target, mode="assign", backend=be, validate=False)
                     else:
                         jk.microflow_update_(y, new, target, mode="blend", weight=w, backend=be, validate=False)
-                with _versioned():
+                with _outside_inference_mode():
                     active = merge_active(active, new, order=config.anchor_order)
                     if active.shape[-1] < n:
                         nearest = jk.nearest_anchor_map(active, height, width, backend=be, validate=False)

@@ -8,6 +8,8 @@ machine precision in ~60 halvings and costs well under a millisecond per step.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import NamedTuple
 
@@ -120,6 +122,11 @@ class StageLayout(NamedTuple):
         """Steps per stage that runs (every entry ``>= 1``)."""
         return tuple(e - s for s, e in zip((0,) + self.ends[:-1], self.ends))
 
+    @property
+    def stage_of_step(self) -> tuple[int, ...]:
+        """Stage of every step, counting only the stages that run (0 = the sparsest of them)."""
+        return tuple(j for j, n in enumerate(self.steps) for _ in range(n))
+
 
 def resolve_stages(total_steps: int, stage_ratios) -> StageLayout:
     """Which stages a ``total_steps``-step run keeps, and where each ends.
@@ -143,7 +150,14 @@ def resolve_stages(total_steps: int, stage_ratios) -> StageLayout:
     ratios = tuple(float(r) for r in stage_ratios)
     if not ratios:
         raise ValueError("stage_ratios must not be empty")
-    n, k_all = total_steps, len(ratios)
+    return _layout(total_steps, ratios)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(n: int, ratios: tuple[float, ...]) -> StageLayout:
+    """:func:`resolve_stages` on checked arguments, once per (steps, ratios): a config's properties and
+    every plan read the same layout."""
+    k_all = len(ratios)
     first = max(0, k_all - n)  # n < K: drop the sparsest K - n stages
     kept = tuple(range(first, k_all))
     k = len(kept)
@@ -162,10 +176,4 @@ def stage_layout(total_steps: int, stage_ratios) -> list[int]:
     E.g. 4x -> ``[0]*7 + [1]*4 + [2]*7``; 3-stage ratios at 2 steps -> ``[0, 1]``, where 0 is
     the configured *middle* stage (:func:`resolve_stages` says which stages run).
     """
-    ends = resolve_stages(total_steps, stage_ratios).ends
-    out, s = [], 0
-    for i in range(total_steps):
-        while i >= ends[s]:
-            s += 1
-        out.append(s)
-    return out
+    return list(resolve_stages(total_steps, stage_ratios).stage_of_step)
