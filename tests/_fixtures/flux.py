@@ -4,6 +4,8 @@ A real ``FluxPipeline`` (diffusers) around a 1 + 1 block ``FluxTransformer2DMode
 4-level ``AutoencoderKL`` with 8 channels (vae_scale_factor 8 like FLUX, so image sizes
 are multiples of 16 and a 128 x 128 image is an 8 x 8 token grid). No text encoders:
 tests pass ``prompt_embeds`` / ``pooled_prompt_embeds`` made by :func:`prompt_inputs`.
+:func:`stock_pipe` puts another pipeline class (or other components) around the modules of one,
+and :func:`controlnet` makes a tiny ControlNet from its transformer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ torch.set_num_threads(1)
 TXT_DIM = 32
 POOLED_DIM = 16
 TXT_TOKENS = 6
+# The text-encoder components a tiny pipeline leaves out (``from_pretrained`` wants them named again).
+NO_TEXT = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
 
 
 def build_pipe(cls=None, guidance_embeds: bool = True, seed: int = 0):
@@ -47,10 +51,33 @@ def build_pipe(cls=None, guidance_embeds: bool = True, seed: int = 0):
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-               tokenizer_2=None, transformer=transformer)
+    pipe = cls(scheduler=scheduler, vae=vae, transformer=transformer, **NO_TEXT)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def stock_pipe(base, cls=None, **replace):
+    """A pipeline of class ``cls`` (default ``FluxPipeline``) over the scheduler, VAE and transformer of
+    ``base`` (no text encoders), with the components in ``replace`` (``transformer=``, ``scheduler=``,
+    ``controlnet=``, ...) put in their place; ``base`` is left as it is."""
+    from diffusers import FluxPipeline
+
+    cls = cls or FluxPipeline
+    parts = {"scheduler": base.scheduler, "vae": base.vae, "transformer": base.transformer, **NO_TEXT}
+    pipe = cls(**{**parts, **replace})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def controlnet(transformer, seed: int):
+    """A 1 + 1 block ``FluxControlNetModel`` made from ``transformer`` (``from_transformer``), deterministic from
+    ``seed``; its zero-initialised output layers are left as they are."""
+    from diffusers import FluxControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                    attention_head_dim=16, num_attention_heads=2)
 
 
 def prompt_inputs(batch: int = 1, seed: int = 1, prefix: str = ""):

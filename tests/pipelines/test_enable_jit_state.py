@@ -20,22 +20,14 @@ import pytest
 import torch
 
 from tests._fixtures import flux2, qwen, sd3
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import NO_TEXT, build_pipe, controlnet, prompt_inputs, stock_pipe
 from jit_sampler import JiTConfig, JiTFluxPipeline, enable_jit
 
-NO_TEXT = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-
-
 def _controlnet_pipe():
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from diffusers import FluxControlNetPipeline
 
     base = build_pipe()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        cn = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1,
-                                                  attention_head_dim=16, num_attention_heads=2)
-    return FluxControlNetPipeline(scheduler=base.scheduler, vae=base.vae, transformer=base.transformer,
-                                  controlnet=cn, **NO_TEXT)
+    return stock_pipe(base, FluxControlNetPipeline, controlnet=controlnet(base.transformer, seed=3))
 
 
 def _builders():

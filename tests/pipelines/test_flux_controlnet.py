@@ -10,7 +10,7 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
 from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import build_pipe, prompt_inputs, stock_pipe
 from jit_sampler import JiTConfig, JiTFluxControlNetPipeline, JiTFluxPipeline, enable_jit
 
 
@@ -49,12 +49,8 @@ def make_xlabs_controlnet(seed: int, patch_size: int = 2):
     return cn.eval()
 
 
-def stock_pipe(base, controlnet):
-    p = FluxControlNetPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
-                               text_encoder_2=None, tokenizer_2=None, transformer=base.transformer,
-                               controlnet=controlnet)
-    p.set_progress_bar_config(disable=True)
-    return p
+def stock_controlnet_pipe(base, controlnet):
+    return stock_pipe(base, FluxControlNetPipeline, controlnet=controlnet)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def stock(base):
-    return stock_pipe(base, make_controlnet(base.transformer, seed=5))
+    return stock_controlnet_pipe(base, make_controlnet(base.transformer, seed=5))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +155,8 @@ def test_guidance_follows_each_models_own_embedding(tr_guidance, cn_guidance):
     """The transformer and the ControlNet each get the distilled guidance input only when their own config
     embeds it (as stock), also when the two differ; the dense run matches the stock loop."""
     tr_base = build_pipe(guidance_embeds=tr_guidance)
-    stock = stock_pipe(tr_base, make_controlnet(build_pipe(guidance_embeds=cn_guidance).transformer, seed=5))
+    stock = stock_controlnet_pipe(tr_base,
+                                  make_controlnet(build_pipe(guidance_embeds=cn_guidance).transformer, seed=5))
     p = JiTFluxControlNetPipeline.from_pipe(stock)
     p.set_progress_bar_config(disable=True)
     kw = dict(height=64, width=64, output_type="latent", guidance_scale=3.5, control_image=control(size=(64, 64)),
@@ -252,7 +249,7 @@ def test_true_cfg_runs_controlnet_once_per_step(pipe):
 
 def test_union_control_mode(base):
     cn = make_controlnet(base.transformer, seed=6, num_mode=3)
-    p = JiTFluxControlNetPipeline.from_pipe(stock_pipe(base, cn))
+    p = JiTFluxControlNetPipeline.from_pipe(stock_controlnet_pipe(base, cn))
     p.set_progress_bar_config(disable=True)
     kw = dict(jit="7x", control_image=control(), output_type="latent", **prompt_inputs())
     with Calls(cn=cn) as c:
@@ -271,7 +268,7 @@ def test_union_control_mode(base):
 def test_multi_controlnet_matches_stock_and_shares_tokens(base):
     nets = FluxMultiControlNetModel([make_controlnet(base.transformer, seed=11),
                                      make_controlnet(base.transformer, seed=12)])
-    stock = stock_pipe(base, nets)
+    stock = stock_controlnet_pipe(base, nets)
     p = JiTFluxControlNetPipeline.from_pipe(stock)
     p.set_progress_bar_config(disable=True)
     kw = dict(control_image=[control(), control(seed=13)], controlnet_conditioning_scale=[0.6, 1.2],
@@ -409,7 +406,7 @@ def test_xlabs_hint_controlnet(base, cfg_scale):
     """A hint-encoder ControlNet: dense JiT equals the stock loop (controlnet_blocks_repeat, no single-block
     residuals); under 7x it runs on the transformer's tokens with the hint tokens of exactly those tokens."""
     cn = make_xlabs_controlnet(seed=21)
-    stock = stock_pipe(base, cn)
+    stock = stock_controlnet_pipe(base, cn)
     p = JiTFluxControlNetPipeline.from_pipe(stock)
     p.set_progress_bar_config(disable=True)
     kw = dict(control_image=control(batch=2, size=(64, 96)), output_type="latent", true_cfg_scale=cfg_scale,
@@ -448,7 +445,7 @@ def test_xlabs_hint_controlnet(base, cfg_scale):
 
 def test_multi_xlabs_matches_stock_and_leaves_no_hooks(base):
     nets = [make_xlabs_controlnet(seed=31), make_xlabs_controlnet(seed=32)]
-    stock = stock_pipe(base, FluxMultiControlNetModel(nets))
+    stock = stock_controlnet_pipe(base, FluxMultiControlNetModel(nets))
     p = JiTFluxControlNetPipeline.from_pipe(stock)
     p.set_progress_bar_config(disable=True)
     kw = dict(control_image=[control(), control(seed=33)], controlnet_conditioning_scale=[1.0, 0.5],

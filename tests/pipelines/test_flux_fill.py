@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FluxFillPipeline
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import build_pipe, prompt_inputs, stock_pipe
 from jit_sampler import FluxVelocity, JiTConfig, JiTFluxFillPipeline, enable_jit
 
 GRID = 8
@@ -157,8 +157,7 @@ def test_enable_jit_and_bad_inputs(base, pipe):
         with pytest.raises(ValueError, match="either"):
             pipe(generator=gen(), jit="7x", masked_image_latents=torch.zeros(1, N, COND), **kw)
         # A FluxFillPipeline around a plain 16-channel FLUX.1 transformer is not a Fill model.
-        plain = JiTFluxFillPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
-                                    text_encoder_2=None, tokenizer_2=None, transformer=build_pipe().transformer)
+        plain = stock_pipe(pipe, JiTFluxFillPipeline, transformer=build_pipe().transformer)
         with pytest.raises(ValueError, match="FLUX Fill transformer"):
             plain(generator=gen(), jit="7x", **kw)
     assert log.calls == []

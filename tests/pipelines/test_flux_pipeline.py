@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import NO_TEXT, build_pipe, prompt_inputs
 from jit_sampler import JiTConfig, JiTFluxPipeline, enable_jit
 
 
@@ -184,8 +184,7 @@ def test_enable_jit_defaults_and_validation(base):
 def test_from_pretrained_offline(base, tmp_path):
     base.save_pretrained(tmp_path)
     # None components are not saved; diffusers wants them named again (as for FluxPipeline).
-    p = JiTFluxPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                        tokenizer_2=None)
+    p = JiTFluxPipeline.from_pretrained(tmp_path, **NO_TEXT)
     p.set_progress_bar_config(disable=True)
     assert isinstance(p, JiTFluxPipeline) and p.text_encoder is None
     a = p(generator=gen(), height=32, width=32, jit="7x", output_type="latent", **prompt_inputs()).images

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import tests._fixtures.flux  # noqa: F401  (one torch thread)
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import build_pipe, controlnet, prompt_inputs, stock_pipe
 from jit_sampler import JiTConfig
 
 S = 64  # image side: a 4 x 4 FLUX token grid
@@ -67,18 +67,12 @@ def _flux(stock_name: str, jit_name: str):
 
 
 def _controlnet():
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from diffusers import FluxControlNetPipeline
 
     from jit_sampler import JiTFluxControlNetPipeline
 
     base = build_pipe()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        cn = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1,
-                                                  attention_head_dim=16, num_attention_heads=2).eval()
-    stock = FluxControlNetPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
-                                   text_encoder_2=None, tokenizer_2=None, transformer=base.transformer,
-                                   controlnet=cn)
+    stock = stock_pipe(base, FluxControlNetPipeline, controlnet=controlnet(base.transformer, seed=5).eval())
     p = JiTFluxControlNetPipeline.from_pipe(stock)
     p.set_progress_bar_config(disable=True)
     return p

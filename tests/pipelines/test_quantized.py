@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import build_pipe, prompt_inputs, stock_pipe
 from tests._fixtures.quant import write_gguf
 from jit_sampler import enable_jit
 
@@ -39,13 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def _pipe(transformer):
-    from diffusers import FluxPipeline
-
-    base = build_pipe()
-    pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, transformer=transformer, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stock_pipe(build_pipe(), transformer=transformer)
 
 
 def _jit(transformer) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
                        FlowMatchLCMScheduler, UniPCMultistepScheduler)
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import build_pipe, prompt_inputs, stock_pipe
 from jit_sampler import JiTConfig, enable_jit
 from jit_sampler.pipelines import JiTFluxImg2ImgPipeline
 
@@ -30,11 +30,7 @@ def base():
 
 def with_scheduler(base, scheduler):
     """A stock FluxPipeline over ``base``'s modules with ``scheduler`` (``base`` is left as it is)."""
-    from diffusers import FluxPipeline
-
-    p = FluxPipeline(**{**base.components, "scheduler": scheduler})
-    p.set_progress_bar_config(disable=True)
-    return p
+    return stock_pipe(base, scheduler=scheduler)
 
 
 def euler(base, **options):
@@ -93,8 +89,7 @@ def test_refused_scheduler_still_runs_stock(base):
 
 def test_img2img_refuses_too(base):
     """The rule is checked once for every JiT pipeline (the shared dispatch), img2img included."""
-    img = JiTFluxImg2ImgPipeline(**{**base.components, "scheduler": euler(base, stochastic_sampling=True)})
-    img.set_progress_bar_config(disable=True)
+    img = stock_pipe(base, JiTFluxImg2ImgPipeline, scheduler=euler(base, stochastic_sampling=True))
     with pytest.raises(ValueError, match="stochastic_sampling"):
         img(image=torch.rand(1, 3, 64, 64), strength=0.8, generator=gen(), jit="7x", **KW, **prompt_inputs())
 
