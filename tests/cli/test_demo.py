@@ -7,6 +7,7 @@ import pytest
 from jit_eval.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     res = run_demo(str(tmp_path), presets=("7x",), seeds=1, repeats=1, dense_steps=6, log=lambda *_: None)
     rows = {r["method"]: r for r in res["rows"]}
@@ -26,6 +27,7 @@ def test_demo_end_to_end(tmp_path):
     assert (w, h) == (84 + 2 * (10 * 34 + 2), 2 * (2 * 34 + 2))
 
 
+@pytest.mark.slow
 def test_demo_runs_a_scenes_model(tmp_path):
     """A (random, one block of each kind) 32 x 32-token scenes model: ten scene prompts, 1,024 tokens."""
     import copy

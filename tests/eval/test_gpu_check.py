@@ -180,6 +180,7 @@ def test_build_random_flux_has_no_uninitialised_state():
     assert abs(float(w.std()) - 1 / w.shape[1] ** 0.5) < 0.05 and tr.config.num_layers == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DRY, reason="the in-process dry run needs a CPU-only machine (TRITON_INTERPRET=1)")
 def test_dry_run_section_json_schema(tmp_path, capsys):
     rc = gc.main(["--dry-run", "--section", "sampler", "--out", str(tmp_path)])
@@ -234,6 +235,7 @@ def test_strided_destination_probe_flags_an_unknown_divergence(tmp_path, monkeyp
     assert len(kit.failures) == 1 and "fake_op_ on a strided destination" in kit.failures[0]
 
 
+@pytest.mark.slow
 def test_bench_times_both_lift_variants(tmp_path, monkeypatch):
     from jit_kernels._env import LIFT_VARIANT
 
@@ -262,6 +264,7 @@ def test_sanitizer_error_count_is_read_as_a_number():
     assert gc._sanitizer_errors("no summary here") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DRY, reason="the in-process dry run needs a CPU-only machine (TRITON_INTERPRET=1)")
 def test_time_limit_shrinks_every_budget_to_fit(tmp_path, capsys):
     rc = gc.main(["--dry-run", "--section", "sampler", "--time-limit", "170", "--out", str(tmp_path)])
@@ -277,6 +280,7 @@ def test_sanitizer_gets_what_is_left_or_nothing():
     assert gc.sanitizer_seconds(300.0, 280.0, dry=True) == 15.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DRY, reason="the in-process dry run needs a CPU-only machine (TRITON_INTERPRET=1)")
 def test_relative_out_reaches_the_sanitizer_child(tmp_path, monkeypatch, capsys):
     # The child runs from the repository root: a relative --out must name the same folder there.

@@ -53,6 +53,7 @@ def test_classifier_rejects_bad_shape(clf):
         clf.features(torch.zeros(2, 32, 32))
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_classifier_training_is_deterministic():
     a, ia = train_classifier(steps=6, seed=3, log=lambda *_: None)
@@ -206,6 +207,7 @@ def test_no_cache_hook_no_reset():
 
 # --- the suite end to end ---------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_mnist
 def test_quality_suite_small_run(model, clf, tmp_path):
     from benchmarks import quality as q
@@ -263,6 +265,7 @@ def test_quality_rejects_bad_arguments():
         q.run_quality(seeds=2, rounds=1)
 
 
+@pytest.mark.slow
 def test_embedded_model_draws_the_requested_digits(model, clf):
     """The committed generator, judged by the committed classifier (dense 20 steps, CFG 3, 2 seeds)."""
     labels = torch.arange(10).repeat(2)
@@ -304,6 +307,7 @@ def test_fidelity_verdicts_regime_goal_and_error_split():
     assert "no error split" in next(x for x in q.fidelity_verdicts(rows) if x.startswith(q.J7 + " (FLOP"))
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_regime_command_on_a_scenes_model(clf, tmp_path, monkeypatch):
     """The regime check end to end on a (random, one block of each kind) 32 x 32-token scenes model:

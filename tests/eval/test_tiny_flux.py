@@ -199,6 +199,7 @@ def test_scenes_model_takes_one_label_per_slot():
     assert img.shape == (1, 1, 64, 64) and torch.isfinite(img).all()
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     from jit_eval.tiny_flux.train import train

@@ -50,6 +50,18 @@ offset_tokens = partial(tokens, offset=2.0)
 triton_randn = partial(randn, offset=2.0, device=TRITON_DEV)
 
 
+def interpreter_rows_slow(params: list) -> list:
+    """The ``(device, backend)`` params of :func:`jit_kernels.testing.device_backends` with the row of the
+    Triton interpreter (``cpu-triton``) marked ``slow``.
+
+    The interpreter runs a kernel program by program in Python: its rows of the parity tests take most
+    of their time (seconds per case on a 2-core CPU). The quick loop (``-m "not slow"``) keeps the C++
+    and reference rows and the Triton tests of the launchers; the full run has every row.
+    """
+    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.slow]) if p.id == "cpu-triton" else p
+            for p in params]
+
+
 def strided_tokens(b, n, c, seed=0):
     """A [B, N, C] view whose channel stride is not 1 (and whose rows are interleaved)."""
     t = torch.randn(b, c, 2 * n, generator=gen(seed)) + 2.0

@@ -36,7 +36,7 @@ import jit_kernels as jk
 from jit_kernels import _env
 from jit_kernels.reference.attention import anchor_attention_ref, rotary_ref
 from jit_kernels.testing import assert_close, device_backends, gen, on, qkv, tolerance
-from tests.ops._helpers import TRITON_DEV, TRITON_INTERPRET, needs_runner
+from tests.ops._helpers import TRITON_DEV, TRITON_INTERPRET, interpreter_rows_slow, needs_runner
 
 try:
     from jit_kernels.triton import attention as ta
@@ -48,8 +48,9 @@ CPU_BACKENDS = [b for b in ("reference", "cpp", "triton") if b in jk.available_b
 COMPILED = [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
 HAS_CPP = "cpp" in CPU_BACKENDS
 # (device, backend) params: every backend with the reference; the kernels only.
-ALL = device_backends(("reference", "cuda", "cpp", "triton"))
-KERNELS = device_backends(("cuda", "cpp", "triton"))
+# The Triton interpreter's rows are slow (interpreter_rows_slow).
+ALL = interpreter_rows_slow(device_backends(("reference", "cuda", "cpp", "triton")))
+KERNELS = interpreter_rows_slow(device_backends(("cuda", "cpp", "triton")))
 DEV = TRITON_DEV  # where the Triton kernel tests run (None: skipped by needs_runner)
 
 AXES = {16: (4, 6, 6), 32: (8, 12, 12), 64: (16, 24, 24), 128: (16, 56, 56)}
@@ -381,6 +382,9 @@ def test_gpu_matches_reference(dtype, d):
 
 
 # ---------------------------------------------------------------- the two Triton kernels (JIT_KERNELS_ATTN_VARIANT)
+#
+# The kernel runs below go through the Triton interpreter on a CPU-only machine: the parity tests are
+# marked slow, the plumbing of the variant choice is not.
 
 
 VARIANTS = ("v1", "v2")
@@ -418,6 +422,7 @@ def _ref(q, k, v, cos, sin, lengths=None, scale=None):
     return anchor_attention_ref(q, k, v, cos, sin, lengths, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
@@ -429,6 +434,7 @@ def test_shared_tables_match_reference(variant, dtype, blocks):
                  dtype, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
@@ -443,6 +449,7 @@ def test_per_sample_tables_and_key_lengths_match_reference(variant, dtype):
     assert not out[0, 21:].any() and not out[1, 16:].any()
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
@@ -456,6 +463,7 @@ def test_tables_that_are_not_pair_repeated(variant, dtype, per_sample):
                  _ref(q, k, v, cos, sin, lengths).float(), dtype, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("d", [2, 6, 40, 128])
@@ -468,6 +476,7 @@ def test_head_dims(variant, d):
                  _ref(q, k, v, cos, sin, lengths), torch.float32, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
 def test_variants_agree(dtype):
@@ -490,6 +499,7 @@ def test_public_op_runs_the_default_variant_and_matches_reference():
     assert_close(out.float(), _ref(q, k, v, cos, sin, lengths).float(), torch.bfloat16, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
@@ -515,6 +525,7 @@ def test_rotate_qk_writes_the_rotated_scaled_copies(dtype, per_sample, heads_per
     assert not rot[..., d:].any()  # zero padding: the attention kernel reads it unmasked
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_strided_inputs_are_read_in_place_and_not_mutated(variant):
@@ -532,6 +543,7 @@ def test_strided_inputs_are_read_in_place_and_not_mutated(variant):
                  torch.float32, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_grid_splits_give_the_same_bits(variant, monkeypatch):
@@ -545,6 +557,7 @@ def test_grid_splits_give_the_same_bits(variant, monkeypatch):
     assert torch.equal(whole, split)
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_same_inputs_same_bits(variant):
@@ -594,6 +607,7 @@ def test_attention_variant_env(monkeypatch):
         _env.attention_variant()
 
 
+@pytest.mark.slow
 @needs_runner
 def test_env_variable_is_read_at_import():
     env = dict(os.environ, **{_env.ATTN_VARIANT: "v1"})
@@ -629,6 +643,7 @@ def test_bench_variant_fns_time_both_kernels_and_the_sweep():
         assert_close(fns[name]().cpu(), want, torch.float32, kind="attention")
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.skipif(torch.cuda.is_available() or not TRITON_INTERPRET, reason="the dry run of the kit (CPU only)")
 def test_gpu_kit_bench_section_times_both_variants(tmp_path):

@@ -622,6 +622,7 @@ def _results(backend: str) -> dict:
 _PARAMS = [pytest.param(be, c, id=f"{be}-{c.id}") for be in BACKENDS for c in _cases_for(be)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "case"), _PARAMS)
 def test_case(backend, case):
     res = _results(backend)[case.id]
@@ -629,6 +630,7 @@ def test_case(backend, case):
     assert res["outcome"] == "ok", f"{case.id} on {backend} must {want}: {res['outcome']} ({res['detail']})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_summary(backend):
     cases = _cases_for(backend)

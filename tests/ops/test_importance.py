@@ -18,9 +18,10 @@ import torch
 import jit_kernels as jk
 from jit_kernels import reference as ref
 from jit_kernels.testing import DTYPES, GRIDS, anchors, device_backends, gen, on, tokens
-from tests.ops._helpers import TRITON_DEV, needs_cpp, needs_runner, needs_triton, offset_tokens, ops
+from tests.ops._helpers import (TRITON_DEV, interpreter_rows_slow, needs_cpp, needs_runner, needs_triton,
+                                offset_tokens, ops)
 
-DEVICE_BACKENDS = device_backends()
+DEVICE_BACKENDS = interpreter_rows_slow(device_backends())
 DEV = TRITON_DEV  # where the Triton tests below run (None: skipped by needs_runner)
 
 

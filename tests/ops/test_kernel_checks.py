@@ -396,6 +396,7 @@ def test_metadata_is_refused_before_index_values(device, backend, op, over, exc,
         direct_kernel(op, backend)(*schema_args(op, args))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not importable")
 def test_compiled_triton_refuses_cpu_tensors():
     """Without the interpreter, a Triton twin called with CPU tensors is a ValueError (as the CUDA C++

@@ -28,17 +28,17 @@ from jit_kernels import reference as ref
 from jit_kernels._env import LIFT_VARIANT, lift_variant
 from jit_kernels.testing import (DTYPES, GRIDS, anchors, assert_close, counts, device_backends, gen, on, tokens,
                                  tolerance)
-from tests.ops._helpers import (BACKENDS, TRITON_DEV, TRITON_INTERPRET, needs_cpp, needs_runner, needs_triton,
-                                offset_tokens, ops, strided_tokens, triton, triton_randn)
+from tests.ops._helpers import (BACKENDS, TRITON_DEV, TRITON_INTERPRET, interpreter_rows_slow, needs_cpp, needs_runner,
+                                needs_triton, offset_tokens, ops, strided_tokens, triton, triton_randn)
 
 try:
     from jit_kernels.triton import lift as triton_lift
 except ImportError:  # triton is not importable: the tests that need it are skipped (needs_triton)
     triton_lift = None
 
-DEVICE_BACKENDS = device_backends()
+DEVICE_BACKENDS = interpreter_rows_slow(device_backends())
 # The two backends whose lift kernels have variants.
-VARIANT_BACKENDS = device_backends(("cuda", "triton"))
+VARIANT_BACKENDS = interpreter_rows_slow(device_backends(("cuda", "triton")))
 F32 = tolerance(torch.float32)
 DEV = TRITON_DEV  # where the Triton tests below run (None: skipped by needs_runner)
 

@@ -17,10 +17,10 @@ import torch
 import jit_kernels as jk
 from jit_kernels import reference as ref
 from jit_kernels.testing import DTYPES, anchors, assert_close, device_backends, on, tokens, tolerance
-from tests.ops._helpers import (TRITON_DEV, needs_cpp, needs_runner, offset_tokens, ops, strided_tokens,
-                                triton_randn)
+from tests.ops._helpers import (TRITON_DEV, interpreter_rows_slow, needs_cpp, needs_runner, offset_tokens, ops,
+                                strided_tokens, triton_randn)
 
-DEVICE_BACKENDS = device_backends()
+DEVICE_BACKENDS = interpreter_rows_slow(device_backends())
 F32 = tolerance(torch.float32)
 DEV = TRITON_DEV  # where the Triton tests below run (None: skipped by needs_runner)
 

@@ -90,7 +90,9 @@ def test_every_op_has_a_sample():
     assert set(_op_samples()) == set(OPS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton twins' rows run the interpreter many times per op (slow); their fakes are the ones the
+# C++ rows check too.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS])
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_opcheck(backend, name):
     # The fakes (one per row, shared by the op and its Triton twin) against the real kernels.

@@ -25,6 +25,7 @@ from tests.ops._helpers import BACKENDS, needs_cpp, offset_tokens, ops, python
 # ---------------------------------------------------------------- empty channels, batch, anchors
 
 
+@pytest.mark.slow
 @needs_cpp
 def test_zero_channels_do_not_kill_the_process():
     """C = 0 divided the grain size of the compiled CPU kernels by zero (SIGFPE)."""

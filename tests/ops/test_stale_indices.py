@@ -44,6 +44,7 @@ def _run(backend: str, mode: str) -> list[dict]:
     return finished
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["public", "kernel", "trusted"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stale_indices_never_crash_nor_write_outside(backend, mode):

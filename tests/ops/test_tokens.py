@@ -17,9 +17,9 @@ import torch
 import jit_kernels as jk
 from jit_kernels import reference as ref
 from jit_kernels.testing import DTYPES, anchors, counts, device_backends, on, tokens
-from tests.ops._helpers import needs_cpp, offset_tokens, ops, strided_tokens
+from tests.ops._helpers import interpreter_rows_slow, needs_cpp, offset_tokens, ops, strided_tokens
 
-DEVICE_BACKENDS = device_backends()
+DEVICE_BACKENDS = interpreter_rows_slow(device_backends())
 
 
 # ---------------------------------------------------------------- gather / scatter

@@ -68,6 +68,7 @@ def test_aot_registry_lists_every_kernel():
 # ---------------------------------------------------------------- AOT lowering (no GPU needed)
 
 
+@pytest.mark.slow
 def test_aot_lowers_every_kernel():
     """Every kernel lowers to sm_90 PTX + cubin in a clean process (without TRITON_INTERPRET)."""
     rc, rows, output = aot.compile_all_isolated(90)
@@ -119,6 +120,7 @@ def test_tile_shapes_are_powers_of_two_and_bounded():
     assert lift.lift_tile_shape(2 * 4096, 64, interpret=False) == (32, 64)
 
 
+@pytest.mark.slow
 @needs_runner
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_tiles_ragged_blocks(tiny_tiles, dtype):
@@ -261,6 +263,7 @@ def _all_ops(b=5, c=11, h=4, w=5):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize("limits", [(2, 1 << 30), (7, 1 << 30), (65535, 24)])
 def test_triton_launches_split_past_grid_limits(monkeypatch, limits):

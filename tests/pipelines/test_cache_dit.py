@@ -260,6 +260,7 @@ def test_cache_dit_flux2_klein():
     assert torch.equal(y0, y2)
 
 
+@pytest.mark.slow
 def test_cache_dit_rows_in_the_quality_suite():
     from benchmarks import quality as q
     from jit_eval.rivals import BlockWorkCounter, cache_hook

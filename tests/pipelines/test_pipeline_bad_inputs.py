@@ -423,6 +423,7 @@ def _params():
             yield pytest.param(name, c, id=f"{name}-{c.id}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, case", list(_params()))
 def test_bad_input(name, case):
     pipe = get_pipe(name)
@@ -560,6 +561,7 @@ STOCK: dict = {
 STOCK_DIFFUSERS = "0.42.1"  # the diffusers release the STOCK table was recorded on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, case", [p for p in _params() if p.values[1].jit == "7x"])
 def test_stock_behaviour(name, case):
     """Keeps the :data:`STOCK` documentation honest: the stock call does what it says.
@@ -634,6 +636,7 @@ EDGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edge", list(EDGES))
 @pytest.mark.parametrize("name", ALL)
 def test_valid_edge_case(name, edge):

@@ -39,6 +39,7 @@ def compiled():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_one_graph_per_stage_and_eager_parity(compiled):
     model, counter, eager = compiled
     labels, cfg = torch.tensor([1, 7]), JiTConfig.preset("7x")
@@ -51,6 +52,7 @@ def test_one_graph_per_stage_and_eager_parity(compiled):
     assert len(counter.graphs) == 3
 
 
+@pytest.mark.slow
 def test_token_buckets_share_graphs_across_presets(compiled):
     model, counter, eager = compiled
     labels = torch.tensor([2, 5])

@@ -137,6 +137,7 @@ def test_empty_batch_is_a_clean_empty_result(policy):
     _refused(ValueError, "sigmas", latents=torch.empty(0, N, C), sigmas=[1.0, 0.0])
 
 
+@pytest.mark.slow
 def test_zero_channels_refused_without_crashing():
     # C = 0 used to reach the kernels (a SIGFPE in the C++ extension): run it in a subprocess.
     code = textwrap.dedent("""
