@@ -2,7 +2,7 @@
 
 Nothing is measured: every number is parameter counts x bytes per parameter, plus activations
 from the token counts. Run: ``python -m benchmarks.memory_budget`` (prints the tables of
-docs/memory.md; tests/test_memory_recipes.py checks that the doc holds this output).
+docs/memory.md; tests/pipelines/test_memory_recipes.py checks that the doc holds this output).
 
 Inputs:
 

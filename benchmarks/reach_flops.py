@@ -8,9 +8,9 @@ active tokens of every step (stage layout, few-step rule, budgets), and counts t
 FLOPs for those steps with :func:`jit_sampler.report.flop_summary` at the real model's dimensions
 (FLUX.1-dev, 512 text tokens; Qwen-Image's default config, 128 text tokens, true CFG). The
 pipeline tests check that each pipeline hands the sampler exactly these configurations (the
-token counts per transformer call in ``tests/test_flux_img2img.py``, ``test_flux_kontext.py``,
-``test_flux2_reference.py``, ``test_flux_controlnet.py``, ``test_qwen_image.py``,
-``test_few_steps.py``).
+token counts per transformer call in ``tests/pipelines/test_flux_img2img.py``, ``test_flux_kontext.py``,
+``test_flux2_reference.py``, ``test_flux_controlnet.py``, ``test_qwen_image.py`` and
+``tests/sampler/test_few_steps.py``).
 
 Beside each counted ratio stands the prediction of the linear cost model of docs/method.md
 section 7 (work per step linear in the tokens a call carries): for a run with ``S`` steps of

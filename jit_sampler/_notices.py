@@ -10,7 +10,7 @@ are installed but unused, or used through a fallback that works:
   "<enum ...> is an Enum subclass and is now natively supported by torch.compile" deprecation
   for torchao's enums, and diffusers' "Unable to import `torchao` Tensor objects" (its
   safe-globals list for torchao checkpoints; weight-only quantization through
-  ``TorchAoConfig`` works without it, see tests/test_quantized.py).
+  ``TorchAoConfig`` works without it, see tests/pipelines/test_quantized.py).
 
 Each filter sits on the one logger that emits the notice and matches its text; every other
 record passes. Installed when :mod:`jit_sampler` is imported, before anything imports diffusers.

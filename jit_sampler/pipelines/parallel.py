@@ -27,7 +27,7 @@ divisibility check is skipped there. Ring attention with a padding mask is refus
 
 Nothing here sets up process groups or devices. On a CPU-only machine diffusers maps rank ``r``
 to device ``r % torch.accelerator.device_count()``, which is ``0 % 0``; tests patch
-``torch.accelerator.device_count`` to return 1 in their worker processes (``tests/_cp_jit_worker.py``).
+``torch.accelerator.device_count`` to return 1 in their worker processes (``tests/pipelines/_cp_jit_worker.py``).
 """
 
 from __future__ import annotations
