@@ -519,7 +519,7 @@ def verdicts(rows: list[dict]) -> list[str]:
         wins = []
         for key, better in (("psnr_db", max), ("accuracy", max), ("fd", min)):
             a, b = get(j7, key), get("dense-7", key)
-            wins.append(f"{key} {a} vs {b} ({'win' if better(a, b) == a and a != b else 'lose'})")
+            wins.append(f"{key} {a} vs {b} ({'tie' if a == b else 'win' if better(a, b) == a else 'lose'})")
         out.append("JiT 7x vs dense-7: " + ", ".join(wins))
     return out
 

@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
-#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -186,23 +185,10 @@ inline void check_lift_meta(const char* op, const at::Tensor& values, const at::
 
 // --- Memory overlap of in-place targets (metadata only; same rules as jit_kernels/_checks.py) ---------
 
-// Element offsets of t (in elements from its first element), in row-major order of its indices.
-inline std::vector<int64_t> element_offsets(const at::Tensor& t) {
-  std::vector<int64_t> offs{0};
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    const int64_t size = t.size(d), stride = t.stride(d);
-    std::vector<int64_t> next;
-    next.reserve(offs.size() * static_cast<size_t>(size));
-    for (const int64_t o : offs)
-      for (int64_t i = 0; i < size; ++i) next.push_back(o + i * stride);
-    offs.swap(next);
-  }
-  return offs;
-}
-
-// Whether two elements of t share a memory location (exact). ATen's test decides dense layouts and a
-// stride 0; for the rest, dims sorted by stride, each stride beyond the span of the smaller ones, prove
-// there is none, and the rare remaining layouts are decided by enumerating the offsets.
+// Whether t may have two elements at one memory location (same rule as jit_kernels/_checks.py).
+// ATen's test decides dense layouts and a stride 0; for the layouts it calls too hard (strided
+// views), dims sorted by stride, each stride beyond the span of the smaller ones, prove there is
+// none; a layout that proof cannot clear counts as overlapping (refused).
 inline bool has_internal_overlap(const at::Tensor& t) {
   const at::MemOverlap quick = at::has_internal_overlap(t);
   if (quick != at::MemOverlap::TooHard) return quick == at::MemOverlap::Yes;
@@ -212,18 +198,14 @@ inline bool has_internal_overlap(const at::Tensor& t) {
   std::sort(dims.begin(), dims.end());
   int64_t span = 0;
   for (const auto& [stride, size] : dims) {
-    if (stride <= span) {
-      std::vector<int64_t> offs = element_offsets(t);
-      std::sort(offs.begin(), offs.end());
-      return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
-    }
+    if (stride <= span) return true;
     span += (size - 1) * stride;
   }
   return false;
 }
 
-// Whether a (free of internal overlap) and b share any byte (exact). Disjoint address ranges decide
-// at once; interleaved views of one buffer are decided element by element.
+// Whether the address ranges of a and b intersect: ATen's rule for the operands of in-place ops
+// (two views of one buffer whose ranges intersect count as overlapping even if they interleave).
 inline bool tensors_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device() || a.device().is_meta()) return false;
   auto extent = [](const at::Tensor& t) {
@@ -231,20 +213,8 @@ inline bool tensors_overlap(const at::Tensor& a, const at::Tensor& b) {
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
     return (last + 1) * static_cast<int64_t>(t.element_size());
   };
-  const int64_t ia = a.element_size(), ib = b.element_size();
   const int64_t a0 = reinterpret_cast<int64_t>(a.data_ptr()), b0 = reinterpret_cast<int64_t>(b.data_ptr());
-  const int64_t a1 = a0 + extent(a), b1 = b0 + extent(b);
-  if (a1 <= b0 || b1 <= a0) return false;
-  std::vector<int64_t> sa = element_offsets(a);
-  for (int64_t& o : sa) o = a0 + o * ia;
-  std::sort(sa.begin(), sa.end());
-  for (const int64_t o : element_offsets(b)) {
-    const int64_t s = b0 + o * ib;
-    // The element of a starting last at or before this element's last byte is the only one that may reach it.
-    auto it = std::upper_bound(sa.begin(), sa.end(), s + ib - 1);
-    if (it != sa.begin() && *std::prev(it) + ia > s) return true;
-  }
-  return false;
+  return a0 < b0 + extent(b) && b0 < a0 + extent(a);
 }
 
 // The tensor an op writes in place: no internal overlap (an expand()-ed tensor would be written through

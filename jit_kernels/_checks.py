@@ -34,7 +34,7 @@ backend and device:
 Also metadata, checked first on every backend (see the section "devices, memory overlap,
 size bounds" below): every tensor on one device (before anything reads a value or picks a
 kernel), grids of at most 2^30 cells, and in-place targets that neither overlap themselves
-(``expand``-ed tensors) nor share memory with any input of the op.
+(``expand``-ed tensors) nor share an address range with any input of the op.
 
 Exception types: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
 shape, device, value or overlap, ``IndexError`` for an index out of range.
@@ -278,66 +278,38 @@ def check_num_tokens(op: str, name: str, n: int) -> None:
         raise ValueError(f"{op}: {name} has {n} tokens; at most 2^30 = {MAX_GRID_TOKENS} are supported")
 
 
-def _offsets(t: torch.Tensor) -> torch.Tensor:
-    """Element offsets of ``t`` (in elements, from its first element), flattened; built from metadata only."""
-    off = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
-        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return off.reshape(-1)
-
-
 def has_internal_overlap(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` share a memory location (exact; from sizes and strides only).
+    """Whether ``t`` may have two elements at one memory location (from sizes and strides only).
 
-    PyTorch's own test answers for dense layouts and for a stride 0 (``expand``); for the rest,
-    dims sorted by stride, each stride larger than the span of the smaller ones, prove there is
-    none, and only the rare remaining layouts are decided by enumerating the offsets.
+    ATen's test answers for dense layouts and a stride 0 (``expand``). For the layouts it calls too
+    hard (strided views), dims sorted by stride, each stride beyond the span of the smaller ones,
+    prove there is none (every slice of a dense tensor passes); a layout that proof cannot clear is
+    treated as overlapping (refused; ``.contiguous()`` gives a target that passes).
     """
-    quick = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for it
+    quick = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for ATen
     if quick != 2:
         return quick == 1
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
     span = 0
-    for st, sz in dims:
+    for st, sz in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
         if st <= span:
-            offs = _offsets(t)
-            return offs.unique().numel() != offs.numel()
+            return True
         span += (sz - 1) * st
     return False
 
 
 def _extent(t: torch.Tensor) -> int:
-    """Bytes from the first element of ``t`` (numel > 0) to the end of its last."""
+    """Bytes from the first element of ``t`` (numel > 0, non-negative strides) to the end of its last."""
     if t.is_contiguous():
         return t.numel() * t.element_size()
     return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` (free of internal overlap) and ``b`` share any byte of memory (exact, metadata only).
-
-    Disjoint address ranges (the common case: different buffers) decide at once; views of one
-    buffer whose ranges interleave are decided element by element.
-    """
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.is_meta:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    if a0 + _extent(a) <= b0 or b0 + _extent(b) <= a0:
-        return False
-    ia, ib = a.element_size(), b.element_size()
-    starts_a = (_offsets(a) * ia + a0).sort().values
-    starts_b = _offsets(b) * ib + b0
-    # The element of a starting last at or before each element's last byte of b is the only one that may reach it.
-    k = torch.searchsorted(starts_a, starts_b + (ib - 1), right=True) - 1
-    hit = (k >= 0) & (starts_a[k.clamp(min=0)] + ia > starts_b)
-    return bool(hit.any())
-
-
 def check_inplace(op: str, out_name: str, out: torch.Tensor, /, **inputs) -> None:
     """``out``, the tensor an op writes in place: no internal overlap (an ``expand``-ed tensor would be
-    written through aliases, so the result would depend on the order of the writes), and no memory
-    shared with any of ``inputs`` (non-tensors skipped: their types are checked elsewhere), which the
-    op reads while it writes ``out``."""
+    written through aliases, so the result would depend on the order of the writes), and no address
+    range shared with any of ``inputs`` (non-tensors skipped: their types are checked elsewhere), which
+    the op reads while it writes ``out``. As ATen's in-place ops, two views of one buffer whose ranges
+    intersect are refused even if their elements interleave without touching (pass a copy)."""
     if not out.is_contiguous() and has_internal_overlap(out):
         raise ValueError(f"{op}: {out_name} has internally overlapping memory (several elements share one "
                          f"memory location, e.g. an expand()-ed tensor) and cannot be written in place; "
@@ -346,12 +318,10 @@ def check_inplace(op: str, out_name: str, out: torch.Tensor, /, **inputs) -> Non
         return
     o0 = out.data_ptr()
     o1 = o0 + _extent(out)
-    for name, t in inputs.items():
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+    for name, t in inputs.items():  # ATen's rule for in-place ops: intersecting address ranges overlap
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device != out.device:
             continue
         t0 = t.data_ptr()
-        if t0 >= o1 or t0 + _extent(t) <= o0:  # disjoint address ranges (on any device): the common case
-            continue
-        if overlaps(out, t):
+        if t0 < o1 and o0 < t0 + _extent(t):
             raise ValueError(f"{op}: {name} overlaps the memory of {out_name}, which the op writes in place; "
                              f"pass a copy ({name}.clone())")

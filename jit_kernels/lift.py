@@ -193,7 +193,7 @@ def lift_euler_(
     The lifted field is never materialised; arithmetic is fp32 and ``y`` is rounded once.
     ``y`` may be strided (every backend gives the result of the contiguous case) but must not
     overlap itself (an ``expand``-ed tensor), and no input (``values``, ``anchor_idx``,
-    ``nearest``) may share memory with it: ``ValueError`` on every backend; pass copies.
+    ``nearest``) may share an address range with it: ``ValueError`` on every backend; pass copies.
 
     ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
     "Validation policy"); they are not read on the host (no host sync on CUDA).

@@ -62,7 +62,7 @@ def microflow_update_(
     a sequence ``1/n, 1/(n-1), ..., 1`` is the ``substeps`` discretisation).
     Returns ``y``. ``y`` may be strided (every backend gives the result of the contiguous
     case) but must not overlap itself (an ``expand``-ed tensor), and ``new_idx`` and
-    ``target`` must not share memory with it: ``ValueError`` on every backend; pass copies.
+    ``target`` must not share an address range with it: ``ValueError`` on every backend; pass copies.
 
     ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
     "Validation policy"); they are not read on the host (no host sync on CUDA).

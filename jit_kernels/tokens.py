@@ -70,7 +70,7 @@ def scatter_tokens_(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, *,
     """In-place :func:`scatter_tokens`: writes ``src`` into rows ``idx`` of ``base`` and returns ``base``.
 
     ``base`` may be strided but must not overlap itself (an ``expand``-ed tensor), and ``src`` and
-    ``idx`` must not share memory with it (``ValueError``, on every backend): pass copies.
+    ``idx`` must not share an address range with it (``ValueError``, on every backend): pass copies.
 
     ``validate=False``: the caller vouches for the index values (see docs/architecture.md,
     "Validation policy"); they are not read on the host (no host sync on CUDA).

@@ -146,7 +146,9 @@ def test_step_probe_counts_validation_passes_per_step():
         # The sampler itself runs no value check (its indices take the trusted path); a velocity that
         # calls a checked public op at the transitions gives the probe passes to see there.
         if plan.is_transition(step):
-            jk.gather_tokens(torch.zeros(1, 144, 1), idx)  # a checked call on the full grid
+            # a checked call on the full grid, on a backend whose value check runs in Python (the count's
+            # subject; the token ops on cpp check inside the C++ kernel and are not counted)
+            jk.gather_tokens(torch.zeros(1, 144, 1), idx, backend="reference")
         return gc._field(x, idx, sigma, step)
 
     with probe.active():

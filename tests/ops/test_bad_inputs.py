@@ -4,7 +4,8 @@ Each bad case names the exception type the call must raise (``TypeError`` for ty
 ``ValueError`` for shapes, values, overlap and devices, ``IndexError`` for index values out of
 range); the call must raise it before any work, leaving every input as it was (compared with
 clones taken before the call). Each valid edge case (empty batch, anchors, channels; strided
-in-place targets; interleaved but disjoint views) must agree with the reference backend.
+in-place targets) must agree with the reference backend. Views of one buffer whose address
+ranges intersect are refused even when their elements interleave without touching (ATen's rule).
 
 The corpus runs in one subprocess per backend (this file is also a script), so a case that
 kills the process (a crash) is recorded as such, and the run resumes after it. Every case is
@@ -210,7 +211,8 @@ bad("scatter_tokens_", "src overlapping base partly", ValueError, ("base", lambd
     ("src", lambda a: a["base"].as_strided((B, 3, C), a["base"].stride(), a["base"].storage_offset() + (N - 1) * C)))
 valid("scatter_tokens_", "strided base", ("base", lambda a: a["base"].transpose(0, 1).contiguous().transpose(0, 1)))
 # Interleaved views of one buffer that share no element: base = even channels, src = odd channels.
-valid("scatter_tokens_", "interleaved disjoint views",
+# Refused, as ATen refuses them for its in-place ops: their address ranges intersect.
+bad("scatter_tokens_", "interleaved disjoint views", ValueError,
       ("base", lambda a: _tok(B, N, 2 * C, seed=8)[..., 0::2]),
       ("src", lambda a: a["base"].as_strided((B, 3, C), a["base"].stride(), a["base"].storage_offset() + 1)))
 
@@ -311,10 +313,9 @@ valid("lift_euler_", "strided y (batch-major)", ("y", lambda a: a["y"].transpose
       compare="close")
 valid("lift_euler_", "strided y (channel stride 2)", ("y", lambda a: _tok(B, N, 2 * C, seed=9)[..., ::2]),
       compare="close")
-valid("lift_euler_", "y interleaved with values in one buffer",
-      ("y", lambda a: _tok(B, N, 2 * C, seed=10)[..., 0::2]),
-      ("values", lambda a: a["y"].as_strided((B, 4, C), a["y"].stride(), a["y"].storage_offset() + 1)),
-      compare="close")
+bad("lift_euler_", "y interleaved with values in one buffer", ValueError,
+    ("y", lambda a: _tok(B, N, 2 * C, seed=10)[..., 0::2]),
+    ("values", lambda a: a["y"].as_strided((B, 4, C), a["y"].stride(), a["y"].storage_offset() + 1)))
 
 # token_importance
 bad("token_importance", "field list", TypeError, ("field", _as_list("field")))

@@ -1,7 +1,7 @@
 """In-place targets (``scatter_tokens_``, ``lift_euler_``, ``microflow_update_``) on every backend.
 
 A target whose memory overlaps itself (an expanded batch) or an input is refused before any work,
-by the public functions (on an exact overlap check) and by the compiled kernels themselves; a
+by the public functions (ATen's rule: intersecting address ranges) and by the compiled kernels themselves; a
 rejected call writes nothing; strided targets are accepted and updated in place (their strides
 kept); and every write bumps the target's autograd version counter, so overwriting a tensor saved
 for backward is reported at backward. Every backend present on the machine (``reference``, ``cpp``,
@@ -32,7 +32,18 @@ def _brute_offsets(t: torch.Tensor) -> list[int]:
     return [sum(i * s for i, s in zip(ix, t.stride())) for ix in itertools.product(*map(range, t.shape))]
 
 
-def test_overlap_helpers_are_exact():
+def _refused(t: torch.Tensor, u: torch.Tensor) -> bool:
+    try:
+        _checks.check_inplace("op", "t", t, u=u)
+    except ValueError:
+        return True
+    return False
+
+
+def test_overlap_rules_are_safe_and_clear_every_slice():
+    """Internal overlap: never missed (a layout with two elements at one location is always refused)
+    and never claimed for a slice of a dense tensor. Pairs: refused exactly when the byte ranges
+    intersect (ATen's rule), so a shared element is never accepted."""
     g = torch.Generator().manual_seed(0)
     buf = torch.zeros(400)
     for _ in range(300):
@@ -41,20 +52,29 @@ def test_overlap_helpers_are_exact():
         strides = torch.randint(0, 7, (dims,), generator=g).tolist()
         t = buf.as_strided(sizes, strides, int(torch.randint(0, 20, (1,), generator=g)))
         offs = _brute_offsets(t)
-        assert _checks.has_internal_overlap(t) == (len(set(offs)) != len(offs)), (sizes, strides)
-        if _checks.has_internal_overlap(t):
+        if len(set(offs)) != len(offs):
+            assert _checks.has_internal_overlap(t), (sizes, strides)
             continue
+        if _checks.has_internal_overlap(t):
+            continue  # a layout the stride proof cannot clear: refused, conservatively
         sizes2 = torch.randint(1, 5, (dims,), generator=g).tolist()
         strides2 = torch.randint(1, 7, (dims,), generator=g).tolist()
         u = buf.as_strided(sizes2, strides2, int(torch.randint(0, 40, (1,), generator=g)))
-        cells_t = {t.storage_offset() + o for o in offs}
-        cells_u = {u.storage_offset() + o for o in _brute_offsets(u)}
-        assert _checks.overlaps(t, u) == bool(cells_t & cells_u), (sizes, strides, sizes2, strides2)
-    # Byte-exact across dtypes: an int64 over two float32 cells.
+        lo_t, hi_t = t.storage_offset(), t.storage_offset() + max(offs) + 1
+        offs_u = _brute_offsets(u)
+        lo_u, hi_u = u.storage_offset(), u.storage_offset() + max(offs_u) + 1
+        assert _refused(t, u) == (lo_t < hi_u and lo_u < hi_t), (sizes, strides, sizes2, strides2)
+        if {lo_t + o for o in offs} & {lo_u + o for o in offs_u}:
+            assert _refused(t, u)
+    for sl in itertools.product([slice(None), slice(None, None, 2), slice(1, None, 3)], repeat=3):
+        v = torch.zeros(4, 6, 5)[sl]
+        assert not _checks.has_internal_overlap(v), sl
+        assert not _checks.has_internal_overlap(v.transpose(0, 2)), sl
+    # Byte ranges across dtypes: an int64 over two float32 cells.
     f = torch.zeros(8)
-    assert _checks.overlaps(f[1:2], f.view(torch.int64)[0:1])
-    assert not _checks.overlaps(f[2:3], f.view(torch.int64)[0:1])
-    assert not _checks.overlaps(f[0:4], torch.zeros(4)) and not _checks.overlaps(f[:0], f)
+    assert _refused(f[1:2], f.view(torch.int64)[0:1])
+    assert not _refused(f[2:3], f.view(torch.int64)[0:1])
+    assert not _refused(f[0:4], torch.zeros(4)) and not _refused(f[:0], f)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,10 +103,15 @@ def test_inplace_targets_must_not_overlap(backend):
     with pytest.raises(ValueError, match="microflow_update_: target overlaps the memory of y"):
         jk.microflow_update_(y, torch.tensor([0, 1]), y[:, 5:7], "blend", 0.5, **kw)
     assert torch.equal(y, keep)
-    # Views of one buffer that share no element are fine (exact check): even vs odd channels.
+    # Views of one buffer that share no element but whose address ranges intersect (even vs odd
+    # channels) are refused too, as ATen does; with a copy of the input the call goes through.
     buf = tokens(2, n, 2 * c, seed=3)
+    keep = buf.clone()
+    with pytest.raises(ValueError, match="scatter_tokens_: src overlaps the memory of base"):
+        jk.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2], **kw)
+    assert torch.equal(buf, keep)
     want = ref.scatter_tokens_ref(buf[..., 0::2].clone(), torch.tensor([4, 9]), buf[:, :2, 1::2].clone())
-    got = jk.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2], **kw)
+    got = jk.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2].clone(), **kw)
     assert torch.equal(got, want)
     # Out of place, an expanded y is copied first: fine.
     out = jk.microflow_update(wide, torch.tensor([1, 2]), tokens(2, 2, c, seed=1), "blend", 0.5, **kw)
@@ -111,8 +136,12 @@ def test_compiled_kernels_refuse_overlap_themselves():
     with pytest.raises(ValueError, match="microflow_update_: new_idx overlaps the memory of y"):
         ops.microflow_update_(y, y.view(-1)[:4].view(torch.int64), tokens(2, 2, c), 0.5)
     assert torch.equal(y, keep)
-    buf = tokens(2, n, 2 * c, seed=3)  # interleaved, disjoint: accepted
-    ops.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2])
+    buf = tokens(2, n, 2 * c, seed=3)  # interleaved, no element shared, but intersecting ranges: refused (ATen's rule)
+    keep = buf.clone()
+    with pytest.raises(ValueError, match="scatter_tokens_: src overlaps the memory of base"):
+        ops.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2])
+    assert torch.equal(buf, keep)
+    ops.scatter_tokens_(buf[..., 0::2], torch.tensor([4, 9]), buf[:, :2, 1::2].clone())  # a copy is accepted
 
 
 @needs_cpp
