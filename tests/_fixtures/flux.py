@@ -87,3 +87,25 @@ def prompt_inputs(batch: int = 1, seed: int = 1, prefix: str = ""):
         f"{prefix}prompt_embeds": torch.randn(batch, TXT_TOKENS, TXT_DIM, generator=g),
         f"{prefix}pooled_prompt_embeds": torch.randn(batch, POOLED_DIM, generator=g),
     }
+
+
+class CallLog:
+    """Records every call of ``transformer.forward`` while active: the image-token count, batch, hidden
+    states, img_ids, encoder states, timestep and joint_attention_kwargs of each (tests read what they need)."""
+
+    def __init__(self, transformer):
+        self.tr, self.orig, self.calls = transformer, transformer.forward, []
+
+    def __enter__(self):
+        def fwd(*a, **kw):
+            x = kw["hidden_states"]
+            self.calls.append({"tokens": x.shape[1], "batch": x.shape[0], "x": x.clone(),
+                               "img_ids": kw["img_ids"].clone(), "enc": kw["encoder_hidden_states"].clone(),
+                               "t": float(kw["timestep"][0]), "jak": kw.get("joint_attention_kwargs")})
+            return self.orig(*a, **kw)
+
+        self.tr.forward = fwd
+        return self
+
+    def __exit__(self, *exc):
+        del self.tr.forward

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FluxFillPipeline
 
-from tests._fixtures.flux import build_pipe, prompt_inputs, stock_pipe
+from tests._fixtures.flux import CallLog, build_pipe, prompt_inputs, stock_pipe
 from jit_sampler import FluxVelocity, JiTConfig, JiTFluxFillPipeline, enable_jit
 
 GRID = 8
@@ -38,24 +38,6 @@ def mask(batch=1):
 def inputs(batch=1, **kw):
     return dict(image=torch.rand(1, 3, 128, 128, generator=gen(5)), mask_image=mask(), height=128, width=128,
                 output_type="latent", **prompt_inputs(batch), **kw)
-
-
-class CallLog:
-    """Records the hidden states (latent + condition channels) and img_ids of every transformer call."""
-
-    def __init__(self, transformer):
-        self.tr, self.orig, self.calls = transformer, transformer.forward, []
-
-    def __enter__(self):
-        def fwd(*a, **kw):
-            self.calls.append({"x": kw["hidden_states"].clone(), "img_ids": kw["img_ids"].clone()})
-            return self.orig(*a, **kw)
-
-        self.tr.forward = fwd
-        return self
-
-    def __exit__(self, *exc):
-        del self.tr.forward
 
 
 def test_jit_none_is_flux_fill_pipeline(base, pipe):

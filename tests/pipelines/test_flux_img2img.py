@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
-from tests._fixtures.flux import build_pipe, prompt_inputs
+from tests._fixtures.flux import CallLog, build_pipe, prompt_inputs
 from jit_sampler import (JiTConfig, JiTFluxImg2ImgPipeline, JiTFluxInpaintPipeline, JiTFluxPipeline, beta_sigmas,
                          enable_jit)
 from jit_sampler.pipelines.flux_img2img import steps_after_strength
@@ -52,25 +52,6 @@ UNMASKED = UNMASKED.flatten()
 def inputs(kind, batch=1, **kw):
     extra = {"mask_image": mask()} if kind == "inpaint" else {}
     return dict(image=image(), height=128, width=128, output_type="latent", **extra, **prompt_inputs(batch), **kw)
-
-
-class CallLog:
-    """Wraps transformer.forward to record the image-token count and img_ids of every call."""
-
-    def __init__(self, transformer):
-        self.tr, self.orig, self.calls = transformer, transformer.forward, []
-
-    def __enter__(self):
-        def fwd(*a, **kw):
-            self.calls.append({"tokens": kw["hidden_states"].shape[1], "batch": kw["hidden_states"].shape[0],
-                               "img_ids": kw["img_ids"].clone(), "t": float(kw["timestep"][0])})
-            return self.orig(*a, **kw)
-
-        self.tr.forward = fwd
-        return self
-
-    def __exit__(self, *exc):
-        del self.tr.forward
 
 
 KINDS = ["img2img", "inpaint"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from tests._fixtures.flux import NO_TEXT, build_pipe, prompt_inputs
+from tests._fixtures.flux import CallLog, NO_TEXT, build_pipe, prompt_inputs
 from jit_sampler import JiTConfig, JiTFluxPipeline, enable_jit
 
 
@@ -23,26 +23,6 @@ def pipe(base):
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-class CallLog:
-    """Wraps transformer.forward to record the image-token count and img_ids of every call."""
-
-    def __init__(self, transformer):
-        self.tr, self.orig, self.calls = transformer, transformer.forward, []
-
-    def __enter__(self):
-        def fwd(*a, **kw):
-            self.calls.append({"tokens": kw["hidden_states"].shape[1], "batch": kw["hidden_states"].shape[0],
-                               "img_ids": kw["img_ids"].clone(), "enc": kw["encoder_hidden_states"].clone(),
-                               "jak": kw.get("joint_attention_kwargs")})
-            return self.orig(*a, **kw)
-
-        self.tr.forward = fwd
-        return self
-
-    def __exit__(self, *exc):
-        del self.tr.forward
 
 
 def test_jit_none_is_flux_pipeline(base, pipe):
