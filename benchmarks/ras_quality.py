@@ -30,7 +30,7 @@ from jit_sampler import JiTConfig
 from jit_sampler.pipelines.ras_attention import use_ras_attention
 from jit_sampler.pipelines.ras_pipelines import _ras_class
 from jit_sampler.ras import RASConfig, ras_sample
-from jit_sampler.schedule import beta_sigmas, linear_sigmas
+from jit_sampler.schedule import linear_sigmas
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

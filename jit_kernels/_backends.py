@@ -207,11 +207,9 @@ def cpp_kernel(op: str, backend: str | None, *tensors):
     for t in tensors:
         if type(t) is not torch.Tensor or not t.is_cpu:
             return None
-    if backend is None:
-        backend = getattr(_state, "backend", None) or _ENV_BACKEND
-    key = (op, backend)
+    key = (op, get_backend() if backend is None else backend)
     try:
         return _CPP_KERNEL[key]
     except KeyError:
-        fn = _CPP_KERNEL[key] = backend_op(op, "cpp") if resolve(op, _CPU, backend) == "cpp" else None
+        fn = _CPP_KERNEL[key] = backend_op(op, "cpp") if resolve(op, _CPU, key[1]) == "cpp" else None
         return fn

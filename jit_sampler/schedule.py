@@ -9,7 +9,6 @@ machine precision in ~60 halvings and costs well under a millisecond per step.
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import NamedTuple
 
