@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import csv
 import math
 import os
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import draw_scenes, load_mnist, random_shift
-from .model import DEFAULT_CONFIG, SCENES_CONFIG, build_tiny_flux, image_ids, pack_images, save_tiny_flux
+from .model import (DEFAULT_CONFIG, SCENES_CONFIG, build_tiny_flux, image_ids, load_tiny_flux, pack_images,
+                    save_tiny_flux)
 
 
 DATASETS = ("digits", "scenes")
@@ -38,7 +40,7 @@ STATE_FILE = "train_state.pt"
 def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3, warmup: int = 50,
           ema_decay: float = 0.995, save_every: int = 100, threads: int = 1, config: dict | None = None,
           log=print, subset_share: float = 0.0, subset_min: float = 0.25, dataset: str = "digits",
-          resume: bool = False, stop_after: int | None = None) -> dict:
+          resume: bool = False, stop_after: int | None = None, init_from: str | None = None) -> dict:
     """Train and save the EMA weights to ``out``; every ``save_every`` steps also the full training
     state (``out/train_state.pt``: weights, EMA, optimiser, scheduler, generator, step, log).
 
@@ -46,6 +48,11 @@ def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3
     the same as an uninterrupted run). ``stop_after=k`` returns after step ``k`` (state saved), for
     runs split over several sessions. ``dataset="scenes"`` trains the 64 x 64 multi-digit testbed
     (:data:`~jit_eval.tiny_flux.model.SCENES_CONFIG` unless ``config`` is given).
+
+    ``init_from`` (a checkpoint name or folder) starts the weights and their EMA from a saved
+    checkpoint instead of a random draw, with a fresh optimiser and schedule: a continuation
+    run, e.g. one session's worth of steps on top of a committed checkpoint. Its config is the
+    checkpoint's; the recipe records the checkpoint's SHA-256, so ``resume`` refuses another one.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -57,6 +64,12 @@ def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3
         raise ValueError(f"steps, save_every and batch must be >= 1, got {steps}, {save_every}, {batch}")
     if stop_after is not None and not 1 <= stop_after <= steps:
         raise ValueError(f"stop_after must be in [1, steps={steps}], got {stop_after}")
+    init = None
+    if init_from is not None:
+        init = load_tiny_flux(init_from)
+        if config is not None and config != init.config:
+            raise ValueError(f"config differs from the config of init_from={init_from!r}; leave config out")
+        config = init.config
     config = config or (SCENES_CONFIG if dataset == "scenes" else DEFAULT_CONFIG)
     if bool(config.get("slots")) != (dataset == "scenes"):
         raise ValueError(f"dataset {dataset!r} needs a config {'with' if dataset == 'scenes' else 'without'} 'slots'")
@@ -66,8 +79,10 @@ def train(out: str, steps: int, seed: int = 0, batch: int = 32, lr: float = 1e-3
     torch.use_deterministic_algorithms(True)
     recipe = {"steps": steps, "seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
               "subset_share": subset_share, "subset_min": subset_min, "dataset": dataset, "config": config}
+    if init is not None:
+        recipe["init_sha256"] = weights_sha256(init)
     try:
-        return _train(out, recipe, save_every, log, resume, stop_after)
+        return _train(out, recipe, save_every, log, resume, stop_after, init)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
@@ -103,13 +118,25 @@ def _save_state(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a kill during the save leaves the previous state intact
 
 
-def _train(out, recipe, save_every, log, resume=False, stop_after=None) -> dict:
+def weights_sha256(model) -> str:
+    """SHA-256 over a model's state dict (names, shapes and float32 bytes, in order)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _train(out, recipe, save_every, log, resume=False, stop_after=None, init=None) -> dict:
     steps, seed, batch, lr, warmup = (recipe[k] for k in ("steps", "seed", "batch", "lr", "warmup"))
     ema_decay, subset_share, subset_min = recipe["ema_decay"], recipe["subset_share"], recipe["subset_min"]
     config, scenes = recipe["config"], recipe["dataset"] == "scenes"
     g = torch.Generator().manual_seed(seed)
     images, labels = load_mnist("train")
     model = build_tiny_flux(config, seed=seed).train()
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     full_ids = image_ids(model.height, model.width)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -222,10 +249,12 @@ def main(argv=None) -> int:
                    help="digits: one 32 x 32 digit (the first two checkpoints); scenes: 64 x 64 scenes of four slots")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt when it exists")
     p.add_argument("--stop-after", type=int, default=None, help="return after this step (continue later with --resume)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start weights and EMA from this checkpoint (name or folder): a continuation run")
     args = p.parse_args(argv)
     res = train(args.out, args.steps, args.seed, args.batch, args.lr, args.warmup, args.ema, args.save_every,
                 threads=args.threads, subset_share=args.subset_share, subset_min=args.subset_min,
-                dataset=args.dataset, resume=args.resume, stop_after=args.stop_after)
+                dataset=args.dataset, resume=args.resume, stop_after=args.stop_after, init_from=args.init_from)
     print(res)
     return 0
 

@@ -229,6 +229,33 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
         train(str(tmp_path / "c"), steps=2, stop_after=3)
 
 
+def test_training_continues_from_a_checkpoint(tmp_path):
+    """``init_from`` starts weights and EMA from a saved checkpoint (with lr 0 nothing moves, so the
+    saved EMA is the checkpoint itself), keeps its config, and a resume needs the same checkpoint."""
+    from jit_eval.tiny_flux.model import SCENES_CONFIG, save_tiny_flux
+    from jit_eval.tiny_flux.train import train, weights_sha256
+
+    start = build_tiny_flux({**SCENES_CONFIG, "num_layers": 1, "num_single_layers": 1}, seed=7)
+    save_tiny_flux(start, str(tmp_path / "start"))
+    kw = dict(steps=2, seed=1, batch=2, lr=0.0, dataset="scenes", log=lambda *_: None)
+    train(str(tmp_path / "a"), init_from=str(tmp_path / "start"), **kw)
+    train(str(tmp_path / "b"), config=start.config, **kw)  # same config, random start
+    a, b = load_tiny_flux(str(tmp_path / "a")), load_tiny_flux(str(tmp_path / "b"))
+    assert a.config == start.config
+    assert weights_sha256(a) == weights_sha256(start) != weights_sha256(b)
+    st = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
+    assert st["recipe"]["init_sha256"] == weights_sha256(start)
+    # a continuation moves away from the checkpoint when it learns
+    train(str(tmp_path / "c"), init_from=str(tmp_path / "start"), **{**kw, "lr": 1e-3})
+    assert weights_sha256(load_tiny_flux(str(tmp_path / "c"))) != weights_sha256(start)
+    other = build_tiny_flux(start.config, seed=8)
+    save_tiny_flux(other, str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="another recipe.*init_sha256"):
+        train(str(tmp_path / "a"), init_from=str(tmp_path / "other"), resume=True, **kw)
+    with pytest.raises(ValueError, match="config differs"):
+        train(str(tmp_path / "d"), init_from=str(tmp_path / "start"), config=SCENES_CONFIG, **kw)
+
+
 def test_scenes_checkpoint_round_trip_and_missing_name(tmp_path, monkeypatch):
     from jit_eval.tiny_flux import model as tm
     from jit_eval.tiny_flux.model import SCENES_CONFIG, save_tiny_flux
