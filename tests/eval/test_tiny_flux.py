@@ -229,6 +229,8 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
         train(str(tmp_path / "c"), steps=2, stop_after=3)
 
 
+@pytest.mark.slow
+@needs_mnist
 def test_training_continues_from_a_checkpoint(tmp_path):
     """``init_from`` starts weights and EMA from a saved checkpoint (with lr 0 nothing moves, so the
     saved EMA is the checkpoint itself), keeps its config, and a resume needs the same checkpoint."""
