@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import csv
+import hashlib
 import math
 import os
 import time
